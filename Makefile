@@ -1,0 +1,37 @@
+# The two commands of the README: `make repro` (pipeline end to end) and `make test` (the test suite).
+# Both create .venv and install the pinned dependencies first (once; again when requirements change).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: install repro test mlflow-ui clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET)
+	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | $(QUIET)
+	$(BIN)/python -c "import latentzoo, torch, ray, dvc, mlflow, webdataset"
+	touch $(STAMP)
+
+# Run the whole DAG (prepare → shard → train → evaluate → report) on params.yaml.
+repro: $(STAMP)
+	$(BIN)/dvc repro
+
+# The test suite (.ci/run calls exactly this).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout=600
+
+# Browse runs: http://127.0.0.1:5000/#/experiments
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf data/prepared data/shards models metrics plots reports .ray_results

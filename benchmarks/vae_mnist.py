@@ -1,0 +1,114 @@
+"""VAE on MNIST (IDX files): test negative ELBO after N epochs with Ray Train DDP, and the per-epoch time of
+the same model and batches in a plain PyTorch loop measured in the same run (the baseline).
+
+    .venv/bin/python benchmarks/vae_mnist.py --data ../shared/data/mnist --epochs 10 --workers 2
+
+Prints the figures and writes them to benchmarks/results/vae_mnist.json. Exits non-zero only on errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def params_for(args, workdir: Path):
+    from latentzoo.config import validate_params
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(source="idx", path=str(Path(args.data).resolve()))
+    raw["shard"]["maxcount"] = 5000
+    raw["train"].update(num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size // args.workers,
+                        lr=args.lr)
+    raw["vae"].update(latent_dim=32, hidden_channels=32)
+    raw["ray"]["storage_path"] = str(workdir / "ray")
+    return validate_params(raw)
+
+
+def plain_epoch_seconds(params, shard_dir: Path, epochs: int, threads: int) -> float:
+    """Same model, optimiser and global batch size, one process, tensors in memory: seconds per epoch."""
+    from latentzoo.data.prepare import load_split
+    from latentzoo.models import build_model
+
+    torch.set_num_threads(threads)
+    train = load_split(shard_dir.parent / "prepared", "train")
+    x_all = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
+    torch.manual_seed(params.seed)
+    model = build_model("vae", params.vae, tuple(x_all.shape[1:]))
+    opt = torch.optim.AdamW(model.parameters(), lr=params.train.lr)
+    bs = params.train.batch_size * max(1, params.train.num_workers)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for idx in torch.randperm(len(x_all)).split(bs):
+            loss = model(x_all[idx]).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--baseline-epochs", type=int, default=2)
+    args = ap.parse_args()
+
+    from latentzoo.stages import evaluate_stage, prepare_stage, shard_stage
+    from latentzoo.training.trainer import TrainOutputs, train_model
+
+    with tempfile.TemporaryDirectory(prefix="lz-bench-") as d:
+        work = Path(d)
+        params = params_for(args, work)
+        t0 = time.perf_counter()
+        prepare_stage(params, work / "prepared")
+        shard_stage(params, work / "prepared", work / "shards")
+        t_data = time.perf_counter() - t0
+        out = TrainOutputs(work / "models/vae", work / "metrics/train.json", work / "plots/train.csv")
+        t0 = time.perf_counter()
+        final = train_model(params, "vae", work / "shards", out, root=work)
+        t_train = time.perf_counter() - t0
+        test = evaluate_stage(params, out.model_dir, work / "shards", work / "metrics/test.json", work / "plots")
+        rows = [r.split(",") for r in out.plots_file.read_text().splitlines()]
+        col = rows[0].index("epoch_time_s")
+        ray_epoch = [float(r[col]) for r in rows[1:]]
+        steady = sum(ray_epoch[1:]) / max(1, len(ray_epoch) - 1) if len(ray_epoch) > 1 else ray_epoch[0]
+        plain = plain_epoch_seconds(params, work / "shards", args.baseline_epochs, threads=args.workers)
+
+    result = {
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "global_batch_size": args.batch_size,
+        "test_neg_elbo_nats": test["test_neg_elbo"],
+        "test_psnr_db": test["test_psnr"],
+        "data_prepare_and_shard_s": t_data,
+        "train_wall_s": t_train,
+        "ray_fit_s": final["fit_time_s"],
+        "ray_epoch_s_steady": steady,
+        "plain_pytorch_epoch_s": plain,
+        "ray_over_plain_epoch_ratio": steady / plain,
+        "ray_startup_and_overhead_s": final["fit_time_s"] - sum(ray_epoch),
+    }
+    print(json.dumps(result, indent=2))
+    out_file = ROOT / "benchmarks/results/vae_mnist.json"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""DVC stage `evaluate@<model>`: test-split metrics (DVC metrics) and image grids (DVC plots)."""
+
+import argparse
+from pathlib import Path
+
+from latentzoo.config import load_params
+from latentzoo.errors import cli_errors
+from latentzoo.stages import evaluate_stage
+
+
+@cli_errors
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--shards", type=Path, required=True)
+    ap.add_argument("--metrics", type=Path, required=True)
+    ap.add_argument("--plots", type=Path, required=True, help="folder for the image grids")
+    args = ap.parse_args(argv)
+    evaluate_stage(load_params(args.params), args.model_dir, args.shards, args.metrics, args.plots)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""DVC stage `report`: one cross-model report (reports/report.md), also logged to MLflow."""
+
+import argparse
+from pathlib import Path
+
+from latentzoo.config import load_params
+from latentzoo.errors import cli_errors
+from latentzoo.stages import report_stage
+
+
+@cli_errors
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--eval-metrics", type=Path, required=True, help="folder of evaluate-stage metrics")
+    ap.add_argument("--train-metrics", type=Path, required=True, help="folder of train-stage metrics")
+    ap.add_argument("--plots", type=Path, required=True, help="folder of per-model evaluate plots")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    report_stage(load_params(args.params), args.eval_metrics, args.train_metrics, args.plots, args.out)
+
+
+if __name__ == "__main__":
+    main()

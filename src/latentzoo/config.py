@@ -1,0 +1,179 @@
+"""params.yaml → typed, validated config, loaded once.
+
+Every section is a strict pydantic model (`Section`): unknown keys, wrong types and out-of-range values are
+rejected with a message naming the key and the value, e.g. ``train.lr must be > 0, got -1``, before Ray or
+anything else starts. Each model family brings its own section (its config class in ``latentzoo.models``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, create_model, model_validator
+
+from latentzoo.errors import ConfigError
+from latentzoo.models import REGISTRY
+from latentzoo.schema import Section
+
+
+class DataConfig(Section):
+    """Where images come from and how they are split (prepare stage)."""
+
+    source: Literal["digits", "idx", "imagefolder"] = "digits"
+    path: str | None = None  # idx: folder of *-images-idx3-ubyte[.gz] + labels; imagefolder: one sub-folder per class
+    image_size: int | None = Field(default=None, ge=4, le=1024)  # imagefolder: resize to image_size x image_size
+    channels: Literal[1, 3] | None = None  # imagefolder: 1 grey, 3 RGB; None: RGB if any image has colour
+    on_error: Literal["raise", "skip"] = "raise"  # skip: unreadable files are skipped and counted in the manifest
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    keep_source_test: bool = True  # idx: use the source's own test files (t10k-*) as the test split
+    limit: int | None = Field(default=None, ge=10)  # keep only the first N images (quick runs)
+    max_pixels: int = Field(default=16_000_000, ge=1)  # larger images are refused (decompression bombs)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source != "digits" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction + data.test_fraction must be < 1, "
+                f"got {self.val_fraction} + {self.test_fraction}"
+            )
+        return self
+
+
+class ShardConfig(Section):
+    """WebDataset shard writing (shard stage)."""
+
+    maxcount: int = Field(default=500, ge=1)  # samples per shard
+
+
+class TrainConfig(Section):
+    """Ray Train TorchTrainer settings shared by every model family (train stage)."""
+
+    num_workers: int = Field(default=2, ge=0)  # 0: Ray Train local mode, the loop runs in the driver process
+    use_gpu: bool = False
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)  # per worker
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    max_failures: int = Field(default=2, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)  # per worker; None: cores // workers
+    loader_workers: int = Field(default=0, ge=0)  # DataLoader processes per training worker
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    fail_at_epoch: int | None = Field(default=None, ge=0)  # test-only: raise once at the start of this epoch
+
+
+class EvaluateConfig(Section):
+    """Held-out evaluation (evaluate stage)."""
+
+    batch_size: int = Field(default=256, ge=1)
+    grid_size: int = Field(default=64, ge=1, le=1024)  # images per reconstruction / sample grid
+    active_unit_threshold: float = Field(default=0.01, gt=0)  # Burda et al. 2015: Cov_x(E_q[z_d]) > threshold
+
+
+class TrackingConfig(Section):
+    """MLflow: the tracking URI comes from MLFLOW_TRACKING_URI, else a sqlite store inside the project."""
+
+    enabled: bool = True
+    experiment_prefix: str = Field(default="latentzoo", min_length=1)
+
+
+class RayConfig(Section):
+    """The Ray cluster: RAY_ADDRESS selects an existing one, else a local one is started with these limits."""
+
+    num_cpus: int | None = Field(default=None, ge=1)
+    storage_path: str | None = None  # Ray Train checkpoints; None: <project>/.ray_results
+
+
+class _ParamsBase(Section):
+    seed: int = Field(default=0, ge=0)
+    models: list[str] = Field(default_factory=lambda: ["vae"], min_length=1)
+    data: DataConfig = DataConfig()
+    shard: ShardConfig = ShardConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _known_models(self) -> "_ParamsBase":
+        for name in self.models:
+            if name not in REGISTRY:
+                raise ValueError(f"models: unknown model {name!r}, known: {', '.join(sorted(REGISTRY))}")
+        return self
+
+    def model_config_for(self, name: str) -> Section:
+        """The validated section of model family `name` (e.g. params.vae)."""
+        return getattr(self, name)
+
+
+# One section per registered model family: adding a model is adding a file and a registry entry.
+Params = create_model(
+    "Params",
+    __base__=_ParamsBase,
+    **{name: (entry.config_cls, entry.config_cls()) for name, entry in REGISTRY.items()},
+)
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3), as users write it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One pydantic error → 'train.lr must be > 0, got -1'."""
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    kind, ctx, value = err["type"], err.get("ctx", {}), err.get("input")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{key} must be {bounds[kind]} {limit:g}, got {value!r}"
+    if kind == "extra_forbidden":
+        return f"{key} is not a known key (remove it or check its spelling), got {value!r}"
+    if kind == "missing":
+        return f"{key} is required"
+    if kind == "literal_error":
+        return f"{key} must be {ctx.get('expected')}, got {value!r}"
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        return msg if not key else f"{key}: {msg}" if not msg.startswith(key) else msg
+    msg = err["msg"][0].lower() + err["msg"][1:]
+    return f"{key}: {msg}, got {value!r}"
+
+
+def validate_params(raw: dict[str, Any], source: str = "params") -> "Params":
+    """Validate a params dict; raise ConfigError listing every problem, one per line."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> "Params":
+    """Read and validate params.yaml (the one place config is parsed)."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return validate_params(raw, source=str(path))

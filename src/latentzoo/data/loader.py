@@ -1,0 +1,121 @@
+"""Stream WebDataset shards into training and evaluation batches.
+
+Under DDP every rank must run the same number of steps per epoch, or the gradient all-reduce of the rank
+with more batches waits forever (webdataset issue 225). So an epoch is a fixed number of full batches,
+
+    steps_per_epoch = ceil(N_train / (world_size * batch_size)),
+
+and each rank streams its own shards — the shard list shuffled with the same seed on every rank, then
+rank r takes shards r, r + W, r + 2W, ... (`wds.split_by_node`) — cycling over them until it has that many
+batches. Uneven shards only change how often a rank re-reads its own samples, never its step count.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Iterator
+from itertools import islice
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from latentzoo.errors import ShardError
+
+
+def steps_per_epoch(num_samples: int, world_size: int, batch_size: int) -> int:
+    """Full batches per rank per epoch: every sample is seen about once across all ranks."""
+    return max(1, math.ceil(num_samples / (world_size * batch_size)))
+
+
+def rank_shards(urls: list[str], rank: int, world_size: int, seed: int, epoch: int) -> list[str]:
+    """This rank's shards for this epoch: one shared shuffle (seed + epoch), then every world_size-th shard.
+
+    Equivalent to shuffling before `wds.split_by_node`, with the rank passed in explicitly so local mode and
+    tests can drive it without a process group.
+    """
+    if len(urls) < world_size:
+        raise ShardError(
+            f"{len(urls)} shard(s) for {world_size} workers: every worker needs at least one shard; "
+            f"lower shard.maxcount or train.num_workers"
+        )
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return list(islice(order, rank, None, world_size))
+
+
+def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
+    """One WebDataset sample (PNG bytes + class) → (uint8 array HxWxC, label)."""
+    key = sample.get("__key__", "?")
+    try:
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        label = int(sample["cls"])
+    except Exception as err:  # a corrupt member inside a shard: name the shard and the key
+        raise ShardError(f"{sample.get('__url__', 'shard')}: sample {key} is unreadable ({err})") from err
+    return (image[..., None] if image.ndim == 2 else image), label
+
+
+def iter_samples(urls: list[str], shuffle_buffer: int = 0, seed: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """One pass over `urls` in order (optionally shuffled within a buffer), decoded."""
+    if not urls:  # a rank with no shard of a small split (val/test) contributes nothing
+        return
+    dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    if shuffle_buffer > 1:
+        dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
+    for sample in dataset:
+        yield decode_sample(sample)
+
+
+def to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 NHWC images → float (B, C, H, W) in [0, 1], and int64 labels."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(), torch.tensor(labels, dtype=torch.int64)
+
+
+def batched(samples: Iterator[tuple[np.ndarray, int]], batch_size: int, drop_last: bool):
+    images, labels = [], []
+    for image, label in samples:
+        images.append(image)
+        labels.append(label)
+        if len(images) == batch_size:
+            yield to_batch(images, labels)
+            images, labels = [], []
+    if images and not drop_last:
+        yield to_batch(images, labels)
+
+
+def train_batches(
+    urls: list[str],
+    *,
+    steps: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int = 1000,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed."""
+    mine = rank_shards(urls, rank, world_size, seed, epoch)
+
+    def endless() -> Iterator[tuple[np.ndarray, int]]:
+        for cycle in range(1_000_000):
+            seen = 0
+            for sample in iter_samples(mine, shuffle_buffer, seed=hash((seed, epoch, rank, cycle))):
+                seen += 1
+                yield sample
+            if seen == 0:
+                raise ShardError(f"shards {mine} hold no samples")
+
+    return islice(batched(endless(), batch_size, drop_last=True), steps)
+
+
+def eval_batches(
+    urls: list[str], *, batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One ordered pass over this rank's share of the shards (every sample exactly once across ranks)."""
+    mine = list(islice(urls, rank, None, world_size))
+    return batched(iter_samples(mine), batch_size, drop_last=False)

@@ -1,0 +1,57 @@
+"""The project's error types and the one-line error reporting every stage entry point uses.
+
+A user error (bad params, a corrupt image, a shard whose checksum changed) is a `LatentzooError`: the entry point
+prints one line naming the file, field or shard and exits non-zero, with no traceback unless LATENTZOO_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+EXIT_USER_ERROR = 2
+
+
+class LatentzooError(Exception):
+    """Base of every error a user can fix (bad input, bad params); its message says what and where."""
+
+
+class ConfigError(LatentzooError):
+    """params.yaml (or an override) is invalid: names the key and the value."""
+
+
+class DataError(LatentzooError):
+    """An input file or image is unreadable, corrupt or inconsistent: names the file."""
+
+
+class ShardError(LatentzooError):
+    """A shard or manifest is missing, truncated or no longer matches its checksum: names the shard."""
+
+
+class TrainingError(LatentzooError):
+    """Training failed past the configured retries; names the run and where its checkpoints are."""
+
+
+def cli_errors(fn: F) -> F:
+    """Decorate a `main()`: a LatentzooError becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LatentzooError as err:
+            if os.environ.get("LATENTZOO_DEBUG"):
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except KeyboardInterrupt:
+            if os.environ.get("LATENTZOO_DEBUG"):
+                raise
+            print("interrupted: nothing was written under the final output names", file=sys.stderr)
+            raise SystemExit(130) from None
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,74 @@
+"""Held-out evaluation of a trained model on the test shards (evaluate stage).
+
+Metrics, all means over the test split:
+  neg_elbo (nats/image) = E[-log p(x|z)] + KL(q(z|x) || p(z))   where the family defines an ELBO,
+  mse = mean (x - x̂)²,  psnr = 10·log10(1 / mse),  ssim (Wang et al. 2004),
+  active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from latentzoo.atomic import atomic_write_text
+from latentzoo.data.loader import eval_batches
+from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+from latentzoo.evaluation import metrics as M
+from latentzoo.evaluation.grids import save_grid
+from latentzoo.training.checkpoint import load_model
+
+
+@torch.no_grad()
+def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True) -> tuple[dict, torch.nn.Module]:
+    """Test-split metrics of the model in `model_path`; returns (metrics, model)."""
+    manifest = load_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, splits=("test",))
+    urls = shard_urls(shard_dir, manifest, "test")
+    model, meta = load_model(model_path)
+    generator = torch.Generator().manual_seed(params.seed)  # the same binarisation / ε for every evaluation
+    sums: dict[str, float] = defaultdict(float)
+    means, count = [], 0
+    bar = tqdm(total=manifest["splits"]["test"]["count"], desc=f"evaluate {meta['model_name']}",
+               unit="img", disable=not progress)
+    for x, _ in eval_batches(urls, batch_size=params.evaluate.batch_size):
+        out = model(x, generator=generator)
+        n = len(x)
+        for name, value in out.metrics.items():
+            sums[name] += float(value) * n
+        sums["loss"] += float(out.total) * n
+        sums["mse"] += float(M.mse(out.recon, x).sum())
+        sums["psnr"] += float(M.psnr(out.recon, x).sum())
+        sums["ssim"] += float(M.ssim(out.recon, x).sum())
+        if hasattr(model, "encode"):
+            encoded = model.encode(x)
+            means.append(encoded[0] if isinstance(encoded, tuple) else encoded.flatten(1))
+        count += n
+        bar.update(n)
+    bar.close()
+    result = {f"test_{k}": v / count for k, v in sorted(sums.items())}
+    if means:
+        result["test_active_units"] = M.active_units(torch.cat(means), params.evaluate.active_unit_threshold)
+    result["test_images"] = count
+    return result, model
+
+
+@torch.no_grad()
+def write_grids(model, urls: list[str], out_dir: Path, n: int, seed: int) -> None:
+    """Reconstructions of the first images of `urls` (originals above, reconstructions below) and prior samples."""
+    x, _ = next(iter(eval_batches(urls, batch_size=min(n, 32))))
+    generator = torch.Generator().manual_seed(seed)
+    scale = max(1, 256 // (x.shape[-1] * 8))  # 8x8 digits become a readable ~256 px grid
+    recon = model(x, generator=generator).recon
+    save_grid(torch.cat([x, recon]), out_dir / "reconstructions.png", nrow=8, scale=scale)
+    if hasattr(model, "sample"):
+        save_grid(model.sample(n, generator=generator), out_dir / "samples.png", scale=scale)
+
+
+def write_metrics(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,76 @@
+"""The cross-model report (report stage): one table of test metrics for every model, and its image grids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from latentzoo.atomic import atomic_dir
+
+# Column order of the table; a metric a family does not define is shown as "–".
+COLUMNS = [
+    ("test_neg_elbo", "−ELBO (nats)"),
+    ("test_kl", "KL (nats)"),
+    ("test_mse", "MSE"),
+    ("test_psnr", "PSNR (dB)"),
+    ("test_ssim", "SSIM"),
+    ("test_active_units", "active units"),
+    ("fit_time_s", "train time (s)"),
+    ("epochs", "epochs"),
+]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def collect(models: list[str], eval_dir: Path, train_dir: Path) -> dict[str, dict]:
+    """{model: train metrics | test metrics} from the JSON files the train and evaluate stages wrote."""
+    rows = {}
+    for name in models:
+        row = {}
+        for path in (train_dir / f"{name}.json", eval_dir / f"{name}.json"):
+            if path.exists():
+                row.update(json.loads(path.read_text()))
+        rows[name] = row
+    return rows
+
+
+def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], mlflow_hint: str) -> str:
+    lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", ""]
+    lines.append("| model | " + " | ".join(title for _, title in COLUMNS) + " |")
+    lines.append("|---|" + "---|" * len(COLUMNS))
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+    for name, pictures in images.items():
+        lines += ["", f"## {name}", ""]
+        for title, rel in pictures.items():
+            lines.append(f"**{title}**  ")
+            lines.append(f"![{name} {title}]({rel})")
+            lines.append("")
+    lines += ["", mlflow_hint, ""]
+    return "\n".join(lines)
+
+
+def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
+                 mlflow_hint: str = "") -> Path:
+    """Write `out_dir/report.md` and copies of the grids it shows (the folder is self-contained)."""
+    rows = collect(models, Path(eval_dir), Path(train_dir))
+    with atomic_dir(out_dir) as tmp:
+        images: dict[str, dict[str, str]] = {}
+        for name in models:
+            for title, file in (("test reconstructions (top: data, bottom: model)", "reconstructions.png"),
+                                ("samples from the prior", "samples.png")):
+                src = Path(plots_dir) / name / file
+                if src.exists():
+                    (tmp / "images").mkdir(exist_ok=True)
+                    shutil.copyfile(src, tmp / "images" / f"{name}-{file}")
+                    images.setdefault(name, {})[title] = f"images/{name}-{file}"
+        (tmp / "report.md").write_text(render_markdown(rows, images, mlflow_hint))
+        (tmp / "metrics.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir) / "report.md"

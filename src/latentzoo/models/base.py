@@ -1,0 +1,26 @@
+"""The one interface every model family implements, so one training loop and one evaluation serve them all."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ModelOutput:
+    """What `model(x)` returns.
+
+    recon:   reconstruction of x in image space, values in [0, 1], same shape as x (B, C, H, W).
+    losses:  named, already weighted loss terms; the training objective is their sum (`total`).
+    metrics: detached per-batch statistics for logging, e.g. ``neg_elbo`` in nats per image.
+    """
+
+    recon: Tensor
+    losses: dict[str, Tensor]
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def total(self) -> Tensor:
+        return torch.stack(list(self.losses.values())).sum()

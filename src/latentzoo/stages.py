@@ -1,0 +1,91 @@
+"""What each DVC stage does, as functions the thin scripts in pipelines/ call and tests call directly.
+
+Paths come from the command line (dvc.yaml), knobs from the validated params; every output is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from latentzoo.data.prepare import prepare
+from latentzoo.data.shards import write_shards
+from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
+from latentzoo.evaluation.report import build_report
+from latentzoo.data.shards import load_manifest, shard_urls
+from latentzoo.tracking import mlflow_runs
+from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, train_model
+
+MLFLOW_UI = (
+    "Browse the runs: `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
+    "then open http://127.0.0.1:5000/#/experiments (pick an experiment, then its Runs tab)."
+)
+
+
+def prepare_stage(params, out_dir: Path) -> dict:
+    info = prepare(params.data, params.seed, Path(out_dir))
+    counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
+    print(f"prepare: {params.data.source} → {out_dir}: {counts}; image shape {info['image_shape']}; "
+          f"skipped {info['skipped']['count']}")
+    return info
+
+
+def shard_stage(params, prepared_dir: Path, out_dir: Path) -> dict:
+    manifest = write_shards(Path(prepared_dir), Path(out_dir), params.shard.maxcount)
+    for split, entry in manifest["splits"].items():
+        print(f"shard: {split}: {entry['count']} samples in {len(entry['shards'])} shard(s)")
+    return manifest
+
+
+def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metrics_file: Path,
+                plots_file: Path) -> dict:
+    outputs = TrainOutputs(Path(model_dir), Path(metrics_file), Path(plots_file))
+    final = train_model(params, model_name, Path(shard_dir), outputs)
+    print(f"train: {model_name} done in {final['fit_time_s']:.1f}s: val_loss {final['val_loss']:.4g}; "
+          f"weights in {Path(model_dir) / WEIGHTS_FILE}")
+    return final
+
+
+def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path) -> dict:
+    model_dir, shard_dir = Path(model_dir), Path(shard_dir)
+    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir)
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
+    write_grids(model, urls, plots_dir, params.evaluate.grid_size, params.seed)
+    write_metrics(Path(metrics_file), result)
+    log_to_training_run(params, model_dir, result, plots_dir)
+    shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr")}
+    print(f"evaluate: {model_dir.name}: {shown}")
+    return result
+
+
+def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) -> None:
+    """Test metrics and grids go to the MLflow run of the training that made the model."""
+    run_file = model_dir / RUN_FILE
+    if not params.tracking.enabled or not run_file.exists():
+        return
+    run = json.loads(run_file.read_text())
+    if not run.get("run_id"):
+        return
+    uri = mlflow_runs.tracking_uri()
+    mlflow_runs.log_metrics(uri, run["run_id"], result)
+    for png in sorted(plots_dir.glob("*.png")):
+        mlflow_runs.log_artifact(uri, run["run_id"], png, "evaluation")
+    mlflow_runs.set_tags(uri, run["run_id"], {"latentzoo.evaluated": "true"})
+
+
+def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path) -> Path:
+    report = build_report(list(params.models), Path(eval_dir), Path(train_dir), Path(plots_dir), Path(out_dir),
+                          mlflow_hint=MLFLOW_UI)
+    if params.tracking.enabled:
+        uri = mlflow_runs.tracking_uri()
+        tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}
+        run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-report", "report", tags)
+        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.md")
+        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "metrics.json")
+        if (Path(out_dir) / "images").exists():
+            mlflow_runs._client(uri).log_artifacts(run_id, str(Path(out_dir) / "images"), "images")
+        mlflow_runs.end_run(uri, run_id)
+    print(f"report: {report}")
+    return report

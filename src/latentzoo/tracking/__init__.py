@@ -1,0 +1,1 @@
+"""MLflow tracking: where runs go, how they are named and tagged."""

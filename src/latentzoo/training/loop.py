@@ -1,0 +1,188 @@
+"""The per-worker training function Ray Train runs on every rank: one loop for every model family.
+
+Each epoch: exactly `steps_per_epoch` batches on every rank (see `latentzoo.data.loader`), a validation pass over
+the val shards (sums all-reduced), one line of progress from rank 0, per-epoch metrics to MLflow from rank 0,
+and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from `ray.train.get_checkpoint()`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
+from latentzoo.models import build_model
+from latentzoo.tracking import mlflow_runs
+from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by `train.fail_at_epoch` (tests of fault tolerance only)."""
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, as plain data (it travels to Ray actors as `train_loop_config`)."""
+
+    model_name: str
+    params: dict  # the validated Params, dumped; re-validated on the worker
+    train_urls: list[str]
+    val_urls: list[str]
+    num_train: int
+    image_shape: tuple[int, int, int]
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+
+    def to_config(self) -> dict:
+        return asdict(self)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (takes only `config`, as Ray's examples do)."""
+    from latentzoo.config import Params
+
+    job = TrainJob(**config)
+    params = Params.model_validate(job.params)
+    train = params.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray does not set OMP_NUM_THREADS per worker as torchrun does: share the cores out ourselves.
+    torch.set_num_threads(train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+
+    torch.manual_seed(params.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(job.model_name, params.model_config_for(job.model_name), job.image_shape)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(Path(d) / CHECKPOINT_FILE)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        if rank == 0:
+            print(f"[{job.model_name}] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    steps = steps_per_epoch(job.num_train, world, train.batch_size)
+
+    for epoch in range(start_epoch, train.epochs):
+        if train.fail_at_epoch == epoch and checkpoint is None:
+            raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure (tests only)")
+        started = time.perf_counter()
+        batches = train_batches(
+            job.train_urls, steps=steps, batch_size=train.batch_size, rank=rank, world_size=world,
+            seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer,
+        )
+        row = {"epoch": epoch + 1, **train_epoch(model, optimizer, batches, device, train.grad_clip)}
+        row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device)
+        row["epoch_time_s"] = time.perf_counter() - started
+        history.append(row)
+        if rank == 0:
+            print(format_epoch(job.model_name, row, train.epochs), flush=True)
+            if job.mlflow_run_id:
+                mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=epoch + 1)
+        report(row, unwrap(model), optimizer, epoch, history, rank)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float]:
+    """One epoch of optimisation; returns global (all-rank) means of the loss terms and model metrics."""
+    model.train()
+    sums: dict[str, float] = defaultdict(float)
+    count = steps = 0
+    for x, _ in batches:
+        x = x.to(device, non_blocking=True)
+        out = model(x)
+        loss = out.total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        accumulate(sums, "train", out, len(x))
+        count += len(x)
+        steps += 1
+    stats = global_means(sums, count, device)
+    stats["steps_min"], stats["steps_max"] = global_min_max(steps, device)
+    return stats
+
+
+@torch.no_grad()
+def validate(model, urls, batch_size, rank, world, device) -> dict[str, float]:
+    """One pass over this rank's val shards with the plain module (no DDP collectives), sums all-reduced."""
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(12345 + rank)
+    sums: dict[str, float] = defaultdict(float)
+    count = 0
+    for x, _ in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world):
+        x = x.to(device)
+        accumulate(sums, "val", model(x, generator=generator), len(x))
+        count += len(x)
+    return global_means(sums, count, device)
+
+
+def accumulate(sums: dict[str, float], prefix: str, out, n: int) -> None:
+    """Add a batch's objective, weighted loss terms (`<prefix>_loss_<term>`) and metrics, times its size."""
+    sums[f"{prefix}_loss"] += out.total.item() * n
+    for name, value in out.losses.items():
+        sums[f"{prefix}_loss_{name}"] += value.item() * n
+    for name, value in out.metrics.items():
+        sums[f"{prefix}_{name}"] += value.item() * n
+
+
+def global_means(sums: dict[str, float], count: int, device) -> dict[str, float]:
+    """Sample-weighted means over all ranks (one all-reduce of [sums..., count]).
+
+    The key set is agreed first: a rank without any sample of a small split has no keys, and an all-reduce of
+    tensors of different lengths aborts gloo.
+    """
+    keys = sorted(sums)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, keys)
+        keys = sorted(set().union(*gathered))
+    values = torch.tensor([sums.get(k, 0.0) for k in keys] + [count], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(values)
+    total = max(values[-1].item(), 1.0)
+    return {k: values[i].item() / total for i, k in enumerate(keys)}
+
+
+def global_min_max(value: int, device) -> tuple[int, int]:
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0]), int(-t[1])
+
+
+def report(row, model, optimizer, epoch, history, rank) -> None:
+    """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "history": history}
+            save_state(Path(d) / CHECKPOINT_FILE, state)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(row, checkpoint=checkpoint)
+
+
+def format_epoch(model_name: str, row: dict, epochs: int) -> str:
+    shown = {k: v for k, v in row.items() if k in ("train_loss", "val_loss", "val_neg_elbo")}
+    parts = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    return f"[{model_name}] epoch {row['epoch']}/{epochs}  {parts}  {row['epoch_time_s']:.1f}s"

@@ -1,0 +1,234 @@
+"""Driver side of training: check the shards, connect to Ray, run the TorchTrainer, write the DVC outputs.
+
+Fault tolerance follows Ray Train V2: a worker failure restarts the worker group (up to
+`train.max_failures` times) and the loop resumes from the last reported checkpoint. A driver that was killed
+resumes too: the run name is a hash of everything that defines the run (model, params, data), so running the
+stage again with the same inputs finds the same `RunConfig(storage_path, name)` and its checkpoints, while any
+change of params or data starts a fresh run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from latentzoo.atomic import atomic_dir, atomic_write_text
+from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+from latentzoo.errors import ConfigError, ShardError, TrainingError
+from latentzoo.evaluation.evaluate import write_grids
+from latentzoo.models import build_model
+from latentzoo.tracking import mlflow_runs
+from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state, weights_record
+from latentzoo.training.loop import TrainJob, train_loop_per_worker
+
+WEIGHTS_FILE = "model.pt"
+RUN_FILE = "mlflow_run.json"
+DONE_MARKER = "latentzoo_complete"
+
+
+@dataclass
+class TrainOutputs:
+    """Where the train stage writes (all DVC outputs)."""
+
+    model_dir: Path  # model.pt (final weights) + mlflow_run.json
+    metrics_file: Path  # final-epoch metrics (DVC metrics)
+    plots_file: Path  # per-epoch metrics, one row per epoch (DVC plots)
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+
+
+def run_name(model_name: str, params, manifest_sha: str) -> str:
+    """Deterministic Ray run name: same model, params and data → same name → resume; anything else → fresh."""
+    defining = {
+        "model": model_name,
+        "seed": params.seed,
+        "train": params.train.model_dump(exclude={"fail_at_epoch", "max_failures"}),
+        "model_config": params.model_config_for(model_name).model_dump(),
+        "data": manifest_sha,
+    }
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{model_name}-{digest}"
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_resources(params) -> None:
+    """On a local cluster, refuse a worker count the machine cannot place (it would wait forever)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if params.train.num_workers > cpus:
+        raise ConfigError(
+            f"train.num_workers must be <= the {cpus} CPUs of the local Ray cluster, got {params.train.num_workers}"
+        )
+
+
+def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None) -> dict:
+    """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    root = Path(root or Path.cwd()).resolve()
+    shard_dir = Path(shard_dir).resolve()
+    manifest = load_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, splits=("train", "val"))  # before any worker starts
+    train_urls, val_urls = shard_urls(shard_dir, manifest, "train"), shard_urls(shard_dir, manifest, "val")
+    if params.train.num_workers > len(train_urls):
+        raise ShardError(
+            f"{shard_dir}/manifest.json: the train split has {len(train_urls)} shard(s) but train.num_workers is "
+            f"{params.train.num_workers}; lower shard.maxcount so every worker gets a shard"
+        )
+    image_shape = tuple(manifest["image_shape"])
+    build_model(model_name, params.model_config_for(model_name), image_shape)  # config errors before Ray starts
+
+    manifest_sha = sha256_file(shard_dir / "manifest.json")
+    name = run_name(model_name, params, manifest_sha)
+    storage = Path(params.ray.storage_path or root / ".ray_results").resolve()
+    run_dir = storage / name
+    if (run_dir / DONE_MARKER).exists():  # a finished run with identical inputs: train again from scratch
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    uri, run_id = open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root)
+    job = TrainJob(
+        model_name=model_name,
+        params=params.model_dump(),
+        train_urls=train_urls,
+        val_urls=val_urls,
+        num_train=manifest["splits"]["train"]["count"],
+        image_shape=image_shape,
+        mlflow_uri=uri,
+        mlflow_run_id=run_id,
+    )
+    connect_ray(params.ray.num_cpus)
+    check_resources(params)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_config(),
+        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+        ),
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:
+        if run_id:
+            mlflow_runs.end_run(uri, run_id, status="FAILED")
+        raise TrainingError(
+            f"training {model_name} failed after {params.train.max_failures} retries: {root_cause(err)}. "
+            f"Checkpoints are kept in {run_dir}; run the stage again to resume."
+        ) from None
+    fit_seconds = time.perf_counter() - started
+    if result.checkpoint is None:
+        raise TrainingError(f"training {model_name} reported no checkpoint (see {run_dir})")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(Path(d) / CHECKPOINT_FILE)
+
+    final = write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id)
+    if run_id:
+        log_run_artifacts(params, uri, run_id, outputs)
+        mlflow_runs.end_run(uri, run_id)
+    (run_dir / DONE_MARKER).write_text("done\n")
+    return final
+
+
+def root_cause(err: Exception) -> str:
+    """The worker's exception line out of Ray's multi-line error report (the full report is in Ray's logs)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root) -> tuple[str | None, str | None]:
+    """Create the training run (or reopen the one an interrupted attempt of this same run started)."""
+    if not params.tracking.enabled:
+        return None, None
+    uri = mlflow_runs.tracking_uri(root)
+    saved = run_dir / "latentzoo_mlflow.json"
+    if saved.exists():
+        run_id = json.loads(saved.read_text())["run_id"]
+        if mlflow_runs.resume_run(uri, run_id):
+            return uri, run_id
+    tags = {
+        "latentzoo.stage": "train",
+        "latentzoo.model": model_name,
+        "latentzoo.ray_run": name,
+        "latentzoo.data_manifest_sha256": manifest_sha,
+        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
+    }
+    experiment = f"{params.tracking.experiment_prefix}-{model_name}"
+    run_id = mlflow_runs.start_run(uri, experiment, f"train-{model_name}", tags, root)
+    mlflow_runs.log_params(uri, run_id, {k: v for k, v in params.model_dump().items() if k != "models"})
+    saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return uri, run_id
+
+
+def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id) -> dict:
+    """Final weights + run pointer (atomically, as one directory), DVC metrics and per-epoch plots."""
+    model = build_model(model_name, params.model_config_for(model_name), image_shape)
+    model.load_state_dict(state["model"])
+    model.eval()
+    history = state["history"]
+    with atomic_dir(outputs.model_dir) as tmp:
+        record = weights_record(model, model_name, params.model_config_for(model_name).model_dump(),
+                                image_shape, len(history))
+        save_state(tmp / WEIGHTS_FILE, record)
+        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
+        (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+        write_grids(model, val_urls, tmp, params.evaluate.grid_size, params.seed)  # previews for MLflow
+    final = {k: v for k, v in history[-1].items()}
+    final["fit_time_s"] = fit_seconds
+    final["epochs"] = len(history)
+    outputs.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outputs.metrics_file, json.dumps(final, indent=2, sort_keys=True) + "\n")
+    outputs.plots_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(outputs.plots_file, history_csv(history))
+    return final
+
+
+def history_csv(history: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    return buffer.getvalue()
+
+
+def log_run_artifacts(params, uri, run_id, outputs: TrainOutputs) -> None:
+    for name in ("reconstructions.png", "samples.png"):
+        if (outputs.model_dir / name).exists():
+            mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / name, "images")
+    mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / WEIGHTS_FILE, "checkpoint")
+    mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / "params.yaml", "config")
+    mlflow_runs.log_artifact(uri, run_id, outputs.plots_file, "metrics")

@@ -1,0 +1,108 @@
+"""params.yaml is validated once: every bad key or value names itself and the value, before Ray starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentzoo.config import Params, load_params, validate_params
+from latentzoo.errors import ConfigError
+
+from conftest import ROOT
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_load_with_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.source == "digits"
+    assert params.models == ["vae"]
+    assert params.model_config_for("vae").latent_dim >= 1
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("train", "lr", -1, "train.lr must be > 0, got -1"),
+        ("train", "epochs", 0, "train.epochs must be >= 1, got 0"),
+        ("train", "epochs", "ten", "train.epochs"),
+        ("train", "num_workers", 1.5, "train.num_workers"),
+        ("train", "use_gpu", "yes", "train.use_gpu"),
+        ("shard", "maxcount", 0, "shard.maxcount must be >= 1, got 0"),
+        ("data", "source", "csv", "data.source must be 'digits', 'idx' or 'imagefolder', got 'csv'"),
+        ("data", "val_fraction", 1.5, "data.val_fraction must be < 1, got 1.5"),
+        ("vae", "beta", -0.5, "vae.beta must be >= 0, got -0.5"),
+        ("vae", "likelihood", "poisson", "vae.likelihood"),
+        ("train", "lrr", 0.1, "train.lrr is not a known key"),
+    ],
+)
+def test_bad_values_are_named(section, key, value, message):
+    raw = raw_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        validate_params(raw)
+    assert message in str(err.value)
+
+
+def test_unknown_top_level_section_and_model():
+    raw = raw_params()
+    raw["trian"] = {"lr": 1}
+    raw["models"] = ["vae", "nope"]
+    with pytest.raises(ConfigError) as err:
+        validate_params(raw)
+    assert "trian is not a known key" in str(err.value)
+
+
+def test_unknown_model_name():
+    raw = raw_params()
+    raw["models"] = ["nope"]
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        validate_params(raw)
+
+
+def test_source_needing_a_path():
+    raw = raw_params()
+    raw["data"]["source"] = "idx"
+    with pytest.raises(ConfigError, match="data.path is required"):
+        validate_params(raw)
+
+
+def test_fractions_must_leave_training_data():
+    raw = raw_params()
+    raw["data"]["val_fraction"], raw["data"]["test_fraction"] = 0.5, 0.5
+    with pytest.raises(ConfigError, match="val_fraction \\+ data.test_fraction must be < 1"):
+        validate_params(raw)
+
+
+def test_scientific_notation_is_a_float(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("lr: 2.0e-3", "lr: 1e-3"))
+    assert load_params(path).train.lr == pytest.approx(1e-3)
+
+
+def test_missing_and_broken_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def test_stage_script_exits_nonzero_with_one_line(tmp_path: Path):
+    raw = raw_params()
+    raw["train"]["lr"] = -1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--params", str(bad), "--model", "vae",
+           "--shards", "x", "--out", "y", "--metrics", "m.json", "--plots", "p.csv"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: train.lr must be > 0, got -1"
+    assert "Traceback" not in proc.stderr

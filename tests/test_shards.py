@@ -1,0 +1,175 @@
+"""WebDataset shards: round trip, manifest, byte-identical output, verification and atomic writing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+import latentzoo.data.shards as shards_mod
+from latentzoo.config import DataConfig
+from latentzoo.data.prepare import load_split, prepare
+from latentzoo.data.shards import load_manifest, shard_urls, verify_shards, write_shards
+from latentzoo.errors import ShardError
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Digits, 300 images: 210 train / 30 val / 60 test."""
+    out = tmp_path_factory.mktemp("prep") / "prepared"
+    prepare(DataConfig(source="digits", limit=300), seed=0, out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prepared_rgb(tmp_path_factory) -> Path:
+    """A 3-channel image folder, 2 classes of 12."""
+    root = tmp_path_factory.mktemp("rgb")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "src" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / "src" / c / f"{i}.png")
+    prepare(DataConfig(source="imagefolder", path=str(root / "src")), seed=0, out_dir=root / "prepared")
+    return root / "prepared"
+
+
+def read_back(urls: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images NHWC, labels, keys) as a plain WebDataset reader sees them."""
+    images, labels, keys = [], [], []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        arr = np.asarray(Image.open(io.BytesIO(sample["png"])))
+        images.append(arr[..., None] if arr.ndim == 2 else arr)
+        labels.append(int(sample["cls"].decode("ascii")))
+        keys.append(sample["__key__"])
+    return np.stack(images), np.asarray(labels), keys
+
+
+def raiser(exc: BaseException):
+    """A stand-in function that raises `exc` whatever it is called with."""
+
+    def fn(*args, **kwargs):
+        raise exc
+
+    return fn
+
+
+@pytest.mark.parametrize("which", ["prepared", "prepared_rgb"])
+def test_round_trip(request, tmp_path, which):
+    src = request.getfixturevalue(which)
+    manifest = write_shards(src, tmp_path / "shards", maxcount=50, progress=False)
+    for split in ("train", "val", "test"):
+        images, labels, keys = read_back(shard_urls(tmp_path / "shards", manifest, split))
+        expected = load_split(src, split)
+        np.testing.assert_array_equal(images, expected.images)
+        np.testing.assert_array_equal(labels, expected.labels)
+        assert keys[:2] == [f"{split}-0000000", f"{split}-0000001"]
+
+
+def test_manifest(prepared, tmp_path):
+    out = tmp_path / "shards"
+    manifest = write_shards(prepared, out, maxcount=50, progress=False)
+    assert load_manifest(out) == manifest
+    assert (out / "manifest.json").read_text() == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    info = json.loads((prepared / "prepare.json").read_text())
+    assert manifest["image_shape"] == [1, 8, 8] and manifest["num_classes"] == 10
+    assert manifest["prepared"] == hashlib.sha256((prepared / "prepare.json").read_bytes()).hexdigest()
+    for split, entry in manifest["splits"].items():
+        assert entry["count"] == info["counts"][split] == sum(s["count"] for s in entry["shards"])
+        for shard in entry["shards"]:
+            path = out / shard["name"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            with tarfile.open(path) as tar:
+                assert len(tar.getnames()) == 2 * shard["count"]  # .cls + .png per sample
+    names = sorted(p.name for p in out.iterdir())
+    listed = sorted(s["name"] for e in manifest["splits"].values() for s in e["shards"])
+    assert names == sorted(listed + ["manifest.json"])
+
+
+def test_maxcount_respected(prepared, tmp_path):
+    manifest = write_shards(prepared, tmp_path / "shards", maxcount=64, progress=False)
+    train = manifest["splits"]["train"]["shards"]
+    assert [s["count"] for s in train] == [64, 64, 64, 18]
+    assert [s["name"] for s in train] == [f"train-{i:06d}.tar" for i in range(4)]
+
+
+def test_byte_identical(prepared, tmp_path):
+    a = write_shards(prepared, tmp_path / "a", maxcount=100, progress=False)
+    b = write_shards(prepared, tmp_path / "b", maxcount=100, progress=False)
+    assert a == b
+    for shard in a["splits"]["train"]["shards"]:
+        assert (tmp_path / "a" / shard["name"]).read_bytes() == (tmp_path / "b" / shard["name"]).read_bytes()
+
+
+def test_verify_detects_changed_byte(prepared, tmp_path):
+    out = tmp_path / "shards"
+    write_shards(prepared, out, maxcount=50, progress=False)
+    verify_shards(out)
+    path = out / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    verify_shards(out, splits=["val", "test"])  # other splits still fine
+    with pytest.raises(ShardError, match=r"train-000001\.tar: sha256 mismatch with manifest\.json"):
+        verify_shards(out)
+
+
+def test_verify_detects_missing_shard(prepared, tmp_path):
+    out = tmp_path / "shards"
+    manifest = write_shards(prepared, out, maxcount=50, progress=False)
+    (out / "test-000000.tar").unlink()
+    with pytest.raises(ShardError, match=r"test-000000\.tar: .*missing"):
+        verify_shards(out, manifest)
+
+
+def test_manifest_errors(prepared, tmp_path):
+    with pytest.raises(ShardError, match="manifest.json: shard manifest not found"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardError, match="manifest.json: unreadable"):
+        load_manifest(tmp_path)
+    manifest = write_shards(prepared, tmp_path / "shards", maxcount=500, progress=False)
+    with pytest.raises(ShardError, match="no split 'dev'"):
+        shard_urls(tmp_path / "shards", manifest, "dev")
+
+
+def test_shard_urls_absolute_in_order(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = write_shards(prepared, Path("shards"), maxcount=50, progress=False)
+    urls = shard_urls(Path("shards"), manifest, "train")
+    assert urls == [str(tmp_path / "shards" / f"train-{i:06d}.tar") for i in range(5)]
+
+
+def test_interrupted_write_leaves_nothing(prepared, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = shards_mod.encode_png
+
+    def flaky(image):
+        calls["n"] += 1
+        if calls["n"] == 120:  # midway through train, after two shards were closed
+            raise KeyboardInterrupt
+        return real(image)
+
+    monkeypatch.setattr(shards_mod, "encode_png", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(prepared, tmp_path / "shards", maxcount=50, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_rewrite_keeps_previous_shards(prepared, tmp_path, monkeypatch):
+    out = tmp_path / "shards"
+    before = write_shards(prepared, out, maxcount=50, progress=False)
+    monkeypatch.setattr(shards_mod, "sha256_file", raiser(OSError("disk full")))
+    with pytest.raises(OSError):
+        write_shards(prepared, out, maxcount=20, progress=False)
+    monkeypatch.undo()
+    verify_shards(out, before)
+    assert load_manifest(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["shards"]

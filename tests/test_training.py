@@ -1,0 +1,88 @@
+"""Ray Train DDP end to end on tiny digits: equal steps with uneven shards, checkpoints, resume after a failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from latentzoo.errors import ConfigError, ShardError
+from latentzoo.training.checkpoint import load_model
+from latentzoo.training.trainer import TrainOutputs, run_name, train_model
+
+pytestmark = pytest.mark.ray
+
+
+def outputs(tmp_path) -> TrainOutputs:
+    return TrainOutputs(tmp_path / "models/vae", tmp_path / "metrics/train.json", tmp_path / "plots/train.csv")
+
+
+def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
+    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "ray.storage_path": str(tmp_path / "ray")})
+    out = outputs(tmp_path)
+    final = train_model(params, "vae", digits_shards, out, root=tmp_path)
+
+    assert final["epochs"] == 3
+    assert final["steps_min"] == final["steps_max"] == 20  # ceil(1257 / (2 * 32)) on both ranks
+    rows = out.plots_file.read_text().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 4
+    losses = [float(r.split(",")[rows[0].split(",").index("train_loss")]) for r in rows[1:]]
+    assert losses[-1] < losses[0]  # it learns
+    assert json.loads(out.metrics_file.read_text())["val_neg_elbo"] > 0
+    model, meta = load_model(out.model_dir / "model.pt")  # weights_only=True inside
+    assert meta["model_name"] == "vae" and meta["epoch"] == 3
+    assert model(torch.rand(2, 1, 8, 8)).recon.shape == (2, 1, 8, 8)
+    assert (out.model_dir / "reconstructions.png").exists() and (out.model_dir / "samples.png").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
+    run = MlflowClient(mlflow_uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["latentzoo.data_manifest_sha256"]
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "train_loss")]
+    assert steps == [1, 2, 3]
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run_id)}
+    assert {"images", "checkpoint", "config"} <= artifacts
+
+
+def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,
+                                                      mlflow_uri):
+    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "train.fail_at_epoch": 1,
+                            "train.max_failures": 1, "ray.storage_path": str(tmp_path / "ray")})
+    out = outputs(tmp_path)
+    final = train_model(params, "vae", digits_shards, out, root=tmp_path)
+
+    epochs = [int(r.split(",")[0]) for r in out.plots_file.read_text().splitlines()[1:]]
+    assert epochs == [1, 2, 3]  # none lost, none repeated
+    assert final["epochs"] == 3
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
+    steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "val_loss")]
+    assert sorted(steps) == [1, 2, 3]
+
+
+def test_failures_past_the_limit_are_a_clear_error(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
+    from latentzoo.errors import TrainingError
+
+    params = tiny_params(**{"train.num_workers": 1, "train.fail_at_epoch": 1, "train.max_failures": 0,
+                            "ray.storage_path": str(tmp_path / "ray")})
+    with pytest.raises(TrainingError, match="failed after 0 retries.*run the stage again to resume"):
+        train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
+    assert not (tmp_path / "models/vae").exists()  # nothing half-written under the final name
+
+
+def test_shard_problems_are_caught_before_ray_starts(digits_shards, tiny_params, tmp_path):
+    params = tiny_params(**{"train.num_workers": 5})
+    with pytest.raises(ShardError, match="3 shard\\(s\\) but train.num_workers is 5"):
+        train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
+
+
+def test_run_name_changes_with_params_not_with_fault_injection(tiny_params):
+    a = run_name("vae", tiny_params(), "sha")
+    assert a == run_name("vae", tiny_params(**{"train.fail_at_epoch": 1}), "sha")
+    assert a != run_name("vae", tiny_params(**{"train.lr": 0.1}), "sha")
+    assert a != run_name("vae", tiny_params(), "other-data")
