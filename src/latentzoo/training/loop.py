@@ -8,6 +8,7 @@ and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -71,7 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            print(f"[{job.model_name}] resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
+            say(f"[{job.model_name}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
@@ -89,10 +90,16 @@ def train_loop_per_worker(config: dict) -> None:
         row["epoch_time_s"] = time.perf_counter() - started
         history.append(row)
         if rank == 0:
-            print(format_epoch(job.model_name, row, train.epochs), flush=True)
+            say(format_epoch(job.model_name, row, train.epochs))
             if job.mlflow_run_id:
                 mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=epoch + 1)
         report(row, unwrap(model), optimizer, epoch, history, rank)
+
+
+def say(line: str) -> None:
+    """One progress line to the driver's console (Ray Train V2's patched `print` would show it twice)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
