@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ def params_for(args, workdir: Path):
     raw["shard"]["maxcount"] = 5000
     raw["train"].update(num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size // args.workers,
                         lr=args.lr)
-    raw["vae"].update(latent_dim=32, hidden_channels=32)
+    raw["vae"].update(latent_dim=32, hidden_channels=32, fc_hidden=256)
     raw["ray"]["storage_path"] = str(workdir / "ray")
     return validate_params(raw)
 
@@ -55,6 +56,21 @@ def plain_epoch_seconds(params, shard_dir: Path, epochs: int, threads: int) -> f
             loss.backward()
             opt.step()
         times.append(time.perf_counter() - start)
+    return sum(times) / len(times)
+
+
+def one_worker_epoch_seconds(args, work: Path) -> float:
+    """Ray Train with one worker (all cores, the whole global batch): the loop's overhead against plain PyTorch."""
+    from latentzoo.training.trainer import TrainOutputs, train_model
+
+    one = argparse.Namespace(**{**vars(args), "workers": 1, "epochs": args.baseline_epochs + 1})
+    params = params_for(one, work / "one")
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"enabled": False})})
+    out = TrainOutputs(work / "one/model", work / "one/train.json", work / "one/train.csv")
+    train_model(params, "vae", work / "shards", out, root=work / "one")
+    rows = [r.split(",") for r in out.plots_file.read_text().splitlines()]
+    col = rows[0].index("epoch_time_s")
+    times = [float(r[col]) for r in rows[2:]]  # the first epoch also reads and decodes the shards
     return sum(times) / len(times)
 
 
@@ -88,6 +104,7 @@ def main() -> int:
         ray_epoch = [float(r[col]) for r in rows[1:]]
         steady = sum(ray_epoch[1:]) / max(1, len(ray_epoch) - 1) if len(ray_epoch) > 1 else ray_epoch[0]
         plain = plain_epoch_seconds(params, work / "shards", args.baseline_epochs, threads=args.workers)
+        one = one_worker_epoch_seconds(args, work) if args.workers > 1 else steady
 
     result = {
         "epochs": args.epochs,
@@ -102,6 +119,9 @@ def main() -> int:
         "plain_pytorch_epoch_s": plain,
         "ray_over_plain_epoch_ratio": steady / plain,
         "ray_startup_and_overhead_s": final["fit_time_s"] - sum(ray_epoch),
+        "ray_1worker_epoch_s": one,
+        "ray_1worker_over_plain_epoch_ratio": one / plain,
+        "torch_threads_per_worker": max(1, (os.cpu_count() or 1) // args.workers),
     }
     print(json.dumps(result, indent=2))
     out_file = ROOT / "benchmarks/results/vae_mnist.json"

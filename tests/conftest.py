@@ -33,6 +33,7 @@ def make_params(**overrides):
 TINY = {
     "vae.latent_dim": 4,
     "vae.hidden_channels": 8,
+    "vae.fc_hidden": 32,
     "train.batch_size": 32,
     "train.epochs": 2,
     "train.lr": 0.003,
@@ -69,6 +70,7 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for the whole session: Ray takes tens of seconds to start."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             logging_config=ray.LoggingConfig(log_level="ERROR"))
     yield
     ray.shutdown()

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from latentzoo.config import Params, load_params, validate_params
 from latentzoo.errors import ConfigError
-
-from conftest import ROOT
 
 
 def raw_params() -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from latentzoo.data.loader import eval_batches, rank_shards, steps_per_epoch, train_batches
 from latentzoo.data.shards import load_manifest, shard_urls
@@ -23,7 +24,8 @@ def test_too_few_shards_for_the_workers_is_a_clear_error():
         rank_shards(["only.tar"], 0, 2, seed=0, epoch=0)
 
 
-def test_uneven_shards_give_equal_full_batches(digits_shards):
+@pytest.mark.parametrize("cached", [False, True])
+def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
     manifest = load_manifest(digits_shards)
     urls = shard_urls(digits_shards, manifest, "train")
     counts = [s["count"] for s in manifest["splits"]["train"]["shards"]]
@@ -33,14 +35,29 @@ def test_uneven_shards_give_equal_full_batches(digits_shards):
     for epoch in range(2):
         for rank in range(world):
             batches = list(train_batches(urls, steps=steps, batch_size=bs, rank=rank, world_size=world,
-                                         seed=0, epoch=epoch, shuffle_buffer=100))
+                                         seed=0, epoch=epoch, shuffle_buffer=100, cached=cached))
             assert len(batches) == steps
             assert all(x.shape == (bs, 1, 8, 8) for x, _ in batches)
             assert all(0.0 <= x.min() and x.max() <= 1.0 for x, _ in batches)
 
 
-def test_eval_batches_cover_each_sample_once_across_ranks(digits_shards):
+@pytest.mark.parametrize("cached", [False, True])
+def test_eval_batches_cover_each_sample_once_across_ranks(digits_shards, cached):
     manifest = load_manifest(digits_shards)
     urls = shard_urls(digits_shards, manifest, "train")
-    seen = sum(len(y) for rank in range(2) for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2))
-    assert seen == manifest["splits"]["train"]["count"]
+    labels = [y for rank in range(2)
+              for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2, cached=cached)]
+    assert sum(len(y) for y in labels) == manifest["splits"]["train"]["count"]
+
+
+def test_cached_and_streamed_epochs_hold_the_same_samples(digits_shards):
+    urls = shard_urls(digits_shards, load_manifest(digits_shards), "train")
+    streamed = sorted(int(v) for _, y in eval_batches(urls, batch_size=64) for v in y)
+    cached = sorted(int(v) for _, y in eval_batches(urls, batch_size=64, cached=True) for v in y)
+    assert streamed == cached
+    x, _ = next(cached_epoch(urls))
+    assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def cached_epoch(urls):
+    return train_batches(urls, steps=3, batch_size=16, rank=0, world_size=1, seed=0, epoch=0, cached=True)

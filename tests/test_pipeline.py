@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.ray
@@ -35,7 +34,7 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(ROOT / ".dvc/config", tmp_path / ".dvc/config")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=2, batch_size=32)
-    params["vae"].update(latent_dim=4, hidden_channels=8)
+    params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path

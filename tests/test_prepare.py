@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import latentzoo.data.prepare as prepare_mod
 from latentzoo.atomic import atomic_dir, atomic_write_json
 from latentzoo.config import DataConfig
-import latentzoo.data.prepare as prepare_mod
 from latentzoo.data.prepare import prepare, split_indices
 from latentzoo.data.sources import load_source
 from latentzoo.errors import DataError

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from latentzoo.errors import ConfigError, ShardError
+from latentzoo.errors import ShardError
 from latentzoo.training.checkpoint import load_model
 from latentzoo.training.trainer import TrainOutputs, run_name, train_model
 

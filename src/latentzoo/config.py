@@ -63,8 +63,8 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(default=None, gt=0)
     max_failures: int = Field(default=2, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per worker; None: cores // workers
-    loader_workers: int = Field(default=0, ge=0)  # DataLoader processes per training worker
-    shuffle_buffer: int = Field(default=1000, ge=0)
+    shuffle_buffer: int = Field(default=1000, ge=0)  # samples, when streaming shards
+    cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     fail_at_epoch: int | None = Field(default=None, ge=0)  # test-only: raise once at the start of this epoch
 
@@ -89,6 +89,7 @@ class RayConfig(Section):
 
     num_cpus: int | None = Field(default=None, ge=1)
     storage_path: str | None = None  # Ray Train checkpoints; None: <project>/.ray_results
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "ERROR"  # Ray's own logs from its worker processes
 
 
 class _ParamsBase(Section):

@@ -9,10 +9,9 @@ import json
 from pathlib import Path
 
 from latentzoo.data.prepare import prepare
-from latentzoo.data.shards import write_shards
+from latentzoo.data.shards import load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
 from latentzoo.evaluation.report import build_report
-from latentzoo.data.shards import load_manifest, shard_urls
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, train_model
 
@@ -68,7 +67,7 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
     run = json.loads(run_file.read_text())
     if not run.get("run_id"):
         return
-    uri = mlflow_runs.tracking_uri()
+    uri = run.get("tracking_uri") or mlflow_runs.tracking_uri()  # the store the training logged to
     mlflow_runs.log_metrics(uri, run["run_id"], result)
     for png in sorted(plots_dir.glob("*.png")):
         mlflow_runs.log_artifact(uri, run["run_id"], png, "evaluation")

@@ -8,6 +8,9 @@ with more batches waits forever (webdataset issue 225). So an epoch is a fixed n
 and each rank streams its own shards — the shard list shuffled with the same seed on every rank, then
 rank r takes shards r, r + W, r + 2W, ... (`wds.split_by_node`) — cycling over them until it has that many
 batches. Uneven shards only change how often a rank re-reads its own samples, never its step count.
+
+When the decoded splits fit in memory (`train.cache_mb`), each worker keeps the shards it has read decoded
+(`DecodedShards`) and shuffles them exactly; otherwise every epoch streams the tars again with a shuffle buffer.
 """
 
 from __future__ import annotations
@@ -87,6 +90,43 @@ def batched(samples: Iterator[tuple[np.ndarray, int]], batch_size: int, drop_las
         yield to_batch(images, labels)
 
 
+class DecodedShards:
+    """Shards decoded once and kept in this process's memory (a per-worker cache).
+
+    WebDataset still reads every shard from disk once; afterwards an epoch costs no tar parsing or PNG decoding,
+    which on CPU is otherwise about a quarter of an MNIST epoch. Used only when the splits fit `train.cache_mb`.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, url: str) -> tuple[np.ndarray, np.ndarray]:
+        if url not in self._arrays:
+            samples = list(iter_samples([url]))
+            if not samples:
+                raise ShardError(f"{url}: holds no samples")
+            images, labels = zip(*samples)
+            self._arrays[url] = np.stack(images), np.asarray(labels, dtype=np.int64)
+        return self._arrays[url]
+
+    def concat(self, urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self.get(u) for u in urls]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+CACHE = DecodedShards()  # one per process: each Ray Train worker fills its own
+
+
+def decoded_bytes(count: int, image_shape) -> int:
+    """Memory the decoded uint8 images of a split take."""
+    return count * math.prod(image_shape)
+
+
+def array_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.contiguous(), torch.from_numpy(labels)
+
+
 def train_batches(
     urls: list[str],
     *,
@@ -97,9 +137,16 @@ def train_batches(
     seed: int,
     epoch: int,
     shuffle_buffer: int = 1000,
+    cached: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed."""
+    """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed.
+
+    cached: shuffle the rank's decoded samples exactly (in memory); else stream the shards through WebDataset
+    with a shuffle buffer.
+    """
     mine = rank_shards(urls, rank, world_size, seed, epoch)
+    if cached:
+        return cached_batches(mine, steps, batch_size, np.random.default_rng((seed, epoch, rank)))
 
     def endless() -> Iterator[tuple[np.ndarray, int]]:
         for cycle in range(1_000_000):
@@ -113,9 +160,25 @@ def train_batches(
     return islice(batched(endless(), batch_size, drop_last=True), steps)
 
 
+def cached_batches(urls: list[str], steps: int, batch_size: int, rng: np.random.Generator):
+    """`steps` batches from successive random permutations of the decoded samples of `urls`."""
+    images, labels = CACHE.concat(urls)
+    passes = math.ceil(steps * batch_size / len(images))
+    order = np.concatenate([rng.permutation(len(images)) for _ in range(passes)])
+    for step in range(steps):
+        idx = np.sort(order[step * batch_size : (step + 1) * batch_size])  # sorted: faster gathers
+        yield array_batch(images[idx], labels[idx])
+
+
 def eval_batches(
-    urls: list[str], *, batch_size: int, rank: int = 0, world_size: int = 1
+    urls: list[str], *, batch_size: int, rank: int = 0, world_size: int = 1, cached: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One ordered pass over this rank's share of the shards (every sample exactly once across ranks)."""
     mine = list(islice(urls, rank, None, world_size))
-    return batched(iter_samples(mine), batch_size, drop_last=False)
+    if not cached:
+        return batched(iter_samples(mine), batch_size, drop_last=False)
+    if not mine:
+        return iter(())
+    images, labels = CACHE.concat(mine)
+    return (array_batch(images[i : i + batch_size], labels[i : i + batch_size])
+            for i in range(0, len(images), batch_size))

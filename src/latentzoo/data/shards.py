@@ -67,7 +67,7 @@ def write_shards(prepared_dir: Path, out_dir: Path, maxcount: int, progress: boo
     """Shard every split of `prepared_dir` into `out_dir` (atomically: manifest last, then one rename).
 
     Returns the manifest: format, image_shape, classes, num_classes, prepared (sha256 of prepare.json), maxcount,
-    splits {split: {"count", "shards": [{"name", "count", "sha256"}]}}.
+    skipped (the source files prepare left out), splits {split: {"count", "shards": [{"name", "count", "sha256"}]}}.
     """
     prepared_dir = Path(prepared_dir)
     info_path = prepared_dir / "prepare.json"
@@ -89,6 +89,7 @@ def write_shards(prepared_dir: Path, out_dir: Path, maxcount: int, progress: boo
         "num_classes": info["num_classes"],
         "prepared": hashlib.sha256(info_bytes).hexdigest(),
         "maxcount": maxcount,
+        "skipped": info.get("skipped", {"count": 0, "files": []}),  # files prepare left out (on_error: skip)
         "splits": {},
     }
     total = sum(len(s) for s in sets.values())

@@ -28,6 +28,7 @@ class VAEConfig(Section):
 
     latent_dim: int = Field(16, ge=1)
     hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second
+    fc_hidden: int = Field(256, ge=0)  # width of a fully connected layer between conv features and z (0: none)
     beta: float = Field(1.0, ge=0)  # weight of the KL term (beta-VAE, Higgins et al. 2017)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     gaussian_sigma: float = Field(0.1, gt=0)  # fixed decoder std for the gaussian likelihood
@@ -80,14 +81,19 @@ class VAE(nn.Module):
         self.image_shape = tuple(image_shape)
         features = feature_shape(self.image_shape, cfg.hidden_channels, family="vae")
         flat = math.prod(features)
+        width = cfg.fc_hidden or flat
+        fc_in = [nn.Linear(flat, width), nn.SiLU()] if cfg.fc_hidden else []
+        fc_out = [nn.Linear(width, flat), nn.SiLU()] if cfg.fc_hidden else []
         self.encoder = nn.Sequential(
             conv_down(self.image_shape[0], cfg.hidden_channels),
             nn.Flatten(),
-            nn.Linear(flat, 2 * cfg.latent_dim),  # mu and logvar side by side
+            *fc_in,
+            nn.Linear(width, 2 * cfg.latent_dim),  # mu and logvar side by side
         )
         self.decoder = nn.Sequential(
-            nn.Linear(cfg.latent_dim, flat),
+            nn.Linear(cfg.latent_dim, width),
             nn.SiLU(),
+            *fc_out,
             nn.Unflatten(1, features),
             conv_up(cfg.hidden_channels, self.image_shape[0]),
         )

@@ -41,6 +41,7 @@ class TrainJob:
     val_urls: list[str]
     num_train: int
     image_shape: tuple[int, int, int]
+    cached: bool = False  # decoded shards fit train.cache_mb: keep them in memory after the first read
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
 
@@ -76,6 +77,10 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
+    if rank == 0:
+        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+        say(f"[{job.model_name}] {world} worker(s) on {device}, process group {backend}, "
+            f"{steps} steps of {train.batch_size} per worker per epoch")
 
     for epoch in range(start_epoch, train.epochs):
         if train.fail_at_epoch == epoch and checkpoint is None:
@@ -83,10 +88,10 @@ def train_loop_per_worker(config: dict) -> None:
         started = time.perf_counter()
         batches = train_batches(
             job.train_urls, steps=steps, batch_size=train.batch_size, rank=rank, world_size=world,
-            seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer,
+            seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer, cached=job.cached,
         )
         row = {"epoch": epoch + 1, **train_epoch(model, optimizer, batches, device, train.grad_clip)}
-        row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device)
+        row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
         history.append(row)
         if rank == 0:
@@ -111,7 +116,15 @@ def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float
     model.train()
     sums: dict[str, float] = defaultdict(float)
     count = steps = 0
-    for x, _ in batches:
+    data_wait = 0.0  # seconds spent waiting for the next batch (reading and decoding shards)
+    batches = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        try:
+            x, _ = next(batches)
+        except StopIteration:
+            break
+        data_wait += time.perf_counter() - waited
         x = x.to(device, non_blocking=True)
         out = model(x)
         loss = out.total
@@ -125,17 +138,18 @@ def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float
         steps += 1
     stats = global_means(sums, count, device)
     stats["steps_min"], stats["steps_max"] = global_min_max(steps, device)
+    stats["data_wait_s"] = data_wait  # rank 0's
     return stats
 
 
 @torch.no_grad()
-def validate(model, urls, batch_size, rank, world, device) -> dict[str, float]:
+def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict[str, float]:
     """One pass over this rank's val shards with the plain module (no DDP collectives), sums all-reduced."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(12345 + rank)
     sums: dict[str, float] = defaultdict(float)
     count = 0
-    for x, _ in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world):
+    for x, _ in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
         x = x.to(device)
         accumulate(sums, "val", model(x, generator=generator), len(x))
         count += len(x)

@@ -19,11 +19,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from latentzoo.atomic import atomic_dir, atomic_write_text
-from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+from latentzoo.data.loader import decoded_bytes
+from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
 from latentzoo.errors import ConfigError, ShardError, TrainingError
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.models import build_model
@@ -45,17 +45,22 @@ class TrainOutputs:
     plots_file: Path  # per-epoch metrics, one row per epoch (DVC plots)
 
 
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process)."""
+def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
+    """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
+
+    `log_level` applies to Ray's loggers in this job's worker processes: Ray Train logs every report at INFO and,
+    without a dashboard, warns every few seconds that its state API is unavailable.
+    """
     import ray
 
     if ray.is_initialized():
         return
+    logging_config = ray.LoggingConfig(log_level=log_level)
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", logging_config=logging_config)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", logging_config=logging_config)
 
 
 def run_name(model_name: str, params, manifest_sha: str) -> str:
@@ -71,8 +76,10 @@ def run_name(model_name: str, params, manifest_sha: str) -> str:
     return f"{model_name}-{digest}"
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
+    """Do the decoded train and val splits fit the per-worker memory budget `train.cache_mb`?"""
+    count = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
+    return decoded_bytes(count, manifest["image_shape"]) <= cache_mb * 2**20
 
 
 def check_resources(params) -> None:
@@ -122,10 +129,11 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         val_urls=val_urls,
         num_train=manifest["splits"]["train"]["count"],
         image_shape=image_shape,
+        cached=fits_in_cache(manifest, params.train.cache_mb),
         mlflow_uri=uri,
         mlflow_run_id=run_id,
     )
-    connect_ray(params.ray.num_cpus)
+    connect_ray(params.ray.num_cpus, params.ray.log_level)
     check_resources(params)
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -1,0 +1,70 @@
+"""Evaluation and report without Ray: metrics in range, shard checks first, report table and images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentzoo.errors import ShardError
+from latentzoo.evaluation.evaluate import evaluate_model
+from latentzoo.evaluation.report import build_report
+from latentzoo.models import build_model
+from latentzoo.training.checkpoint import load_model, save_state, weights_record
+
+
+@pytest.fixture
+def untrained_vae(tmp_path, tiny_params) -> Path:
+    params = tiny_params()
+    torch.manual_seed(0)
+    model = build_model("vae", params.vae, (1, 8, 8))
+    path = tmp_path / "model.pt"
+    save_state(path, weights_record(model, "vae", params.vae.model_dump(), (1, 8, 8), epoch=0))
+    return path
+
+
+def test_weights_file_round_trips_with_weights_only(untrained_vae):
+    record = torch.load(untrained_vae, weights_only=True)
+    assert record["model_name"] == "vae" and record["image_shape"] == [1, 8, 8]
+    model, meta = load_model(untrained_vae)
+    assert not model.training and meta["epoch"] == 0
+
+
+def test_test_metrics_are_in_range(untrained_vae, digits_shards, tiny_params):
+    result, _ = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
+    assert result["test_images"] == 359
+    assert result["test_neg_elbo"] > 0 and result["test_kl"] >= 0
+    assert 0 < result["test_mse"] < 1 and result["test_psnr"] > 0
+    assert -1 <= result["test_ssim"] <= 1
+    assert 0 <= result["test_active_units"] <= tiny_params().vae.latent_dim
+    again, _ = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
+    assert again == result  # seeded: the same binarisation and eps every time
+
+
+def test_a_changed_test_shard_stops_evaluation(untrained_vae, digits_shards, tiny_params, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    tar = next(shards.glob("test-*.tar"))
+    data = bytearray(tar.read_bytes())
+    data[1000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=f"{tar.name}: sha256 mismatch"):
+        evaluate_model(tiny_params(), untrained_vae, shards, progress=False)
+
+
+def test_report_table_lists_every_model(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "train").mkdir()
+    (tmp_path / "eval/vae.json").write_text(json.dumps({"test_neg_elbo": 25.5, "test_psnr": 14.0}))
+    (tmp_path / "train/vae.json").write_text(json.dumps({"fit_time_s": 60.0, "epochs": 3}))
+    (tmp_path / "plots/vae").mkdir(parents=True)
+    (tmp_path / "plots/vae/samples.png").write_bytes(b"\x89PNG fake")
+    report = build_report(["vae", "other"], tmp_path / "eval", tmp_path / "train", tmp_path / "plots",
+                          tmp_path / "reports")
+    text = report.read_text()
+    assert "| vae | 25.5 | – |" in text and "| other | – |" in text
+    assert (tmp_path / "reports/images/vae-samples.png").exists()
+    assert "images/vae-samples.png" in text
