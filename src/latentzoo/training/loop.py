@@ -91,6 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
             seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer, cached=job.cached,
         )
         row = {"epoch": epoch + 1, **train_epoch(model, optimizer, batches, device, train.grad_clip)}
+        row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
         history.append(row)

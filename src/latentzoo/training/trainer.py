@@ -97,7 +97,7 @@ def check_resources(params) -> None:
 
 def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None) -> dict:
     """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     root = Path(root or Path.cwd()).resolve()
@@ -145,6 +145,7 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level=params.ray.log_level),  # Ray Train logs every report at INFO
         ),
     )
     started = time.perf_counter()
