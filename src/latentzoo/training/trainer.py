@@ -48,19 +48,26 @@ class TrainOutputs:
 def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
 
-    `log_level` applies to Ray's loggers in this job's worker processes: Ray Train logs every report at INFO and,
-    without a dashboard, warns every few seconds that its state API is unavailable.
+    `log_level` applies to Ray's loggers in this job's processes: Ray Train logs every report at INFO and, without
+    a dashboard, warns every few seconds that its state API is unavailable. Below INFO, Ray Train's own worker
+    logging setup (which ignores RunConfig's LoggingConfig on the console here) is switched off, so the console
+    shows our one line per epoch and Ray's errors.
     """
     import ray
 
     if ray.is_initialized():
         return
-    logging_config = ray.LoggingConfig(log_level=log_level)
+    quiet = log_level in ("WARNING", "ERROR")
+    options = {
+        "logging_level": "WARNING",
+        "logging_config": ray.LoggingConfig(log_level=log_level),
+        "runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}} if quiet else None,
+    }
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level="WARNING", logging_config=logging_config)
+        ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING", logging_config=logging_config)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
 
 
 def run_name(model_name: str, params, manifest_sha: str) -> str:
@@ -145,7 +152,7 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=params.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
-            logging_config=LoggingConfig(log_level=params.ray.log_level),  # Ray Train logs every report at INFO
+            logging_config=LoggingConfig(log_level=params.ray.log_level),
         ),
     )
     started = time.perf_counter()
