@@ -24,7 +24,7 @@ def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params,
     final = train_model(params, "vae", digits_shards, out, root=tmp_path)
 
     assert final["epochs"] == 3
-    assert final["steps_min"] == final["steps_max"] == 20  # ceil(1257 / (2 * 32)) on both ranks
+    assert final["steps_min"] == final["steps_max"] == 20  # ceil(1258 / (2 * 32)) on both ranks
     rows = out.plots_file.read_text().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 4
     losses = [float(r.split(",")[rows[0].split(",").index("train_loss")]) for r in rows[1:]]
@@ -86,3 +86,12 @@ def test_run_name_changes_with_params_not_with_fault_injection(tiny_params):
     assert a == run_name("vae", tiny_params(**{"train.fail_at_epoch": 1}), "sha")
     assert a != run_name("vae", tiny_params(**{"train.lr": 0.1}), "sha")
     assert a != run_name("vae", tiny_params(), "other-data")
+
+
+def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
+    from latentzoo.training.loop import TrainJob, log_epoch
+
+    job = TrainJob(model_name="vae", params={}, train_urls=[], val_urls=[], num_train=0, image_shape=(1, 8, 8),
+                   mlflow_uri=f"sqlite:///{tmp_path}/missing/dir/mlflow.db", mlflow_run_id="nope")
+    log_epoch(job, {"train_loss": 1.0}, step=3)
+    assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out

@@ -66,7 +66,7 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=0)  # samples, when streaming shards
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
-    fail_at_epoch: int | None = Field(default=None, ge=0)  # test-only: raise once at the start of this epoch
+    fail_at_epoch: int | None = Field(default=None, ge=1)  # tests only: raise once before epoch index N (0-based)
 
 
 class EvaluateConfig(Section):

@@ -98,8 +98,16 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             say(format_epoch(job.model_name, row, train.epochs))
             if job.mlflow_run_id:
-                mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=epoch + 1)
+                log_epoch(job, row, epoch + 1)
         report(row, unwrap(model), optimizer, epoch, history, rank)
+
+
+def log_epoch(job: TrainJob, row: dict, step: int) -> None:
+    """Per-epoch metrics to MLflow; a tracking failure is reported, never the end of the training."""
+    try:
+        mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=step)
+    except Exception as err:  # an unreachable server must not cost the run its checkpoints
+        say(f"[{job.model_name}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
 
 
 def say(line: str) -> None:
