@@ -1,0 +1,239 @@
+"""VQ-VAE quantiser (arXiv 1711.00937): chunked nearest codes, straight-through gradients, loss terms, EMA updates,
+dead-code restarts, usage statistics, and identical codebooks across ranks under torch.distributed (gloo)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from latentzoo.models.quantizer import VectorQuantizer, codebook_usage, nearest_codes
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------- nearest_codes
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 50, 1024])
+def test_nearest_codes_matches_cdist(chunk_size):
+    z, codebook = randn(200, 8, seed=1, dtype=torch.float64), randn(50, 8, seed=2, dtype=torch.float64)
+    expected = torch.cdist(z, codebook).argmin(dim=1)
+    got = nearest_codes(z, codebook, chunk_size)
+    assert got.dtype == torch.int64 and torch.equal(got, expected)
+
+
+def test_nearest_codes_large_codebook_in_chunks():
+    z, codebook = randn(4096, 64, seed=3), randn(65536, 64, seed=4)
+    got = nearest_codes(z, codebook, chunk_size=1024)
+    assert got.shape == (4096,) and got.dtype == torch.int64
+    rows = slice(0, 64)
+    brute = torch.cdist(z[rows].double(), codebook.double())
+    # float32 rounding may flip near-ties: compare the distances reached, not the indices
+    reached = brute.gather(1, got[rows, None]).squeeze(1)
+    torch.testing.assert_close(reached, brute.min(dim=1).values, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("shape, index_shape", [((2, 4, 3, 5), (2, 3, 5)), ((10, 4), (10,))])
+def test_forward_shapes(shape, index_shape):
+    vq = VectorQuantizer(16, 4)
+    z = randn(*shape)
+    quantized, indices, losses = vq(z)
+    assert quantized.shape == z.shape and indices.shape == index_shape and indices.dtype == torch.int64
+    assert set(losses) == {"codebook", "commitment"} and all(v.ndim == 0 for v in losses.values())
+    flat = z if z.ndim == 2 else z.permute(0, 2, 3, 1).reshape(-1, 4)
+    flat_q = quantized if z.ndim == 2 else quantized.permute(0, 2, 3, 1).reshape(-1, 4)
+    torch.testing.assert_close(flat_q, vq.codebook[indices.flatten()].detach())
+    assert torch.equal(indices.flatten(), nearest_codes(flat, vq.codebook.detach()))
+
+
+def test_straight_through_gradient():
+    vq = VectorQuantizer(8, 3)
+    z = randn(2, 3, 4, 4).requires_grad_()
+    quantized, _, _ = vq(z)
+    quantized.retain_grad()
+    weights = randn(*z.shape, seed=5)
+    (quantized * weights).sum().backward()  # linear loss: dL/dq = weights
+    torch.testing.assert_close(z.grad, quantized.grad)
+    torch.testing.assert_close(z.grad, weights)
+    assert vq.codebook.grad is None  # the reconstruction path does not reach the codebook
+
+
+def test_codebook_gradient_only_from_codebook_loss():
+    vq = VectorQuantizer(8, 3, commitment_weight=0.7)
+    z = randn(20, 3).requires_grad_()
+    quantized, indices, losses = vq(z)
+    (quantized.sum() + losses["commitment"]).backward()
+    assert vq.codebook.grad is None
+    losses["codebook"].backward()
+    assert vq.codebook.grad is not None and vq.codebook.grad[indices].abs().sum() > 0
+    unused = torch.ones(8, dtype=torch.bool)
+    unused[indices] = False
+    assert torch.all(vq.codebook.grad[unused] == 0)
+
+
+def test_loss_values():
+    vq = VectorQuantizer(8, 3, commitment_weight=0.7)
+    z = randn(2, 3, 4, 4)
+    quantized, _, losses = vq(z)
+    q = quantized.detach()
+    torch.testing.assert_close(losses["commitment"], 0.7 * F.mse_loss(z, q))
+    torch.testing.assert_close(losses["codebook"], F.mse_loss(z, q))
+
+
+# ---------------------------------------------------------------- EMA
+
+
+def clustered(centres, n_per=50, noise=0.01, seed=0):
+    points = centres.repeat_interleave(n_per, dim=0)
+    return points + noise * randn(*points.shape, seed=seed)
+
+
+def test_ema_moves_used_codes_towards_data():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 2, ema=True, decay=0.5)
+    assert "embed" in dict(vq.named_buffers()) and not list(vq.parameters())
+    centres = torch.tensor([[3.0, 3.0], [-3.0, 2.0], [1.0, -4.0]])
+    z = clustered(centres)
+    before = vq.codebook.clone()
+    _, indices, losses = vq(z)
+    assert "codebook" not in losses and not vq.codebook.requires_grad
+    for i in range(3):
+        codes = indices[i * 50 : (i + 1) * 50].unique()
+        dist_before = (before[codes] - centres[i]).norm(dim=1)
+        dist_after = (vq.codebook[codes] - centres[i]).norm(dim=1)
+        assert torch.all(dist_after < dist_before)
+    unused = torch.ones(16, dtype=torch.bool)
+    unused[indices] = False
+    # unused codes drift only by Laplace smoothing
+    torch.testing.assert_close(vq.codebook[unused], before[unused], rtol=0.05, atol=1e-3)
+
+
+def test_ema_converges_to_cluster_means():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(4, 2, ema=True, decay=0.8)
+    centres = torch.tensor([[3.0, 3.0], [-3.0, 2.0], [1.0, -4.0]])
+    z = clustered(centres)
+    for _ in range(60):
+        vq(z)
+    _, indices, _ = vq(z)
+    for i in range(3):
+        code = indices[i * 50]
+        torch.testing.assert_close(vq.codebook[code], z[i * 50 : (i + 1) * 50].mean(0), atol=2e-2, rtol=0)
+
+
+def test_eval_mode_leaves_codebook_unchanged():
+    for kwargs in ({"ema": True}, {"ema": True, "restart_after": 1}, {"restart_after": 1}):
+        vq = VectorQuantizer(16, 2, **kwargs).eval()
+        state = {k: v.clone() for k, v in vq.state_dict().items()}
+        vq(clustered(torch.tensor([[3.0, 3.0]])))
+        assert all(torch.equal(state[k], v) for k, v in vq.state_dict().items()), kwargs
+
+
+# ---------------------------------------------------------------- dead-code restart
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_restart_reseeds_unused_codes_from_batch(ema):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(8, 3, ema=ema, restart_after=1)
+    with torch.no_grad():
+        vq.codebook.fill_(100.0)
+        vq.codebook[0] = 0.0
+        if ema:
+            vq.embed_avg.copy_(vq.codebook)
+    z = randn(32, 3).requires_grad_()
+    quantized, indices, losses = vq(z)
+    assert torch.all(indices == 0)
+    dist_to_batch = torch.cdist(vq.codebook[1:].detach(), z.detach())
+    assert torch.all(dist_to_batch.min(dim=1).values == 0)  # each restarted code is a row of z
+    assert len({tuple(r) for r in vq.codebook[1:].tolist()}) == 7  # distinct rows: enough to draw from
+    assert torch.all(vq.steps_unused == 0)
+    if not ema:
+        torch.testing.assert_close(vq.codebook[0].detach(), torch.zeros(3))
+        (quantized.sum() + losses["codebook"] + losses["commitment"]).backward()  # still differentiable
+
+
+def test_restart_waits_restart_after_steps():
+    vq = VectorQuantizer(4, 2, restart_after=3)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]]))
+    z = randn(10, 2)
+    for _ in range(2):
+        vq(z)
+    assert torch.all(vq.codebook[1:] >= 50)
+    vq(z)
+    assert torch.all(vq.codebook[1:] < 50)
+
+
+# ---------------------------------------------------------------- usage and errors
+
+
+def test_codebook_usage_known_histogram():
+    usage = codebook_usage(torch.tensor([0, 2, 4, 6] * 5), 8)
+    assert usage["utilisation"] == 0.5 and usage["dead_codes"] == 4
+    assert math.isclose(usage["perplexity"], 4.0, rel_tol=1e-9)
+    single = codebook_usage(torch.zeros(2, 3, dtype=torch.long), 8)
+    assert single == {"utilisation": 0.125, "perplexity": 1.0, "dead_codes": 7}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"codebook_size": 0, "dim": 4}, "codebook_size"),
+    ({"codebook_size": 4, "dim": 0}, "dim"),
+    ({"codebook_size": 4, "dim": 4, "chunk_size": 0}, "chunk_size"),
+])
+def test_bad_constructor_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VectorQuantizer(**kwargs)
+
+
+def test_channel_mismatch_message():
+    vq = VectorQuantizer(16, 64)
+    with pytest.raises(ValueError, match="quantizer dim 64 does not match the encoder's 32 channels"):
+        vq(torch.zeros(2, 32, 4, 4))
+    with pytest.raises(ValueError, match=r"\(N, D\) or \(B, D, H, W\)"):
+        vq(torch.zeros(2, 64, 4))
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same initial codebook on every rank
+        vq = VectorQuantizer(32, 4, ema=True, decay=0.9, restart_after=1)
+        torch.manual_seed(100 + rank)  # different data and restart draws per rank
+        for _ in range(3):
+            vq(torch.randn(2, 4, 3, 3) + 5 * rank)
+        torch.save({"codebook": vq.codebook.clone(), "state": vq.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_distributed_ranks_keep_identical_codebooks(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["codebook"], r1["codebook"])
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    torch.manual_seed(0)
+    assert not torch.equal(r0["codebook"], VectorQuantizer(32, 4, ema=True).codebook)  # it did train
