@@ -151,8 +151,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "literal_error":
         return f"{key} must be {ctx.get('expected')}, got {value!r}"
     if kind == "value_error":
-        msg = str(ctx.get("error", err["msg"]))
-        return msg if not key else f"{key}: {msg}" if not msg.startswith(key) else msg
+        msg = str(ctx.get("error", err["msg"]))  # our validators already name their keys
+        return msg if not key or msg.startswith(key) else f"{key}: {msg}"
     msg = err["msg"][0].lower() + err["msg"][1:]
     return f"{key}: {msg}, got {value!r}"
 

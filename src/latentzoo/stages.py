@@ -84,7 +84,7 @@ def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_d
         mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.md")
         mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "metrics.json")
         if (Path(out_dir) / "images").exists():
-            mlflow_runs._client(uri).log_artifacts(run_id, str(Path(out_dir) / "images"), "images")
+            mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "images")
         mlflow_runs.end_run(uri, run_id)
     print(f"report: {report}")
     return report

@@ -108,7 +108,12 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
 
 
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    _client(uri).log_artifact(run_id, str(path), artifact_path)
+    """Log a file, or a folder's contents under `artifact_path` (default: the folder's name)."""
+    path = Path(path)
+    if path.is_dir():
+        _client(uri).log_artifacts(run_id, str(path), artifact_path or path.name)
+    else:
+        _client(uri).log_artifact(run_id, str(path), artifact_path)
 
 
 def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:

@@ -222,7 +222,7 @@ def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit
         (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         write_grids(model, val_urls, tmp, params.evaluate.grid_size, params.seed)  # previews for MLflow
-    final = {k: v for k, v in history[-1].items()}
+    final = dict(history[-1])
     final["fit_time_s"] = fit_seconds
     final["epochs"] = len(history)
     outputs.metrics_file.parent.mkdir(parents=True, exist_ok=True)
