@@ -22,8 +22,9 @@ def test_repo_params_load_with_defaults():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
     assert params.data.source == "digits"
-    assert params.models == ["vae"]
+    assert params.models == ["vae", "vqvae", "simvq"]
     assert params.model_config_for("vae").latent_dim >= 1
+    assert params.model_config_for("vqvae").codebook_size >= 1 and params.model_config_for("simvq").codebook_dim >= 1
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,11 @@ def test_repo_params_load_with_defaults():
         ("data", "val_fraction", 1.5, "data.val_fraction must be < 1, got 1.5"),
         ("vae", "beta", -0.5, "vae.beta must be >= 0, got -0.5"),
         ("vae", "likelihood", "poisson", "vae.likelihood"),
+        ("vqvae", "codebook_size", 0, "vqvae.codebook_size must be >= 1, got 0"),
+        ("vqvae", "decay", 1.0, "vqvae.decay must be < 1, got 1.0"),
+        ("vqvae", "restart_after", -5, "vqvae.restart_after must be >= 0, got -5"),
+        ("simvq", "codebook_dim", 0, "simvq.codebook_dim must be >= 1, got 0"),
+        ("simvq", "ema", True, "simvq.ema is not a known key"),  # SimVQ's codebook is C W^T, never EMA
         ("train", "lrr", 0.1, "train.lrr is not a known key"),
     ],
 )

@@ -35,6 +35,8 @@ def project(tmp_path: Path) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=2, batch_size=32)
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
+    for family in ("vqvae", "simvq"):
+        params[family].update(hidden_channels=8, codebook_dim=8, codebook_size=64)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
@@ -47,16 +49,24 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     first = run([DVC, "repro"], project, env)
-    for stage in ("prepare", "shard", "train@vae", "evaluate@vae", "report"):
+    families = ("vae", "vqvae", "simvq")
+    for stage in ("prepare", "shard", *(f"{s}@{m}" for s in ("train", "evaluate") for m in families), "report"):
         assert f"Running stage '{stage}'" in first.stdout
-    assert "[vae] epoch 2/2" in first.stdout + first.stderr  # one progress line per epoch
+    for family in families:
+        assert f"[{family}] epoch 2/2" in first.stdout + first.stderr  # one progress line per epoch
 
     test = json.loads((project / "metrics/evaluate/vae.json").read_text())
     assert test["test_neg_elbo"] > 0 and 0 < test["test_psnr"] < 60 and test["test_images"] == 359
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 1258
-    assert (project / "reports/report.md").read_text().count("| vae |") == 1
+    report = (project / "reports/report.md").read_text()
+    assert all(report.count(f"| {family} |") == 1 for family in families)
     assert (project / "plots/evaluate/vae/reconstructions.png").exists()
+    for family in ("vqvae", "simvq"):
+        test = json.loads((project / f"metrics/evaluate/{family}.json").read_text())
+        assert 0 < test["test_utilisation"] <= 1 and test["test_perplexity"] >= 1 and test["test_psnr"] > 5
+        assert (project / f"plots/evaluate/{family}/codebook_usage.png").exists()
+        assert f"images/{family}-codebook_usage.png" in report
 
     shown = run([DVC, "metrics", "show", "--json"], project, env).stdout
     assert "test_neg_elbo" in shown
@@ -71,4 +81,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     run_id = json.loads((project / "models/vae/mlflow_run.json").read_text())["run_id"]
     logged = client.get_run(run_id)
     assert "test_neg_elbo" in logged.data.metrics  # evaluate adds test metrics to the training run
+    vq_run = json.loads((project / "models/vqvae/mlflow_run.json").read_text())["run_id"]
+    assert "val_utilisation" in client.get_run(vq_run).data.metrics
+    assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(vq_run, "evaluation")}
     assert client.get_experiment_by_name("latentzoo-report") is not None

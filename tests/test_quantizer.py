@@ -1,5 +1,6 @@
-"""VQ-VAE quantiser (arXiv 1711.00937): chunked nearest codes, straight-through gradients, loss terms, EMA updates,
-dead-code restarts, usage statistics, and identical codebooks across ranks under torch.distributed (gloo)."""
+"""VQ-VAE quantiser (arXiv 1711.00937) and SimVQ (arXiv 2411.02038): chunked nearest codes, straight-through
+gradients, loss terms, EMA updates, dead-code restarts, k-means init, SimVQ's frozen C and trained W, usage
+statistics, and identical codebooks across ranks under torch.distributed (gloo)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from latentzoo.models.quantizer import VectorQuantizer, codebook_usage, nearest_codes
+from latentzoo.models.quantizer import CodeCounter, SimVQ, VectorQuantizer, codebook_usage, kmeans, nearest_codes
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -90,6 +91,19 @@ def test_loss_values():
     q = quantized.detach()
     torch.testing.assert_close(losses["commitment"], 0.7 * F.mse_loss(z, q))
     torch.testing.assert_close(losses["codebook"], F.mse_loss(z, q))
+
+
+def test_loss_values_by_hand():
+    vq = VectorQuantizer(2, 2, commitment_weight=0.25)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+    z = torch.tensor([[0.5, -0.5], [3.0, 2.0]])  # nearest: code 0 (d² 0.5), code 1 (d² 1.0)
+    quantized, indices, losses = vq(z)
+    assert indices.tolist() == [0, 1]
+    assert quantized.tolist() == [[0.0, 0.0], [2.0, 2.0]]
+    # mean over the 4 elements of (z - e)^2: (0.25 + 0.25 + 1 + 0) / 4 = 0.375
+    assert math.isclose(losses["codebook"].item(), 0.375, rel_tol=1e-6)
+    assert math.isclose(losses["commitment"].item(), 0.25 * 0.375, rel_tol=1e-6)
 
 
 # ---------------------------------------------------------------- EMA
@@ -177,7 +191,110 @@ def test_restart_waits_restart_after_steps():
     assert torch.all(vq.codebook[1:] < 50)
 
 
+# ---------------------------------------------------------------- k-means init
+
+
+def assert_lloyd_fixed_point(z, centroids, atol=1e-4):
+    """Every non-empty centroid is the mean of the points nearest to it."""
+    assign = nearest_codes(z, centroids)
+    for k in assign.unique():
+        torch.testing.assert_close(centroids[k], z[assign == k].mean(0), atol=atol, rtol=0)
+
+
+def within_cluster_error(z, centroids):
+    return torch.cdist(z, centroids).min(dim=1).values.pow(2).sum()
+
+
+def test_kmeans_converges_and_beats_its_random_start():
+    torch.manual_seed(0)
+    z = clustered(torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -6.0], [6.0, -6.0]]), n_per=40)
+    torch.manual_seed(1)
+    start = z[torch.randperm(len(z))[:4]]
+    torch.manual_seed(1)
+    found, counts = kmeans(z, 4, iters=20)
+    assert counts.sum() == len(z) and found.shape == (4, 2)
+    assert_lloyd_fixed_point(z, found)
+    assert within_cluster_error(z, found) < within_cluster_error(z, start)
+
+
+def test_kmeans_with_fewer_points_than_clusters_keeps_every_centroid_finite():
+    found, counts = kmeans(randn(5, 3), 16, iters=3)
+    assert found.shape == (16, 3) and torch.isfinite(found).all() and counts.sum() == 5
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_kmeans_init_on_first_training_batch_only(ema):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(3, 2, ema=ema, kmeans_init=True)
+    assert not vq.initted
+    vq.eval()(randn(10, 2))
+    assert not vq.initted  # evaluation never initialises
+    z = clustered(torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -6.0]]), n_per=40)
+    vq.train()(z)
+    assert vq.initted
+    assert_lloyd_fixed_point(z, vq.codebook.detach(), atol=1e-3)  # the codebook is k-means of the batch
+    if ema:  # running statistics agree with the centroids: e = m / N
+        torch.testing.assert_close(vq.embed_avg / vq.cluster_size[:, None], vq.codebook, atol=1e-3, rtol=0)
+    after_first = vq.codebook.detach().clone()
+    vq(randn(30, 2) * 100)  # a second batch updates (EMA) or not (no EMA) but never re-runs k-means
+    if not ema:
+        assert torch.equal(vq.codebook.detach(), after_first)
+    restored = VectorQuantizer(3, 2, ema=ema, kmeans_init=True)
+    restored.load_state_dict(vq.state_dict())
+    assert restored.initted  # a checkpoint remembers it: a resumed run does not re-initialise
+
+
+# ---------------------------------------------------------------- SimVQ
+
+
+def test_simvq_codebook_is_frozen_c_times_learned_w():
+    torch.manual_seed(0)
+    vq = SimVQ(4096, 16)
+    c = vq.frozen_codebook
+    assert "frozen_codebook" in dict(vq.named_buffers()) and not c.requires_grad
+    assert [name for name, _ in vq.named_parameters()] == ["codebook_transform.weight"]
+    assert abs(c.std().item() - 16**-0.5) < 0.01 and abs(c.mean().item()) < 0.01  # C ~ N(0, 1/D)
+    torch.testing.assert_close(vq.codebook, c @ vq.codebook_transform.weight.t())
+    indices = torch.tensor([3, 0, 4095])
+    torch.testing.assert_close(vq.lookup(indices), vq.codebook[indices])
+
+
+def test_simvq_trains_w_and_moves_every_code():
+    torch.manual_seed(0)
+    vq = SimVQ(64, 4)
+    c_before, codebook_before = vq.frozen_codebook.clone(), vq.codebook.detach().clone()
+    optimizer = torch.optim.SGD(vq.parameters(), lr=0.5)
+    z = randn(8, 4) * 3
+    _, indices, losses = vq(z)
+    assert set(losses) == {"codebook", "commitment"}
+    (losses["codebook"] + losses["commitment"]).backward()
+    assert vq.codebook_transform.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert torch.equal(vq.frozen_codebook, c_before)  # C never changes
+    moved = (vq.codebook.detach() - codebook_before).norm(dim=1) > 1e-6
+    assert indices.unique().numel() < 64 and moved.all()  # codes no batch chose moved too
+
+
+def test_simvq_straight_through_and_state_round_trip():
+    vq = SimVQ(32, 4)
+    z = randn(2, 4, 3, 3).requires_grad_()
+    quantized, indices, _ = vq(z)
+    quantized.sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    other = SimVQ(32, 4)
+    other.load_state_dict(vq.state_dict())  # C is saved with the weights: the codes survive a reload
+    assert torch.equal(other(z.detach())[1], indices)
+
+
 # ---------------------------------------------------------------- usage and errors
+
+
+def test_code_counter_accumulates_batches():
+    counter = CodeCounter(8)
+    counter.add(torch.tensor([[0, 2], [4, 6]]))
+    counter.add(torch.tensor([0, 2, 4, 6] * 4))
+    assert counter.counts.tolist() == [5, 0, 5, 0, 5, 0, 5, 0]
+    assert counter.usage() == codebook_usage(torch.tensor([0, 2, 4, 6]), 8)
 
 
 def test_codebook_usage_known_histogram():
@@ -196,6 +313,8 @@ def test_codebook_usage_known_histogram():
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuantizer(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        SimVQ(**kwargs)
 
 
 def test_channel_mismatch_message():
@@ -220,8 +339,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)  # same initial codebook on every rank
-        vq = VectorQuantizer(32, 4, ema=True, decay=0.9, restart_after=1)
-        torch.manual_seed(100 + rank)  # different data and restart draws per rank
+        vq = VectorQuantizer(32, 4, ema=True, decay=0.9, restart_after=1, kmeans_init=True)
+        torch.manual_seed(100 + rank)  # different data, k-means and restart draws per rank
         for _ in range(3):
             vq(torch.randn(2, 4, 3, 3) + 5 * rank)
         torch.save({"codebook": vq.codebook.clone(), "state": vq.state_dict()}, os.path.join(out_dir, f"{rank}.pt"))

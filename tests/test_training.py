@@ -14,8 +14,13 @@ from latentzoo.training.trainer import TrainOutputs, run_name, train_model
 pytestmark = pytest.mark.ray
 
 
-def outputs(tmp_path) -> TrainOutputs:
-    return TrainOutputs(tmp_path / "models/vae", tmp_path / "metrics/train.json", tmp_path / "plots/train.csv")
+def outputs(tmp_path, model="vae") -> TrainOutputs:
+    return TrainOutputs(tmp_path / f"models/{model}", tmp_path / "metrics/train.json", tmp_path / "plots/train.csv")
+
+
+def read_csv(path) -> list[dict[str, float]]:
+    header, *rows = (line.split(",") for line in path.read_text().splitlines())
+    return [dict(zip(header, map(float, row))) for row in rows]
 
 
 def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
@@ -46,6 +51,26 @@ def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params,
     assert steps == [1, 2, 3]
     artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run_id)}
     assert {"images", "checkpoint", "config"} <= artifacts
+
+
+def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
+    """EMA statistics, k-means init and dead-code restarts are all-reduced or broadcast: after every epoch the
+    two ranks' weights and buffers hash the same, and the epoch's codebook usage is logged."""
+    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "vqvae.ema": True, "vqvae.restart_after": 2,
+                            "vqvae.kmeans_init": True, "ray.storage_path": str(tmp_path / "ray")})
+    out = outputs(tmp_path, "vqvae")
+    final = train_model(params, "vqvae", digits_shards, out, root=tmp_path)
+
+    rows = read_csv(out.plots_file)
+    assert [r["replicas_in_sync"] for r in rows] == [1.0, 1.0, 1.0]
+    assert rows[-1]["train_loss_recon"] < rows[0]["train_loss_recon"]
+    for row in rows:
+        assert 0 < row["val_utilisation"] <= 1 and 1 <= row["val_perplexity"] <= 64
+        assert row["train_dead_codes"] == 64 * (1 - row["train_utilisation"])
+    assert final["val_utilisation"] > 0.5  # restarts keep the small codebook in use
+    model, meta = load_model(out.model_dir / "model.pt")
+    assert meta["model_name"] == "vqvae" and bool(model.quantizer.initted)
+    assert model(torch.rand(2, 1, 8, 8)).codes.shape == (2, 2, 2)
 
 
 def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,

@@ -47,14 +47,15 @@ def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metri
 
 def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path) -> dict:
     model_dir, shard_dir = Path(model_dir), Path(shard_dir)
-    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir)
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
+    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=plots_dir)
     urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
     write_grids(model, urls, plots_dir, params.evaluate.grid_size, params.seed)
     write_metrics(Path(metrics_file), result)
     log_to_training_run(params, model_dir, result, plots_dir)
-    shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr")}
+    shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",
+                                                                         "test_utilisation", "test_perplexity")}
     print(f"evaluate: {model_dir.name}: {shown}")
     return result
 

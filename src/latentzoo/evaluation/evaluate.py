@@ -3,7 +3,9 @@
 Metrics, all means over the test split:
   neg_elbo (nats/image) = E[-log p(x|z)] + KL(q(z|x) || p(z))   where the family defines an ELBO,
   mse = mean (x - x̂)²,  psnr = 10·log10(1 / mse),  ssim (Wang et al. 2004),
-  active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519).
+  active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519),
+  and for families with a codebook: utilisation = #{codes used} / K over the whole split, perplexity = exp(H(p))
+  of the code histogram p, dead_codes = K - #{codes used}.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from latentzoo.atomic import atomic_write_text
 from latentzoo.data.loader import eval_batches
 from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
 from latentzoo.evaluation import metrics as M
+from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import save_grid
+from latentzoo.models.quantizer import CodeCounter
 from latentzoo.training.checkpoint import load_model
 
 
 @torch.no_grad()
-def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True) -> tuple[dict, torch.nn.Module]:
-    """Test-split metrics of the model in `model_path`; returns (metrics, model)."""
+def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True,
+                   figures_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
+    """Test-split metrics of the model in `model_path`; returns (metrics, model). With `figures_dir`, a family
+    with a codebook also gets its usage histogram there (codebook_usage.png)."""
     manifest = load_manifest(shard_dir)
     verify_shards(shard_dir, manifest, splits=("test",))
     urls = shard_urls(shard_dir, manifest, "test")
@@ -33,6 +39,7 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
     generator = torch.Generator().manual_seed(params.seed)  # the same binarisation / ε for every evaluation
     sums: dict[str, float] = defaultdict(float)
     means, count = [], 0
+    codes = CodeCounter(model.codebook_size) if getattr(model, "codebook_size", None) else None
     bar = tqdm(total=manifest["splits"]["test"]["count"], desc=f"evaluate {meta['model_name']}",
                unit="img", disable=not progress)
     for x, _ in eval_batches(urls, batch_size=params.evaluate.batch_size):
@@ -44,15 +51,21 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
         sums["mse"] += float(M.mse(out.recon, x).sum())
         sums["psnr"] += float(M.psnr(out.recon, x).sum())
         sums["ssim"] += float(M.ssim(out.recon, x).sum())
-        if hasattr(model, "encode"):
-            encoded = model.encode(x)
-            means.append(encoded[0] if isinstance(encoded, tuple) else encoded.flatten(1))
+        if codes:
+            codes.add(out.codes)
+        elif hasattr(model, "encode"):  # a continuous latent: (posterior mean, ...)
+            means.append(model.encode(x)[0])
         count += n
         bar.update(n)
     bar.close()
     result = {f"test_{k}": v / count for k, v in sorted(sums.items())}
     if means:
         result["test_active_units"] = M.active_units(torch.cat(means), params.evaluate.active_unit_threshold)
+    if codes:
+        result |= {f"test_{k}": v for k, v in codes.usage().items()}
+        if figures_dir is not None:
+            save_usage_histogram(codes.counts, Path(figures_dir) / "codebook_usage.png",
+                                 f"{meta['model_name']}, test split")
     result["test_images"] = count
     return result, model
 

@@ -16,6 +16,8 @@ COLUMNS = [
     ("test_psnr", "PSNR (dB)"),
     ("test_ssim", "SSIM"),
     ("test_active_units", "active units"),
+    ("test_utilisation", "codebook used"),
+    ("test_perplexity", "code perplexity"),
     ("fit_time_s", "train time (s)"),
     ("epochs", "epochs"),
 ]
@@ -65,7 +67,8 @@ def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: 
         images: dict[str, dict[str, str]] = {}
         for name in models:
             for title, file in (("test reconstructions (top: data, bottom: model)", "reconstructions.png"),
-                                ("samples from the prior", "samples.png")):
+                                ("samples from the prior", "samples.png"),
+                                ("codebook usage on the test split", "codebook_usage.png")):
                 src = Path(plots_dir) / name / file
                 if src.exists():
                     (tmp / "images").mkdir(exist_ok=True)

@@ -13,6 +13,7 @@ from torch import nn
 from latentzoo.errors import ConfigError
 from latentzoo.models.base import ModelOutput
 from latentzoo.models.vae import VAE, VAEConfig
+from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig
 from latentzoo.schema import Section
 
 
@@ -26,6 +27,8 @@ class ModelEntry:
 
 REGISTRY: dict[str, ModelEntry] = {
     "vae": ModelEntry(VAEConfig, VAE),
+    "vqvae": ModelEntry(VQVAEConfig, VQVAE),
+    "simvq": ModelEntry(SimVQConfig, VQVAE),
 }
 
 
@@ -39,4 +42,5 @@ def build_model(name: str, cfg: Section, image_shape: tuple[int, int, int]) -> n
     return entry.model_cls(cfg, tuple(image_shape))
 
 
-__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "VAE", "VAEConfig", "build_model"]
+__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "SimVQConfig", "VAE", "VAEConfig", "VQVAE", "VQVAEConfig",
+           "build_model"]

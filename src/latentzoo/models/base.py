@@ -15,11 +15,14 @@ class ModelOutput:
     recon:   reconstruction of x in image space, values in [0, 1], same shape as x (B, C, H, W).
     losses:  named, already weighted loss terms; the training objective is their sum (`total`).
     metrics: detached per-batch statistics for logging, e.g. ``neg_elbo`` in nats per image.
+    codes:   discrete latent indices (B, ...) of families with a codebook (their module has `codebook_size`);
+             the training loop and evaluation count them into codebook utilisation and perplexity.
     """
 
     recon: Tensor
     losses: dict[str, Tensor]
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    codes: Tensor | None = None
 
     @property
     def total(self) -> Tensor:

@@ -9,9 +9,15 @@ and the decoder's gradient is copied straight through to z_e (z_q = z_e + sg[e_k
     L = ||sg[z_e] - e||^2  (codebook)  +  beta ||z_e - sg[e]||^2  (commitment),
 
 or, with `ema=True`, drops the codebook term and moves each e_k to the running mean of the z_e assigned to it
-(arXiv 1711.00937, App. A.1). Codes unused for `restart_after` steps are re-seeded from the batch's z_e.
-Under torch.distributed the code statistics are summed over ranks and the re-seeded vectors are broadcast
-from rank 0, so every rank keeps the same codebook.
+(arXiv 1711.00937, App. A.1). Codes unused for `restart_after` steps are re-seeded from the batch's z_e, and
+`kmeans_init` places the codebook on k-means centroids of the first training batch.
+
+SimVQ (Zhu et al., "Addressing Representation Collapse in Vector Quantized Models with One Linear Layer",
+arXiv 2411.02038) keeps the same losses but reparameterises the codebook as e = C W^T: C (K, D) is a frozen random
+matrix, W (D, D) the one learnable linear layer, so every gradient step on W moves every code at once.
+
+Under torch.distributed the code statistics are summed over ranks and re-seeded vectors and k-means centroids
+are computed on rank 0 and broadcast, so every rank keeps the same codebook.
 """
 
 from __future__ import annotations
@@ -50,17 +56,37 @@ def nearest_codes(z: Tensor, codebook: Tensor, chunk_size: int = 1024) -> Tensor
 
 
 def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
-    """Usage of a codebook by `indices` (any shape): fraction of codes used, perplexity exp(H(p)) of the code
-    histogram p (K means uniform over all codes), and the number of unused ("dead") codes."""
-    counts = torch.bincount(indices.flatten().long(), minlength=codebook_size).double()
+    """Usage of a codebook by `indices` (any shape); see `usage_from_counts`."""
+    return usage_from_counts(torch.bincount(indices.flatten().long(), minlength=codebook_size))
+
+
+def usage_from_counts(counts: Tensor) -> dict[str, float]:
+    """From a code histogram (K,): fraction of codes used, perplexity exp(H(p)) of p = counts / sum (K means
+    uniform over all codes, 1 a single code), and the number of unused ("dead") codes."""
+    counts = counts.double()
     p = counts / counts.sum().clamp(min=1)
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     used = int((counts > 0).sum())
     return {
-        "utilisation": used / codebook_size,
+        "utilisation": used / counts.numel(),
         "perplexity": float(entropy.exp()),
-        "dead_codes": float(codebook_size - used),
+        "dead_codes": float(counts.numel() - used),
     }
+
+
+class CodeCounter:
+    """A histogram of code indices over many batches (an epoch, a test split), summed over ranks on demand."""
+
+    def __init__(self, codebook_size: int, device: torch.device | str = "cpu"):
+        self.counts = torch.zeros(codebook_size, dtype=torch.int64, device=device)
+
+    def add(self, indices: Tensor) -> None:
+        self.counts += torch.bincount(indices.flatten(), minlength=self.counts.numel()).to(self.counts.device)
+
+    def usage(self, all_ranks: bool = False) -> dict[str, float]:
+        """`usage_from_counts` of this rank's histogram, or of the sum over ranks (a collective: every rank calls)."""
+        counts = all_reduce_sum(self.counts.clone()) if all_ranks else self.counts
+        return usage_from_counts(counts.cpu())
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -99,74 +125,87 @@ def code_stats(z: Tensor, indices: Tensor, codebook_size: int) -> tuple[Tensor, 
     return stats[:, 0], stats[:, 1:]
 
 
+def _pick_rows(z: Tensor, n: int) -> Tensor:
+    if n <= z.shape[0]:
+        return z[torch.randperm(z.shape[0], device=z.device)[:n]]
+    return z[torch.randint(z.shape[0], (n,), device=z.device)]  # fewer rows than wanted: with replacement
+
+
 def sample_rows(z: Tensor, n: int) -> Tensor:
     """n rows of z (n, D), chosen at random on rank 0 and broadcast, identical on every rank."""
     out = torch.empty(n, z.shape[1], device=z.device, dtype=z.dtype)
     if _is_rank0():
-        if n <= z.shape[0]:
-            pick = torch.randperm(z.shape[0], device=z.device)[:n]
-        else:  # fewer rows than dead codes: draw with replacement
-            pick = torch.randint(z.shape[0], (n,), device=z.device)
-        out.copy_(z[pick])
+        out.copy_(_pick_rows(z, n))
     return broadcast_from_rank0(out)
 
 
-# ---------------------------------------------------------------- module
+@torch.no_grad()
+def kmeans(z: Tensor, k: int, iters: int = 10, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """Lloyd's k-means on rows of z (N, D): (centroids (k, D), cluster sizes (k,)).
+
+    Centroids start at k random rows (with replacement when N < k); each iteration assigns every row to its
+    nearest centroid and moves each centroid to the mean of its rows; an empty cluster keeps its centroid.
+    """
+    centroids = _pick_rows(z, k).clone()
+    counts = torch.zeros(k, device=z.device, dtype=z.dtype)
+    for _ in range(iters):
+        assign = nearest_codes(z, centroids, chunk_size)
+        counts = torch.zeros(k, device=z.device, dtype=z.dtype).index_add_(0, assign, torch.ones_like(z[:, 0]))
+        sums = torch.zeros_like(centroids).index_add_(0, assign, z)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids, counts
 
 
-class VectorQuantizer(nn.Module):
-    """z (B, D, H, W) or (N, D) → (z_q straight-through, indices (B, H, W) or (N,), losses).
+# ---------------------------------------------------------------- modules
+
+
+class Quantizer(nn.Module):
+    """What VectorQuantizer and SimVQ share: z (B, D, H, W) or (N, D) → (z_q straight-through,
+    indices (B, H, W) or (N,), losses).
 
     losses["commitment"] = commitment_weight * mean ||z - sg[e]||^2 always; losses["codebook"] =
-    mean ||sg[z] - e||^2 only when ema=False (with ema=True the codebook is a buffer updated in training mode).
+    mean ||sg[z] - e||^2 unless the codebook is updated by EMA instead of by gradients.
+    Subclasses define `codebook` (K, D) and `lookup(indices)`; `prepare` and `update` hook training-time changes.
     """
 
-    def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        commitment_weight: float = 0.25,
-        ema: bool = False,
-        decay: float = 0.99,
-        eps: float = 1e-5,
-        restart_after: int = 0,
-        chunk_size: int = 1024,
-    ):
+    ema = False
+
+    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, chunk_size: int):
         super().__init__()
-        if codebook_size < 1:
-            raise ValueError(f"codebook_size must be >= 1, got {codebook_size}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        for name, value in (("codebook_size", codebook_size), ("dim", dim), ("chunk_size", chunk_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.codebook_size, self.dim = codebook_size, dim
-        self.commitment_weight, self.ema, self.decay, self.eps = commitment_weight, ema, decay, eps
-        self.restart_after, self.chunk_size = restart_after, chunk_size
-        init = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
-        if ema:
-            self.register_buffer("embed", init)
-            # N_k = 1 and m_k = e_k: e_k = m_k / N_k starts at the initial codebook (App. A.1 leaves it open)
-            self.register_buffer("cluster_size", torch.ones(codebook_size))
-            self.register_buffer("embed_avg", init.clone())
-        else:
-            self.embed = nn.Parameter(init)
-        if restart_after > 0:
-            self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
+        self.commitment_weight, self.chunk_size = commitment_weight, chunk_size
 
     @property
     def codebook(self) -> Tensor:
         """The codebook e (K, D)."""
-        return self.embed
+        raise NotImplementedError
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        """e_k for every index (N,) → (N, D), differentiable in the codebook's parameters."""
+        raise NotImplementedError
+
+    def prepare(self, z: Tensor) -> None:
+        """Called with the detached flat z (N, D) before the code search of every training step."""
+
+    def update(self, z: Tensor, indices: Tensor) -> None:
+        """Called with the detached flat z and its codes after the code search of every training step."""
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         flat = self._flatten(z)
-        indices = nearest_codes(flat.detach(), self.embed.detach(), self.chunk_size)
-        q = F.embedding(indices, self.embed)  # gradient reaches a Parameter codebook only through this
+        if self.training:
+            self.prepare(flat.detach())
+        with torch.no_grad():
+            indices = nearest_codes(flat, self.codebook, self.chunk_size)
+        q = self.lookup(indices)  # gradient reaches the codebook's parameters only through q
         losses = {"commitment": self.commitment_weight * F.mse_loss(flat, q.detach())}
         if not self.ema:
             losses["codebook"] = F.mse_loss(flat.detach(), q)
-        if self.training and (self.ema or self.restart_after > 0):
-            self._update(flat.detach(), indices)
+        if self.training:
+            self.update(flat.detach(), indices)
         quantized = flat + (q - flat).detach()  # straight-through estimator (arXiv 1711.00937, Sec. 3.2)
         return self._unflatten(quantized, z), self._unflatten_indices(indices, z), losses
 
@@ -188,7 +227,72 @@ class VectorQuantizer(nn.Module):
     def _unflatten_indices(self, indices: Tensor, like: Tensor) -> Tensor:
         return indices if like.ndim == 2 else indices.reshape(like.shape[0], *like.shape[2:])
 
+
+class VectorQuantizer(Quantizer):
+    """The VQ-VAE codebook e (K, D): a parameter trained by the codebook loss, or with `ema=True` a buffer moved
+    to running means of its assigned z; optional dead-code restart and k-means initialisation."""
+
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        commitment_weight: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        restart_after: int = 0,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        chunk_size: int = 1024,
+    ):
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size)
+        self.ema, self.decay, self.eps = ema, decay, eps
+        self.restart_after, self.kmeans_init, self.kmeans_iters = restart_after, kmeans_init, kmeans_iters
+        init = torch.empty(codebook_size, dim).uniform_(-1 / codebook_size, 1 / codebook_size)
+        if ema:
+            self.register_buffer("embed", init)
+            # N_k = 1 and m_k = e_k: e_k = m_k / N_k starts at the initial codebook (App. A.1 leaves it open)
+            self.register_buffer("cluster_size", torch.ones(codebook_size))
+            self.register_buffer("embed_avg", init.clone())
+        else:
+            self.embed = nn.Parameter(init)
+        if restart_after > 0:
+            self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
+        # saved with the weights, so a resumed or loaded model is not initialised again
+        self.register_buffer("initted", torch.tensor(not kmeans_init))
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.embed
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        return F.embedding(indices, self.embed)
+
+    def prepare(self, z: Tensor) -> None:
+        if self.kmeans_init and not self.initted:
+            self._kmeans_init(z)
+
+    def update(self, z: Tensor, indices: Tensor) -> None:
+        if self.ema or self.restart_after > 0:
+            self._update(z, indices)
+
     # ------------------------------------------------------------ training-time codebook updates
+
+    @torch.no_grad()
+    def _kmeans_init(self, z: Tensor) -> None:
+        """Codebook ← k-means centroids of rank 0's first batch, broadcast to every rank."""
+        centroids = torch.empty_like(self.embed)
+        counts = torch.empty_like(self.embed[:, 0])
+        if _is_rank0():
+            found, found_counts = kmeans(z.to(self.embed.dtype), self.codebook_size, self.kmeans_iters,
+                                         self.chunk_size)
+            centroids.copy_(found)
+            counts.copy_(found_counts)
+        self.embed.copy_(broadcast_from_rank0(centroids))
+        if self.ema:  # the running statistics describe the centroids: m_k = N_k e_k
+            self.cluster_size.copy_(broadcast_from_rank0(counts).clamp(min=1))
+            self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
+        self.initted.fill_(True)
 
     @torch.no_grad()
     def _update(self, z: Tensor, indices: Tensor) -> None:
@@ -219,3 +323,23 @@ class VectorQuantizer(nn.Module):
         if self.ema:  # N_k = 1, m_k = e_k: the restarted code starts where it was put
             self.cluster_size.index_fill_(0, dead, 1.0)
             self.embed_avg.index_copy_(0, dead, fresh)
+
+
+class SimVQ(Quantizer):
+    """SimVQ (arXiv 2411.02038): codebook e = C W^T, C ~ N(0, 1/D) frozen (a buffer), W one learnable nn.Linear.
+
+    Nearest codes and losses are those of VectorQuantizer; the codebook loss ||sg[z] - C_k W^T||^2 trains W, and
+    because W is shared by every code, each step moves the whole code space, not only the codes a batch chose.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, commitment_weight: float = 0.25, chunk_size: int = 1024):
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size)
+        self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)  # C
+        self.codebook_transform = nn.Linear(dim, dim, bias=False)  # W
+
+    @property
+    def codebook(self) -> Tensor:
+        return self.codebook_transform(self.frozen_codebook)
+
+    def lookup(self, indices: Tensor) -> Tensor:
+        return self.codebook_transform(self.frozen_codebook[indices])  # C_k W^T without forming all of C W^T

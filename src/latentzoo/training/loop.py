@@ -7,6 +7,7 @@ and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from torch import nn
 
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.models import build_model
+from latentzoo.models.quantizer import CodeCounter
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state
 
@@ -94,9 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
         row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
+        row["replicas_in_sync"] = float(replicas_identical(model))
         history.append(row)
         if rank == 0:
             say(format_epoch(job.model_name, row, train.epochs))
+            if not row["replicas_in_sync"]:
+                say(f"[{job.model_name}] warning: the workers' weights differ after epoch {epoch + 1}")
             if job.mlflow_run_id:
                 log_epoch(job, row, epoch + 1)
         report(row, unwrap(model), optimizer, epoch, history, rank)
@@ -121,9 +126,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float]:
-    """One epoch of optimisation; returns global (all-rank) means of the loss terms and model metrics."""
+    """One epoch of optimisation; returns global (all-rank) means of the loss terms and model metrics, and the
+    codebook usage over the epoch for families with a codebook."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
+    codes = code_counter(model, device)
     count = steps = 0
     data_wait = 0.0  # seconds spent waiting for the next batch (reading and decoding shards)
     batches = iter(batches)
@@ -143,9 +150,11 @@ def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         accumulate(sums, "train", out, len(x))
+        if codes:
+            codes.add(out.codes)
         count += len(x)
         steps += 1
-    stats = global_means(sums, count, device)
+    stats = global_means(sums, count, device) | code_usage(codes, "train")
     stats["steps_min"], stats["steps_max"] = global_min_max(steps, device)
     stats["data_wait_s"] = data_wait  # rank 0's
     return stats
@@ -157,12 +166,42 @@ def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict
     model.eval()
     generator = torch.Generator(device=device).manual_seed(12345 + rank)
     sums: dict[str, float] = defaultdict(float)
+    codes = code_counter(model, device)
     count = 0
     for x, _ in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
         x = x.to(device)
-        accumulate(sums, "val", model(x, generator=generator), len(x))
+        out = model(x, generator=generator)
+        accumulate(sums, "val", out, len(x))
+        if codes:
+            codes.add(out.codes)
         count += len(x)
-    return global_means(sums, count, device)
+    return global_means(sums, count, device) | code_usage(codes, "val")
+
+
+def code_counter(model: nn.Module, device) -> CodeCounter | None:
+    """A histogram for the codes of a family with a codebook (decided by the model, so every rank agrees)."""
+    size = getattr(unwrap(model), "codebook_size", None)
+    return CodeCounter(size, device) if size else None
+
+
+def code_usage(codes: CodeCounter | None, prefix: str) -> dict[str, float]:
+    """`<prefix>_utilisation`, `_perplexity`, `_dead_codes` over all ranks (a collective), or nothing."""
+    return {f"{prefix}_{k}": v for k, v in codes.usage(all_ranks=True).items()} if codes else {}
+
+
+def replicas_identical(model: nn.Module) -> bool:
+    """True when every rank holds bit-identical weights and buffers: a sha256 of the state dict per rank,
+    all-gathered (one small collective). DDP keeps parameters equal; this also covers what DDP does not,
+    such as EMA codebooks and restarted codes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digests: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 def accumulate(sums: dict[str, float], prefix: str, out, n: int) -> None:
@@ -213,6 +252,7 @@ def report(row, model, optimizer, epoch, history, rank) -> None:
 
 
 def format_epoch(model_name: str, row: dict, epochs: int) -> str:
-    shown = {k: v for k, v in row.items() if k in ("train_loss", "val_loss", "val_neg_elbo")}
+    shown = {k: v for k, v in row.items() if k in ("train_loss", "val_loss", "val_neg_elbo", "val_mse",
+                                                      "val_utilisation", "val_perplexity")}
     parts = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
     return f"[{model_name}] epoch {row['epoch']}/{epochs}  {parts}  {row['epoch_time_s']:.1f}s"

@@ -1,0 +1,102 @@
+"""VQ-VAE (van den Oord et al., arXiv 1711.00937) and SimVQ (Zhu et al., arXiv 2411.02038) autoencoders.
+
+Both are the same conv autoencoder around a quantizer (see `latentzoo.models.quantizer`):
+
+    z_e = E(x) in R^{D x H/4 x W/4},   z_q = nearest code of each z_e vector,   x̂ = sigmoid(G(z_q)),
+
+trained on  L = ||x - x̂||^2 + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2  (the codebook term is dropped for an
+EMA codebook). They differ only in the codebook: a learned (or EMA) table for `vqvae`, e = C W^T with a frozen
+random C for `simvq`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from latentzoo.models.base import ModelOutput
+from latentzoo.models.layers import conv_down, conv_up, feature_shape
+from latentzoo.models.quantizer import Quantizer, SimVQ, VectorQuantizer
+from latentzoo.schema import Section
+
+
+class _VQSection(Section):
+    hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second
+    codebook_dim: int = Field(32, ge=1)  # D: channels of z_e and length of every code
+    codebook_size: int = Field(512, ge=1)  # K
+    commitment_weight: float = Field(0.25, ge=0)  # beta
+    chunk_size: int = Field(4096, ge=1)  # codes per block of the nearest-code search (memory vs speed)
+
+
+class VQVAEConfig(_VQSection):
+    """params.yaml section `vqvae`."""
+
+    ema: bool = False  # codebook as exponential moving averages of its assigned z_e (App. A.1)
+    decay: float = Field(0.99, gt=0, lt=1)  # EMA decay
+    restart_after: int = Field(0, ge=0)  # re-seed codes unused for this many steps from encoder outputs (0: off)
+    kmeans_init: bool = False  # codebook = k-means centroids of the first training batch
+    kmeans_iters: int = Field(10, ge=1)
+
+    def build_quantizer(self) -> Quantizer:
+        return VectorQuantizer(
+            self.codebook_size, self.codebook_dim, self.commitment_weight, ema=self.ema, decay=self.decay,
+            restart_after=self.restart_after, kmeans_init=self.kmeans_init, kmeans_iters=self.kmeans_iters,
+            chunk_size=self.chunk_size,
+        )
+
+
+class SimVQConfig(_VQSection):
+    """params.yaml section `simvq`."""
+
+    def build_quantizer(self) -> Quantizer:
+        return SimVQ(self.codebook_size, self.codebook_dim, self.commitment_weight, chunk_size=self.chunk_size)
+
+
+class VQVAE(nn.Module):
+    """Conv encoder → 1x1 conv to D channels → quantizer → 3x3 conv → conv decoder → sigmoid.
+
+    Takes (C, H, W) images with H and W divisible by 4: one code per 4x4 patch (7x7 codes for MNIST).
+    """
+
+    def __init__(self, cfg: VQVAEConfig | SimVQConfig, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(image_shape)
+        features = feature_shape(self.image_shape, cfg.hidden_channels, family=type(cfg).__name__)
+        self.encoder = nn.Sequential(
+            conv_down(self.image_shape[0], cfg.hidden_channels),
+            nn.Conv2d(features[0], cfg.codebook_dim, kernel_size=1),
+        )
+        self.quantizer = cfg.build_quantizer()
+        self.decoder = nn.Sequential(
+            nn.Conv2d(cfg.codebook_dim, features[0], kernel_size=3, padding=1),
+            nn.SiLU(),
+            conv_up(cfg.hidden_channels, self.image_shape[0]),
+        )
+
+    @property
+    def codebook_size(self) -> int:
+        return self.cfg.codebook_size
+
+    def encode(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) → code indices (B, H/4, W/4)."""
+        return self.quantizer(self.encoder(x))[1]
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Code indices (B, h, w) → images (B, C, H, W) in [0, 1]."""
+        z_q = self.quantizer.lookup(codes.flatten()).reshape(*codes.shape, -1).permute(0, 3, 1, 2)
+        return torch.sigmoid(self.decoder(z_q))
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
+        """Deterministic; `generator` is accepted for the common model interface and unused."""
+        z_q, codes, vq_losses = self.quantizer(self.encoder(x))
+        recon = torch.sigmoid(self.decoder(z_q))
+        mse = F.mse_loss(recon, x)
+        return ModelOutput(
+            recon=recon,
+            losses={"recon": mse, **vq_losses},
+            metrics={"mse": mse.detach()},
+            codes=codes,
+        )
