@@ -17,9 +17,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="model directory (model.pt, mlflow_run.json)")
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True)
+    ap.add_argument("--tuned", type=Path, default=None, help="the tune stage's best weights (tune/<model>/best.yaml)")
     args = ap.parse_args(argv)
     params = load_params(args.params)  # validated before Ray starts
-    train_stage(params, args.model, args.shards, args.out, args.metrics, args.plots)
+    train_stage(params, args.model, args.shards, args.out, args.metrics, args.plots, tuned=args.tuned)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,62 @@ def test_stage_script_exits_nonzero_with_one_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: train.lr must be > 0, got -1"
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- tune search space
+
+
+def with_space(space: dict) -> dict:
+    raw = raw_params()
+    raw["tune"]["space"] = space
+    return raw
+
+
+def test_search_space_parses_into_ray_domains():
+    from ray.tune.search.sample import Float
+
+    from latentzoo.tuning.search import search_space
+
+    params = validate_params(with_space({"vae": {"beta": {"low": 0.5, "high": 2.0, "log": True}},
+                                         "vqvae": {"commitment_weight": {"low": 0.1, "high": 1.0}}}))
+    vae, vq = search_space(params, "vae"), search_space(params, "vqvae")
+    assert isinstance(vae["beta"], Float) and (vae["beta"].lower, vae["beta"].upper) == (0.5, 2.0)
+    assert "LogUniform" in type(vae["beta"].sampler).__name__
+    assert "LogUniform" not in type(vq["commitment_weight"].sampler).__name__
+    assert search_space(params, "simvq") == {}  # no entry: nothing searched, training uses params.yaml
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"vae": {"betaa": {"low": 0.1, "high": 1.0}}}, "tune.space.vae.betaa is not a float field of vae"),
+        ({"vae": {"latent_dim": {"low": 2, "high": 8}}}, "tune.space.vae.latent_dim is not a float field"),
+        ({"vea": {"beta": {"low": 0.1, "high": 1.0}}}, "tune.space: unknown model 'vea'"),
+        ({"vae": {"beta": {"low": 2.0, "high": 1.0}}}, "high must be > low, got low 2.0 and high 1.0"),
+        ({"vae": {"beta": {"low": 0.0, "high": 1.0, "log": True}}}, "low must be > 0 for a log range, got 0.0"),
+        ({"vae": {"beta": {"low": -1.0, "high": 1.0}}}, "tune.space.vae.beta: -1.0 is not a valid vae.beta"),
+        ({"vqvae": {"decay": {"low": 0.9, "high": 1.5}}}, "tune.space.vqvae.decay: 1.5 is not a valid vqvae.decay"),
+        ({"vae": {"beta": {"low": 0.1}}}, "tune.space.vae.beta.high is required"),
+    ],
+)
+def test_bad_search_space_is_named(space, message):
+    with pytest.raises(ConfigError) as err:
+        validate_params(with_space(space))
+    assert message in str(err.value)
+
+
+def test_tuned_weights_reach_the_train_params(tmp_path):
+    from latentzoo.tuning.search import apply_tuned, trial_params
+
+    params = validate_params(raw_params())
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"model": "vae", "searched": True, "weights": {"beta": 0.37}}))
+    tuned = apply_tuned(params, "vae", best)
+    assert tuned.vae.beta == 0.37 and tuned.vae.latent_dim == params.vae.latent_dim
+    assert tuned.train == params.train  # the train stage keeps its own epochs and workers
+    trial = trial_params(params, "vae", {"beta": 2.0})
+    assert trial.vae.beta == 2.0 and trial.train.epochs == params.tune.epochs
+    assert trial.train.num_workers == 1 and trial.train.torch_threads == params.tune.cpus_per_trial
+    best.write_text(yaml.safe_dump({"model": "simvq", "weights": {}}))
+    with pytest.raises(Exception, match="holds weights for model 'simvq', not 'vae'"):
+        apply_tuned(params, "vae", best)

@@ -37,6 +37,7 @@ def project(tmp_path: Path) -> Path:
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
     for family in ("vqvae", "simvq"):
         params[family].update(hidden_channels=8, codebook_dim=8, codebook_size=64)
+    params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
@@ -50,8 +51,14 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     first = run([DVC, "repro"], project, env)
     families = ("vae", "vqvae", "simvq")
-    for stage in ("prepare", "shard", *(f"{s}@{m}" for s in ("train", "evaluate") for m in families), "report"):
+    stages = (f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in families)
+    for stage in ("prepare", "shard", *stages, "report"):
         assert f"Running stage '{stage}'" in first.stdout
+    tuned = yaml.safe_load((project / "tune/vae/best.yaml").read_text())
+    assert tuned["searched"] and tuned["trials"]["total"] == 2 and 0.5 <= tuned["weights"]["beta"] <= 2.0
+    resolved = yaml.safe_load((project / "models/vae/params.yaml").read_text())
+    assert resolved["vae"]["beta"] == tuned["weights"]["beta"]  # the best weight reached the train stage
+    assert not yaml.safe_load((project / "tune/simvq/best.yaml").read_text())["searched"]
     for family in families:
         assert f"[{family}] epoch 2/2" in first.stdout + first.stderr  # one progress line per epoch
 

@@ -92,6 +92,37 @@ class RayConfig(Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "ERROR"  # Ray's own logs from its worker processes
 
 
+class SearchRange(Section):
+    """One searched loss weight: uniform on [low, high], or log-uniform with `log: true`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchRange":
+        if self.high <= self.low:
+            raise ValueError(f"high must be > low, got low {self.low} and high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"low must be > 0 for a log range, got {self.low}")
+        return self
+
+
+class TuneConfig(Section):
+    """Ray Tune search of loss weights (tune stage): ASHA early stopping and a model-based searcher."""
+
+    enabled: bool = True  # false: no search, the train stage uses params.yaml's weights as they are
+    num_samples: int = Field(default=4, ge=1)  # trials per model
+    epochs: int = Field(default=3, ge=1)  # per trial: ASHA's max_t
+    grace_period: int = Field(default=1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = Field(default=2.0, gt=1)
+    searcher: Literal["optuna", "random"] = "optuna"  # optuna: TPE; random: Tune's random search
+    cpus_per_trial: int = Field(default=1, ge=1)  # each trial trains in one process with this many threads
+    max_concurrent_trials: int | None = Field(default=None, ge=1)  # None: cluster CPUs // cpus_per_trial
+    space: dict[str, dict[str, SearchRange]] = Field(default_factory=dict)  # {model: {loss weight: range}}
+    fail_trial: int | None = Field(default=None, ge=1)  # tests only: trial number N (1, 2, ...) raises
+
+
 class _ParamsBase(Section):
     seed: int = Field(default=0, ge=0)
     models: list[str] = Field(default_factory=lambda: ["vae"], min_length=1)
@@ -101,12 +132,34 @@ class _ParamsBase(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _known_models(self) -> "_ParamsBase":
         for name in self.models:
             if name not in REGISTRY:
                 raise ValueError(f"models: unknown model {name!r}, known: {', '.join(sorted(REGISTRY))}")
+        return self
+
+    @model_validator(mode="after")
+    def _searchable_space(self) -> "_ParamsBase":
+        """Every searched key is a float field of its model's section, and both ends of its range are valid."""
+        for model, ranges in self.tune.space.items():
+            if model not in REGISTRY:
+                raise ValueError(f"tune.space: unknown model {model!r}, known: {', '.join(sorted(REGISTRY))}")
+            section = self.model_config_for(model)
+            for key, bounds in ranges.items():
+                field = type(section).model_fields.get(key)
+                if field is None or field.annotation is not float:
+                    floats = sorted(k for k, f in type(section).model_fields.items() if f.annotation is float)
+                    raise ValueError(f"tune.space.{model}.{key} is not a float field of {model} "
+                                     f"(searchable: {', '.join(floats)})")
+                for end in (bounds.low, bounds.high):
+                    try:
+                        type(section).model_validate({**section.model_dump(), key: end})
+                    except ValidationError as err:
+                        raise ValueError(f"tune.space.{model}.{key}: {end} is not a valid {model}.{key} "
+                                         f"({err.errors()[0]['msg']})") from None
         return self
 
     def model_config_for(self, name: str) -> Section:

@@ -14,6 +14,7 @@ from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_met
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, train_model
+from latentzoo.tuning.search import apply_tuned, tune_model
 
 MLFLOW_UI = (
     "Browse the runs: `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
@@ -36,8 +37,23 @@ def shard_stage(params, prepared_dir: Path, out_dir: Path) -> dict:
     return manifest
 
 
+def tune_stage(params, model_name: str, shard_dir: Path, out_file: Path) -> dict:
+    best = tune_model(params, model_name, Path(shard_dir), Path(out_file))
+    if not best["searched"]:
+        print(f"tune: {model_name}: no search ({best['reason']}); training uses params.yaml's weights")
+    else:
+        weights = ", ".join(f"{k} {v:.4g}" for k, v in best["weights"].items())
+        trials = best["trials"]
+        print(f"tune: {model_name}: best {best['metric']} {best['best_value']:.4g} with {weights} "
+              f"({trials['total']} trials, {trials['stopped_early']} stopped early, {trials['errored']} errored) "
+              f"→ {out_file}")
+    return best
+
+
 def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metrics_file: Path,
-                plots_file: Path) -> dict:
+                plots_file: Path, tuned: Path | None = None) -> dict:
+    if tuned is not None:
+        params = apply_tuned(params, model_name, Path(tuned))
     outputs = TrainOutputs(Path(model_dir), Path(metrics_file), Path(plots_file))
     final = train_model(params, model_name, Path(shard_dir), outputs)
     print(f"train: {model_name} done in {final['fit_time_s']:.1f}s: val_loss {final['val_loss']:.4g}; "

@@ -11,7 +11,7 @@ with q(z|x) = N(mu(x), diag sigma^2(x)), prior p(z) = N(0, I) and a conv decoder
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,8 @@ from latentzoo.schema import Section
 
 class VAEConfig(Section):
     """params.yaml section `vae`."""
+
+    tune_metric: ClassVar[str] = "val_neg_elbo"  # the tune stage's objective (minimised): -ELBO, whatever beta
 
     latent_dim: int = Field(16, ge=1)
     hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second

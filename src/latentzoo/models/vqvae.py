@@ -11,6 +11,8 @@ random C for `simvq`.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -23,6 +25,7 @@ from latentzoo.schema import Section
 
 
 class _VQSection(Section):
+    tune_metric: ClassVar[str] = "val_mse"  # the tune stage's objective (minimised): reconstruction error
     hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second
     codebook_dim: int = Field(32, ge=1)  # D: channels of z_e and length of every code
     codebook_size: int = Field(512, ge=1)  # K

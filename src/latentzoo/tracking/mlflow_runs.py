@@ -128,3 +128,12 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def child_runs(uri: str, parent_run_id: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(run id, status, tags) of the runs nested under `parent_run_id` (tag mlflow.parentRunId)."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                              max_results=10000)
+    return [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]

@@ -15,6 +15,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import ray.train
 import ray.train.torch
@@ -51,23 +52,59 @@ class TrainJob:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Session:
+    """Where the loop runs: its rank among the workers, and how it reads and reports checkpoints.
+
+    The train stage runs it on Ray Train workers (`train_session`); a tune trial runs it in the trial's own
+    process (`tune_session`). The loop itself is the same code either way.
+    """
+
+    rank: int
+    world_size: int
+    local_world_size: int
+    get_checkpoint: Callable[[], Any]
+    report: Callable[..., None]  # report(metrics, checkpoint=Checkpoint | None)
+    checkpoint_cls: type  # ray.train.Checkpoint or ray.tune.Checkpoint
+    prepare_model: Callable[[nn.Module], nn.Module]
+    device: torch.device
+
+
+def train_session() -> Session:
+    ctx = ray.train.get_context()
+    return Session(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(), ray.train.get_checkpoint,
+                   ray.train.report, ray.train.Checkpoint, ray.train.torch.prepare_model,
+                   ray.train.torch.get_device())
+
+
+def tune_session(use_gpu: bool = False) -> Session:
+    import ray.tune
+
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    return Session(0, 1, 1, ray.tune.get_checkpoint, ray.tune.report, ray.tune.Checkpoint,
+                   lambda model: model.to(device), device)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (takes only `config`, as Ray's examples do)."""
+    run_loop(TrainJob(**config), train_session())
+
+
+def run_loop(job: TrainJob, session: Session) -> None:
+    """Train `job` for train.epochs epochs from the session's last checkpoint, reporting one row per epoch."""
     from latentzoo.config import Params
 
-    job = TrainJob(**config)
     params = Params.model_validate(job.params)
     train = params.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = session.rank, session.world_size
     # Ray does not set OMP_NUM_THREADS per worker as torchrun does: share the cores out ourselves.
-    torch.set_num_threads(train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())))
+    torch.set_num_threads(train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, session.local_world_size)))
 
     torch.manual_seed(params.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = build_model(job.model_name, params.model_config_for(job.model_name), job.image_shape)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_state(Path(d) / CHECKPOINT_FILE)
@@ -76,8 +113,8 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             say(f"[{job.model_name}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
+    model = session.prepare_model(model)
+    device = session.device
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
     if rank == 0:
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
@@ -104,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                 say(f"[{job.model_name}] warning: the workers' weights differ after epoch {epoch + 1}")
             if job.mlflow_run_id:
                 log_epoch(job, row, epoch + 1)
-        report(row, unwrap(model), optimizer, epoch, history, rank)
+        report(session, row, unwrap(model), optimizer, epoch, history)
 
 
 def log_epoch(job: TrainJob, row: dict, step: int) -> None:
@@ -239,16 +276,16 @@ def global_min_max(value: int, device) -> tuple[int, int]:
     return int(t[0]), int(-t[1])
 
 
-def report(row, model, optimizer, epoch, history, rank) -> None:
+def report(session: Session, row, model, optimizer, epoch, history) -> None:
     """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
-        if rank == 0:
+        if session.rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "history": history}
             save_state(Path(d) / CHECKPOINT_FILE, state)
-            checkpoint = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(row, checkpoint=checkpoint)
+            checkpoint = session.checkpoint_cls.from_directory(d)
+        session.report(row, checkpoint=checkpoint)
 
 
 def format_epoch(model_name: str, row: dict, epochs: int) -> str:

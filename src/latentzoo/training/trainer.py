@@ -34,6 +34,8 @@ from latentzoo.training.loop import TrainJob, train_loop_per_worker
 WEIGHTS_FILE = "model.pt"
 RUN_FILE = "mlflow_run.json"
 DONE_MARKER = "latentzoo_complete"
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_START_TIMEOUT_S = 600
 
 
 @dataclass
@@ -57,11 +59,16 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
 
     if ray.is_initialized():
         return
-    quiet = log_level in ("WARNING", "ERROR")
+    # A busy laptop can take over Ray Train's default 60 s to start worker processes (each imports torch);
+    # waiting longer beats failing the run. Tune trials read it from the job's runtime env.
+    os.environ.setdefault(START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))
+    env_vars = {START_TIMEOUT_ENV: os.environ[START_TIMEOUT_ENV]}
+    if log_level in ("WARNING", "ERROR"):
+        env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
     options = {
         "logging_level": "WARNING",
         "logging_config": ray.LoggingConfig(log_level=log_level),
-        "runtime_env": {"env_vars": {"RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0"}} if quiet else None,
+        "runtime_env": {"env_vars": env_vars},
     }
     address = os.environ.get("RAY_ADDRESS")
     if address:
@@ -102,12 +109,25 @@ def check_resources(params) -> None:
         )
 
 
-def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None) -> dict:
-    """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+@dataclass(frozen=True)
+class TrainingData:
+    """The checked train and val shards of one dataset, as the workers need them."""
 
-    root = Path(root or Path.cwd()).resolve()
+    train_urls: list[str]
+    val_urls: list[str]
+    num_train: int
+    image_shape: tuple[int, int, int]
+    manifest_sha: str
+    cached: bool
+
+    def job(self, params, model_name: str, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> TrainJob:
+        return TrainJob(model_name=model_name, params=params.model_dump(), train_urls=self.train_urls,
+                        val_urls=self.val_urls, num_train=self.num_train, image_shape=self.image_shape,
+                        cached=self.cached, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id)
+
+
+def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
+    """Verify the shards (sha256) and that the workers and the model fit them, before Ray starts."""
     shard_dir = Path(shard_dir).resolve()
     manifest = load_manifest(shard_dir)
     verify_shards(shard_dir, manifest, splits=("train", "val"))  # before any worker starts
@@ -119,42 +139,28 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         )
     image_shape = tuple(manifest["image_shape"])
     build_model(model_name, params.model_config_for(model_name), image_shape)  # config errors before Ray starts
+    return TrainingData(train_urls, val_urls, manifest["splits"]["train"]["count"], image_shape,
+                        sha256_file(shard_dir / "manifest.json"), fits_in_cache(manifest, params.train.cache_mb))
 
-    manifest_sha = sha256_file(shard_dir / "manifest.json")
-    name = run_name(model_name, params, manifest_sha)
+
+def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None) -> dict:
+    """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics."""
+    from ray.train import TrainingFailedError
+
+    root = Path(root or Path.cwd()).resolve()
+    data = training_data(params, model_name, shard_dir)
+    name = run_name(model_name, params, data.manifest_sha)
     storage = Path(params.ray.storage_path or root / ".ray_results").resolve()
     run_dir = storage / name
     if (run_dir / DONE_MARKER).exists():  # a finished run with identical inputs: train again from scratch
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    uri, run_id = open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root)
-    job = TrainJob(
-        model_name=model_name,
-        params=params.model_dump(),
-        train_urls=train_urls,
-        val_urls=val_urls,
-        num_train=manifest["splits"]["train"]["count"],
-        image_shape=image_shape,
-        cached=fits_in_cache(manifest, params.train.cache_mb),
-        mlflow_uri=uri,
-        mlflow_run_id=run_id,
-    )
+    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, run_dir, root)
+    job = data.job(params, model_name, uri, run_id)
     connect_ray(params.ray.num_cpus, params.ray.log_level)
     check_resources(params)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=job.to_config(),
-        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
-        torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=params.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
-            logging_config=LoggingConfig(log_level=params.ray.log_level),
-        ),
-    )
+    trainer = make_trainer(params, job, name, storage)
     started = time.perf_counter()
     try:
         result = trainer.fit()
@@ -171,12 +177,34 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / CHECKPOINT_FILE)
 
-    final = write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id)
+    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri,
+                          run_id)
     if run_id:
         log_run_artifacts(params, uri, run_id, outputs)
         mlflow_runs.end_run(uri, run_id)
     (run_dir / DONE_MARKER).write_text("done\n")
     return final
+
+
+def make_trainer(params, job: TrainJob, name: str, storage: Path, callbacks=()):
+    """The TorchTrainer of one training run (the train stage's, and every tune trial's)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.to_config(),
+        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
+        torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=params.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=params.train.checkpoints_to_keep),
+            logging_config=LoggingConfig(log_level=params.ray.log_level),
+            callbacks=list(callbacks),
+        ),
+    )
 
 
 def root_cause(err: Exception) -> str:

@@ -1,0 +1,207 @@
+"""Codebook utilisation of VQ-VAE variants and SimVQ on MNIST, ours beside vector_quantize_pytorch's.
+
+Every run trains the same conv autoencoder (latentzoo's VQVAE: 7x7 latents of dim 32) with the same optimiser,
+batches and budget; only the quantizer differs:
+
+    vq              ours, plain VQ-VAE: learned codebook, codebook + commitment loss (arXiv 1711.00937)
+    ema-restart     ours, EMA codebook (decay 0.99) + k-means init + dead-code restart
+    simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038)
+    vqtorch-vq      vector_quantize_pytorch VectorQuantize, learned codebook (no EMA)
+    vqtorch-ema-restart  VectorQuantize, EMA (decay 0.99) + kmeans_init + threshold_ema_dead_code
+    vqtorch-simvq   vector_quantize_pytorch SimVQ with its defaults (rotation trick on)
+
+On the test split (10,000 images, 490,000 latent vectors) it reports utilisation (fraction of codes used),
+perplexity exp(H(p)) of the code histogram and PSNR of the reconstructions.
+
+    .venv/bin/pip install vector-quantize-pytorch==1.32.0     # dev-only dependency
+    .venv/bin/python benchmarks/vq_mnist.py --sizes 512 8192 65536 --train-images 20000 --epochs 1
+
+Tensors stay in memory and the loop is plain PyTorch (no Ray): this measures the quantizers, not the pipeline.
+Add --device cuda on a GPU machine. Writes benchmarks/results/vq_mnist.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from latentzoo.data.sources import read_idx  # noqa: E402
+from latentzoo.evaluation.metrics import psnr  # noqa: E402
+from latentzoo.models.quantizer import CodeCounter, SimVQ, VectorQuantizer  # noqa: E402
+from latentzoo.models.vqvae import VQVAE, SimVQConfig  # noqa: E402
+
+OURS = ("vq", "ema-restart", "simvq")
+THEIRS = ("vqtorch-vq", "vqtorch-ema-restart", "vqtorch-simvq")
+
+
+def load_mnist(folder: Path, split: str, limit: int | None) -> Tensor:
+    stem = "train" if split == "train" else "t10k"
+    images = read_idx(folder / f"{stem}-images-idx3-ubyte.gz", 0x00000803)[:limit]
+    return torch.from_numpy(images.copy()).float().div(255).unsqueeze(1)
+
+
+class TheirQuantizer(nn.Module):
+    """vector_quantize_pytorch's layer behind our quantizer interface: z (B, D, H, W) → (z_q, codes, losses)."""
+
+    def __init__(self, layer: nn.Module, codebook_size: int):
+        super().__init__()
+        self.layer, self.codebook_size = layer, codebook_size
+
+    def forward(self, z: Tensor):
+        quantized, indices, loss = self.layer(z)
+        return quantized, indices, {"vq": loss.sum()}
+
+
+def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
+    if variant == "vq":
+        return VectorQuantizer(size, dim, chunk_size=args.chunk_size)
+    if variant == "ema-restart":
+        return VectorQuantizer(size, dim, ema=True, decay=0.99, kmeans_init=True, restart_after=args.restart_after,
+                               chunk_size=args.chunk_size)
+    if variant == "simvq":
+        return SimVQ(size, dim, chunk_size=args.chunk_size)
+    import vector_quantize_pytorch as vqp
+
+    if variant == "vqtorch-vq":
+        layer = vqp.VectorQuantize(dim, size, commitment_weight=0.25, learnable_codebook=True, ema_update=False,
+                                   accept_image_fmap=True)
+    elif variant == "vqtorch-ema-restart":
+        layer = vqp.VectorQuantize(dim, size, commitment_weight=0.25, decay=0.99, kmeans_init=True,
+                                   threshold_ema_dead_code=2, accept_image_fmap=True)
+    elif variant == "vqtorch-simvq":
+        layer = vqp.SimVQ(dim, size, channel_first=True)
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    return TheirQuantizer(layer, size)
+
+
+def build(variant: str, size: int, args) -> VQVAE:
+    """The same encoder/decoder (seeded identically) around the variant's quantizer."""
+    torch.manual_seed(args.seed)
+    model = VQVAE(SimVQConfig(hidden_channels=32, codebook_dim=args.dim, codebook_size=size), (1, 28, 28))
+    torch.manual_seed(args.seed + 1)
+    model.quantizer = quantizer(variant, size, args.dim, args)
+    return model.to(args.device)
+
+
+def train(model: VQVAE, images: Tensor, args) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(args.epochs):
+        for idx in torch.randperm(len(images), generator=generator).split(args.batch_size):
+            loss = model(images[idx].to(args.device)).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, images: Tensor, args) -> dict:
+    model.eval()
+    counter = CodeCounter(model.codebook_size, args.device)
+    total_psnr = 0.0
+    for x in images.split(1000):
+        x = x.to(args.device)
+        out = model(x)
+        counter.add(out.codes)
+        total_psnr += psnr(out.recon, x).sum().item()
+    return {**counter.usage(), "psnr": total_psnr / len(images)}
+
+
+def run(variant: str, size: int, train_images: Tensor, test_images: Tensor, args) -> dict:
+    model = build(variant, size, args)
+    seconds = train(model, train_images, args)
+    budget = {"train_images": len(train_images), "epochs": args.epochs, "batch_size": args.batch_size}
+    result = {"variant": variant, "codebook_size": size, **budget, "train_s": round(seconds, 1),
+              **evaluate(model, test_images, args)}
+    print(f"{variant:>20} K={size:>6}  used {result['utilisation']:7.2%}  perplexity {result['perplexity']:8.1f}  "
+          f"PSNR {result['psnr']:5.2f} dB  ({seconds:.0f}s)", flush=True)
+    return result
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, as PASS/FAIL lines."""
+    get = {(r["variant"], r["codebook_size"]): r for r in rows}
+    lines = []
+
+    def check(name, ok):
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {name}")
+
+    if ("simvq", 512) in get:
+        check("simvq utilisation >= 90% at K=512", get["simvq", 512]["utilisation"] >= 0.9)
+    for size in (8192, 65536):
+        if ("simvq", size) in get and ("vq", size) in get:
+            s, v = get["simvq", size], get["vq", size]
+            check(f"simvq utilisation >= 10x plain vq's at K={size}", s["utilisation"] >= 10 * v["utilisation"])
+            check(f"simvq PSNR > plain vq's at K={size}", s["psnr"] > v["psnr"])
+    for ours, theirs in (("simvq", "vqtorch-simvq"), ("ema-restart", "vqtorch-ema-restart")):
+        for (variant, size), row in get.items():
+            if variant == ours and (theirs, size) in get:
+                check(f"{ours} utilisation >= {theirs}'s at K={size}",
+                      row["utilisation"] >= get[theirs, size]["utilisation"])
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 8192, 65536])
+    ap.add_argument("--variants", nargs="+", default=[*OURS, *THEIRS], choices=[*OURS, *THEIRS])
+    ap.add_argument("--train-images", type=int, default=20000)
+    ap.add_argument("--test-images", type=int, default=10000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dim", type=int, default=32)
+    ap.add_argument("--restart-after", type=int, default=20, help="ours: steps a code may go unused")
+    ap.add_argument("--chunk-size", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/vq_mnist.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rows already in --out (other sizes or budgets), replacing those rerun")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data = Path(args.data)
+    train_images, test_images = load_mnist(data, "train", args.train_images), load_mnist(data, "test",
+                                                                                           args.test_images)
+    out = Path(args.out)
+    rows = json.loads(out.read_text())["rows"] if args.append and out.exists() else []
+    for size in args.sizes:
+        for variant in args.variants:
+            row = run(variant, size, train_images, test_images, args)
+            rows = [r for r in rows if (r["variant"], r["codebook_size"]) != (variant, size)] + [row]
+            save(out, rows, args)  # after every run: a long benchmark interrupted keeps what it measured
+    print("\n".join(check_targets(rows)))
+    return 0
+
+
+def save(out: Path, rows: list[dict], args) -> None:
+    cpu = f"cpu, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "append", "sizes", "variants",
+                                                                 "train_images", "epochs")}
+    rows = sorted(rows, key=lambda r: (r["codebook_size"], [*OURS, *THEIRS].index(r["variant"])))
+    result = {"settings": settings, "device": device, "torch": torch.__version__, "rows": rows,
+              "targets": check_targets(rows)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray Tune search of loss weights (tune stage)."""
