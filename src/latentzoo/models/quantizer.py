@@ -32,27 +32,36 @@ from torch import Tensor, nn
 # ---------------------------------------------------------------- nearest code
 
 
+ROW_BLOCK = 512  # rows per block on CPU: a 512 x 1024 float32 score block (2 MiB) stays in a core's L2 cache
+
+
 @torch.no_grad()
 def nearest_codes(z: Tensor, codebook: Tensor, chunk_size: int = 1024) -> Tensor:
     """Indices (N,) int64 of argmin_j ||z_i - e_j||^2 for z (N, D) and codebook (K, D).
 
-    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2 is computed for `chunk_size` codes at a time, keeping a running
-    (best distance, best index) per row, so at most an N x chunk_size distance matrix exists at once.
-    Ties go to the lowest index, as in torch.argmin.
+    ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, and ||z||^2 is the same for every code, so the search ranks
+    ||e||^2 - 2 z.e = [z, 1] . [-2e, ||e||^2]: one matmul per block of `chunk_size` codes (and, on CPU, of
+    ROW_BLOCK rows, so the block stays in cache), keeping a running (best score, best index) per row. At most a
+    rows x chunk_size score matrix exists at once. Ties go to the lowest index, as in torch.argmin.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    z_sq = z.pow(2).sum(dim=1, keepdim=True)  # (N, 1)
-    best = torch.full((z.shape[0],), math.inf, device=z.device, dtype=z.dtype)
-    best_idx = torch.zeros(z.shape[0], device=z.device, dtype=torch.long)
-    for start in range(0, codebook.shape[0], chunk_size):
-        chunk = codebook[start : start + chunk_size]
-        dist_sq = torch.addmm(chunk.pow(2).sum(dim=1)[None], z, chunk.t(), alpha=-2).add_(z_sq)  # (N, chunk)
-        chunk_best, chunk_idx = dist_sq.min(dim=1)
-        better = chunk_best < best  # strict: an earlier chunk keeps ties
-        best = torch.where(better, chunk_best, best)
-        best_idx = torch.where(better, chunk_idx + start, best_idx)
-    return best_idx
+    n, k = z.shape[0], codebook.shape[0]
+    z1 = torch.cat([z, torch.ones_like(z[:, :1])], dim=1)  # (N, D + 1)
+    e1 = torch.cat([-2 * codebook, codebook.pow(2).sum(dim=1, keepdim=True)], dim=1)  # (K, D + 1)
+    rows = ROW_BLOCK if z.device.type == "cpu" and k > chunk_size else max(n, 1)
+    indices = torch.empty(n, device=z.device, dtype=torch.long)
+    for r in range(0, n, rows):
+        block = z1[r : r + rows]
+        best = torch.full((block.shape[0],), math.inf, device=z.device, dtype=z.dtype)
+        best_idx = torch.zeros(block.shape[0], device=z.device, dtype=torch.long)
+        for start in range(0, k, chunk_size):
+            chunk_best, chunk_idx = (block @ e1[start : start + chunk_size].t()).min(dim=1)
+            better = chunk_best < best  # strict: an earlier chunk keeps ties
+            best = torch.where(better, chunk_best, best)
+            best_idx = torch.where(better, chunk_idx + start, best_idx)
+        indices[r : r + rows] = best_idx
+    return indices
 
 
 def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:

@@ -30,7 +30,7 @@ class _VQSection(Section):
     codebook_dim: int = Field(32, ge=1)  # D: channels of z_e and length of every code
     codebook_size: int = Field(512, ge=1)  # K
     commitment_weight: float = Field(0.25, ge=0)  # beta
-    chunk_size: int = Field(4096, ge=1)  # codes per block of the nearest-code search (memory vs speed)
+    chunk_size: int = Field(1024, ge=1)  # codes per block of the nearest-code search (benchmarks/vq_speed.py)
 
 
 class VQVAEConfig(_VQSection):

@@ -8,6 +8,7 @@ group keeps writing to the same run and nothing depends on process-global "activ
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -137,3 +138,12 @@ def child_runs(uri: str, parent_run_id: str) -> list[tuple[str, str, dict[str, s
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                               max_results=10000)
     return [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
+
+
+def reopen_saved_run(uri: str, saved: Path) -> str | None:
+    """The run id recorded in `saved` (JSON with run_id), marked RUNNING again; None if none is recorded or the
+    run is gone (an interrupted stage resumes into the same run)."""
+    if not saved.exists():
+        return None
+    run_id = json.loads(saved.read_text())["run_id"]
+    return run_id if resume_run(uri, run_id) else None

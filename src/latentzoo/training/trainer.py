@@ -77,8 +77,11 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
 
 
-def run_name(model_name: str, params, manifest_sha: str) -> str:
-    """Deterministic Ray run name: same model, params and data → same name → resume; anything else → fresh."""
+def run_name(model_name: str, params, manifest_sha: str, prefix: str = "") -> str:
+    """Deterministic Ray run name: same model, params and data → same name → resume; anything else → fresh.
+
+    With a `prefix` (e.g. "tune-") the tune section takes part too: it names the search of that model.
+    """
     defining = {
         "model": model_name,
         "seed": params.seed,
@@ -86,8 +89,10 @@ def run_name(model_name: str, params, manifest_sha: str) -> str:
         "model_config": params.model_config_for(model_name).model_dump(),
         "data": manifest_sha,
     }
+    if prefix:
+        defining["tune"] = params.tune.model_dump(exclude={"fail_trial"})
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{model_name}-{digest}"
+    return f"{prefix}{model_name}-{digest}"
 
 
 def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
@@ -219,10 +224,9 @@ def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root) -> tu
         return None, None
     uri = mlflow_runs.tracking_uri(root)
     saved = run_dir / "latentzoo_mlflow.json"
-    if saved.exists():
-        run_id = json.loads(saved.read_text())["run_id"]
-        if mlflow_runs.resume_run(uri, run_id):
-            return uri, run_id
+    run_id = mlflow_runs.reopen_saved_run(uri, saved)
+    if run_id:
+        return uri, run_id
     tags = {
         "latentzoo.stage": "train",
         "latentzoo.model": model_name,

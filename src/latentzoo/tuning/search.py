@@ -13,7 +13,6 @@ the search, so running the stage again finds it; an errored trial is recorded an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -27,7 +26,7 @@ from latentzoo.atomic import atomic_write_text
 from latentzoo.errors import TrainingError
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.loop import InjectedFailure, run_loop, tune_session
-from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, training_data
+from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
 
 MODE = "min"
 
@@ -72,16 +71,7 @@ def apply_tuned(params, model_name: str, tuned_file: Path):
 
 def search_name(params, model_name: str, manifest_sha: str) -> str:
     """Deterministic experiment name: same search → same name → `Tuner.restore`; any change → a fresh search."""
-    defining = {
-        "model": model_name,
-        "seed": params.seed,
-        "tune": params.tune.model_dump(exclude={"fail_trial"}),
-        "train": params.train.model_dump(exclude={"fail_at_epoch", "max_failures"}),
-        "model_config": params.model_config_for(model_name).model_dump(),
-        "data": manifest_sha,
-    }
-    digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
-    return f"tune-{model_name}-{digest}"
+    return run_name(model_name, params, manifest_sha, prefix="tune-")
 
 
 # ---------------------------------------------------------------- one trial
@@ -265,10 +255,9 @@ def open_search_run(params, model_name, name, path: Path, root: Path) -> tuple[s
         return None, None
     uri = mlflow_runs.tracking_uri(root)
     saved = path / "latentzoo_mlflow.json"
-    if saved.exists():
-        run_id = json.loads(saved.read_text())["run_id"]
-        if mlflow_runs.resume_run(uri, run_id):
-            return uri, run_id
+    run_id = mlflow_runs.reopen_saved_run(uri, saved)
+    if run_id:
+        return uri, run_id
     tags = {"latentzoo.stage": "tune", "latentzoo.model": model_name, "latentzoo.ray_run": name,
             "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
     run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{model_name}", f"tune-{model_name}",
