@@ -281,9 +281,17 @@ class VectorQuantizer(Quantizer):
         if self.kmeans_init and not self.initted:
             self._kmeans_init(z)
 
+    @torch.no_grad()
     def update(self, z: Tensor, indices: Tensor) -> None:
-        if self.ema or self.restart_after > 0:
-            self._update(z, indices)
+        """EMA step and dead-code restart from this step's code statistics (summed over ranks)."""
+        if not (self.ema or self.restart_after > 0):
+            return
+        z = z.to(self.embed.dtype)
+        counts, sums = code_stats(z, indices, self.codebook_size)
+        if self.ema:
+            self._ema_update(counts, sums)
+        if self.restart_after > 0:
+            self._restart_dead(z, counts)
 
     # ------------------------------------------------------------ training-time codebook updates
 
@@ -302,14 +310,6 @@ class VectorQuantizer(Quantizer):
             self.cluster_size.copy_(broadcast_from_rank0(counts).clamp(min=1))
             self.embed_avg.copy_(self.embed * self.cluster_size[:, None])
         self.initted.fill_(True)
-
-    @torch.no_grad()
-    def _update(self, z: Tensor, indices: Tensor) -> None:
-        counts, sums = code_stats(z.to(self.embed.dtype), indices, self.codebook_size)
-        if self.ema:
-            self._ema_update(counts, sums)
-        if self.restart_after > 0:
-            self._restart_dead(z.to(self.embed.dtype), counts)
 
     def _ema_update(self, counts: Tensor, sums: Tensor) -> None:
         """N_k <- d N_k + (1-d) n_k;  m_k <- d m_k + (1-d) sum_{z->k} z;  e_k = m_k / N_k' with Laplace-smoothed
