@@ -1,8 +1,9 @@
 """GPU smoke check: prepare → shard → train (Ray Train, use_gpu, NCCL) → evaluate on the bundled digits.
 
-    python benchmarks/gpu_check.py --workers 1 --epochs 3
+    python benchmarks/gpu_check.py --workers 1 --epochs 3 --models vae vqvae simvq
 
-Needs a CUDA machine; prints the device, the process-group backend and the figures. Tracking is off (no MLflow
+Needs a CUDA machine; prints the device, the process-group backend and each model's figures (the codebook
+families also exercise the quantizer's all-reduced EMA and k-means on CUDA). Tracking is off (no MLflow
 needed). Exits non-zero on errors only.
 """
 
@@ -25,6 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=["vae", "vqvae", "simvq"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
@@ -44,14 +46,18 @@ def main() -> int:
         params = validate_params(raw)
         prepare_stage(params, work / "prepared")
         shard_stage(params, work / "prepared", work / "shards")
-        out = TrainOutputs(work / "models/vae", work / "train.json", work / "train.csv")
-        start = time.perf_counter()
-        final = train_model(params, "vae", work / "shards", out, root=work)
-        wall = time.perf_counter() - start
-        test = evaluate_stage(params, out.model_dir, work / "shards", work / "test.json", work / "plots")
-    print(json.dumps({"train_wall_s": wall, "epochs": final["epochs"], "val_loss": final["val_loss"],
-                      "test_neg_elbo": test["test_neg_elbo"], "steps": [final["steps_min"], final["steps_max"]]},
-                     indent=2))
+        for model in args.models:
+            out = TrainOutputs(work / f"models/{model}", work / f"{model}.json", work / f"{model}.csv")
+            start = time.perf_counter()
+            final = train_model(params, model, work / "shards", out, root=work)
+            wall = time.perf_counter() - start
+            test = evaluate_stage(params, out.model_dir, work / "shards", work / f"{model}-test.json",
+                                  work / f"plots/{model}")
+            shown = {k: v for k, v in test.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",
+                                                           "test_utilisation", "test_perplexity")}
+            print(json.dumps({"model": model, "train_wall_s": wall, "epochs": final["epochs"],
+                              "val_loss": final["val_loss"], "replicas_in_sync": final["replicas_in_sync"],
+                              "steps": [final["steps_min"], final["steps_max"]], **shown}, indent=2))
     return 0
 
 

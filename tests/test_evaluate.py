@@ -44,6 +44,24 @@ def test_test_metrics_are_in_range(untrained_vae, digits_shards, tiny_params):
     assert again == result  # seeded: the same binarisation and eps every time
 
 
+def test_test_mse_is_the_mean_over_test_images(digits_shards, tiny_params, tmp_path):
+    """A family that reports its own batch "mse" metric must not have it counted twice."""
+    from latentzoo.data.loader import eval_batches
+    from latentzoo.data.shards import load_manifest, shard_urls
+
+    params = tiny_params()
+    torch.manual_seed(0)
+    model = build_model("vqvae", params.vqvae, (1, 8, 8)).eval()
+    path = tmp_path / "vq.pt"
+    save_state(path, weights_record(model, "vqvae", params.vqvae.model_dump(), (1, 8, 8), epoch=0))
+    result, _ = evaluate_model(params, path, digits_shards, progress=False)
+    urls = shard_urls(digits_shards, load_manifest(digits_shards), "test")
+    with torch.no_grad():
+        x = torch.cat([b for b, _ in eval_batches(urls, batch_size=512)])
+        expected = (model(x).recon - x).pow(2).mean().item()
+    assert result["test_mse"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_a_changed_test_shard_stops_evaluation(untrained_vae, digits_shards, tiny_params, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(digits_shards, shards)

@@ -45,12 +45,13 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
     for x, _ in eval_batches(urls, batch_size=params.evaluate.batch_size):
         out = model(x, generator=generator)
         n = len(x)
+        per_image = {"mse": M.mse(out.recon, x), "psnr": M.psnr(out.recon, x), "ssim": M.ssim(out.recon, x)}
         for name, value in out.metrics.items():
-            sums[name] += float(value) * n
+            if name not in per_image:  # a family's own batch-mean "mse" is the same figure: count it once
+                sums[name] += float(value) * n
+        for name, values in per_image.items():
+            sums[name] += float(values.sum())
         sums["loss"] += float(out.total) * n
-        sums["mse"] += float(M.mse(out.recon, x).sum())
-        sums["psnr"] += float(M.psnr(out.recon, x).sum())
-        sums["ssim"] += float(M.ssim(out.recon, x).sum())
         if codes:
             codes.add(out.codes)
         elif hasattr(model, "encode"):  # a continuous latent: (posterior mean, ...)
