@@ -86,3 +86,17 @@ def test_report_table_lists_every_model(tmp_path):
     assert "| vae | 25.5 | – |" in text and "| other | – |" in text
     assert (tmp_path / "reports/images/vae-samples.png").exists()
     assert "images/vae-samples.png" in text
+
+
+def test_report_shows_the_stacked_autoencoder_side_by_side(tmp_path):
+    stacked = {"finetune": {"test_accuracy": 0.981, "test_accuracy_random": 0.975, "test_accuracy_probe": 0.9,
+                            "label_fraction": 0.1, "labelled_images": 5400, "epochs": 20},
+               "pretrain": {"test_recon_mse_layer1": 0.01, "test_recon_mse_layer2": 0.2, "layers": [500, 500],
+                            "epochs_per_layer": 10}}
+    report = build_report([], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports",
+                          stacked=stacked)
+    text = report.read_text()
+    assert "| pretrained + fine-tuned | 0.981 |" in text and "| random init | 0.975 |" in text
+    assert "| linear probe (frozen pretrained features) | 0.9 |" in text and "(5400 images)" in text
+    assert "| 1 | 0.01 |" in text and "| 2 | 0.2 |" in text
+    assert json.loads((tmp_path / "reports/metrics.json").read_text())["stacked_ae"] == stacked

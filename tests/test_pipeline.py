@@ -38,6 +38,8 @@ def project(tmp_path: Path) -> Path:
     for family in ("vqvae", "simvq"):
         params[family].update(hidden_channels=8, codebook_dim=8, codebook_size=64)
     params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}})
+    params["stacked_ae"].update(layers=[32, 16], pretrain_epochs=1)
+    params["finetune"].update(epochs=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
@@ -52,7 +54,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     first = run([DVC, "repro"], project, env)
     families = ("vae", "vqvae", "simvq")
     stages = (f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in families)
-    for stage in ("prepare", "shard", *stages, "report"):
+    for stage in ("prepare", "shard", *stages, "pretrain", "finetune", "report"):
         assert f"Running stage '{stage}'" in first.stdout
     tuned = yaml.safe_load((project / "tune/vae/best.yaml").read_text())
     assert tuned["searched"] and tuned["trials"]["total"] == 2 and 0.5 <= tuned["weights"]["beta"] <= 2.0
@@ -75,8 +77,13 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
         assert (project / f"plots/evaluate/{family}/codebook_usage.png").exists()
         assert f"images/{family}-codebook_usage.png" in report
 
+    stacked = json.loads((project / "metrics/finetune/stacked_ae.json").read_text())
+    assert stacked["test_accuracy"] > 0.2 and {"test_accuracy_random", "test_accuracy_probe"} <= set(stacked)
+    assert "## stacked_ae: classification" in report and "| linear probe" in report
+    assert (project / "models/stacked_ae/pretrained/layer-2/model.pt").exists()
+
     shown = run([DVC, "metrics", "show", "--json"], project, env).stdout
-    assert "test_neg_elbo" in shown
+    assert "test_neg_elbo" in shown and "test_accuracy_probe" in shown
 
     second = run([DVC, "repro"], project, env)
     assert "Running stage" not in second.stdout
@@ -92,3 +99,11 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     assert "val_utilisation" in client.get_run(vq_run).data.metrics
     assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(vq_run, "evaluation")}
     assert client.get_experiment_by_name("latentzoo-report") is not None
+
+    # Fine-tuning params feed only the finetune stage: pretraining is not run again.
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["finetune"]["label_fraction"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run([DVC, "repro"], project, env)
+    assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
+    assert "Running stage 'pretrain'" not in third.stdout and "Running stage 'train@" not in third.stdout

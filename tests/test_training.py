@@ -120,3 +120,12 @@ def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
                    mlflow_uri=f"sqlite:///{tmp_path}/missing/dir/mlflow.db", mlflow_run_id="nope")
     log_epoch(job, {"train_loss": 1.0}, step=3)
     assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out
+
+
+def test_cosine_schedule_depends_on_the_epoch_alone():
+    from latentzoo.training.loop import lr_at
+
+    assert [lr_at(e, 4, 1.0, "constant") for e in range(4)] == [1.0] * 4
+    cosine = [lr_at(e, 4, 1.0, "cosine") for e in range(4)]
+    assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine == sorted(cosine, reverse=True)
+    assert cosine[-1] > 0  # the last epoch still learns

@@ -59,6 +59,7 @@ class TrainConfig(Section):
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)  # per worker
     lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr·(1 + cos(π·epoch/epochs))/2 per epoch
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)
     max_failures: int = Field(default=2, ge=0)
@@ -67,6 +68,19 @@ class TrainConfig(Section):
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     fail_at_epoch: int | None = Field(default=None, ge=1)  # tests only: raise once before epoch index N (0-based)
+
+
+class FinetuneConfig(Section):
+    """Supervised fine-tuning of the pretrained stack (finetune stage), beside its random-init baseline and a linear
+    probe of the frozen pretrained features; all three with the same epochs and labelled images."""
+
+    epochs: int = Field(default=20, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    dropout: float = Field(default=0.1, ge=0, lt=1)  # on every hidden layer's output h_1..h_L
+    label_fraction: float = Field(default=1.0, gt=0, le=1)  # of the training images whose labels are used
+    baseline: bool = True  # also fine-tune the same network from random initialisation
+    probe: bool = True  # also train a linear classifier on the frozen pretrained features
 
 
 class EvaluateConfig(Section):
@@ -129,6 +143,7 @@ class _ParamsBase(Section):
     data: DataConfig = DataConfig()
     shard: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -139,6 +154,9 @@ class _ParamsBase(Section):
         for name in self.models:
             if name not in REGISTRY:
                 raise ValueError(f"models: unknown model {name!r}, known: {', '.join(sorted(REGISTRY))}")
+            if getattr(REGISTRY[name].config_cls, "own_stages", False):
+                raise ValueError(f"models: {name!r} has its own stages (pretrain, finetune) in dvc.yaml; "
+                                 f"list only the families the train stage trains")
         return self
 
     @model_validator(mode="after")

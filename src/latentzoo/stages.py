@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from latentzoo.atomic import atomic_write_text
 from latentzoo.data.prepare import prepare
 from latentzoo.data.shards import load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, train_model
+from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack, write_json
+from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, history_csv, train_model
 from latentzoo.tuning.search import apply_tuned, tune_model
 
 MLFLOW_UI = (
@@ -61,6 +63,29 @@ def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metri
     return final
 
 
+def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path) -> dict:
+    done = pretrain_stack(params, Path(shard_dir), Path(out_dir))
+    write_json(Path(metrics_file), done["metrics"])
+    Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(plots_file), history_csv(done["rows"]))
+    errors = ", ".join(f"{v:.4g}" for k, v in sorted(done["metrics"].items()) if k.startswith("test_recon_mse"))
+    print(f"pretrain: stacked_ae {params.stacked_ae.layers}: test reconstruction error per layer {errors}; "
+          f"stack in {Path(out_dir) / WEIGHTS_FILE}")
+    return done["metrics"]
+
+
+def finetune_stage(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path,
+                   plots_file: Path) -> dict:
+    done = finetune_stack(params, Path(pretrained_dir), Path(shard_dir), Path(out_dir))
+    write_json(Path(metrics_file), done["metrics"])
+    Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(plots_file), curves_csv(done["curves"]))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in done["metrics"].items() if k.startswith("test_accuracy"))
+    print(f"finetune: stacked_ae with {params.finetune.label_fraction:.0%} of the labels "
+          f"({done['metrics']['labelled_images']} images): {shown}")
+    return done["metrics"]
+
+
 def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path) -> dict:
     model_dir, shard_dir = Path(model_dir), Path(shard_dir)
     plots_dir = Path(plots_dir)
@@ -74,6 +99,15 @@ def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path,
                                                                          "test_utilisation", "test_perplexity")}
     print(f"evaluate: {model_dir.name}: {shown}")
     return result
+
+
+def read_stacked(pretrain_metrics: Path | None, finetune_metrics: Path | None) -> dict:
+    """The stacked autoencoder's pretrain and finetune metrics, where those stages ran."""
+    found = {}
+    for key, path in (("pretrain", pretrain_metrics), ("finetune", finetune_metrics)):
+        if path is not None and Path(path).exists():
+            found[key] = json.loads(Path(path).read_text())
+    return found
 
 
 def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) -> None:
@@ -91,9 +125,10 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
     mlflow_runs.set_tags(uri, run["run_id"], {"latentzoo.evaluated": "true"})
 
 
-def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path) -> Path:
+def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
+                 pretrain_metrics: Path | None = None, finetune_metrics: Path | None = None) -> Path:
     report = build_report(list(params.models), Path(eval_dir), Path(train_dir), Path(plots_dir), Path(out_dir),
-                          mlflow_hint=MLFLOW_UI)
+                          mlflow_hint=MLFLOW_UI, stacked=read_stacked(pretrain_metrics, finetune_metrics))
     if params.tracking.enabled:
         uri = mlflow_runs.tracking_uri()
         tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}

@@ -9,12 +9,16 @@ and each rank streams its own shards — the shard list shuffled with the same s
 rank r takes shards r, r + W, r + 2W, ... (`wds.split_by_node`) — cycling over them until it has that many
 batches. Uneven shards only change how often a rank re-reads its own samples, never its step count.
 
+A label budget (fine-tuning with a fraction of the labels) keeps a fixed subset of the training samples, chosen by
+a hash of each sample's key (`labelled`), so every rank, epoch and restart agrees on it without any coordination.
+
 When the decoded splits fit in memory (`train.cache_mb`), each worker keeps the shards it has read decoded
 (`DecodedShards`) and shuffles them exactly; otherwise every epoch streams the tars again with a shuffle buffer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -50,6 +54,21 @@ def rank_shards(urls: list[str], rank: int, world_size: int, seed: int, epoch: i
     return list(islice(order, rank, None, world_size))
 
 
+def labelled(key: str, fraction: float, seed: int) -> bool:
+    """Is sample `key` in the label budget? u = sha256(seed, key) as a number in [0, 1); kept when u < fraction."""
+    if fraction >= 1:
+        return True
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def count_labelled(split: str, count: int, fraction: float, seed: int) -> int:
+    """How many of the `count` samples of `split` the label budget keeps (exactly, from their keys)."""
+    from latentzoo.data.shards import sample_key
+
+    return sum(labelled(sample_key(split, i), fraction, seed) for i in range(count))
+
+
 def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
     """One WebDataset sample (PNG bytes + class) → (uint8 array HxWxC, label)."""
     key = sample.get("__key__", "?")
@@ -61,15 +80,26 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
     return (image[..., None] if image.ndim == 2 else image), label
 
 
-def iter_samples(urls: list[str], shuffle_buffer: int = 0, seed: int = 0) -> Iterator[tuple[np.ndarray, int]]:
-    """One pass over `urls` in order (optionally shuffled within a buffer), decoded."""
+def iter_keyed(urls: list[str], shuffle_buffer: int = 0, seed: int = 0,
+               keep=None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """One pass over `urls` in order (optionally shuffled within a buffer): (key, image, label), decoded;
+    `keep(key)` selects samples before they are decoded."""
     if not urls:  # a rank with no shard of a small split (val/test) contributes nothing
         return
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
+    if keep is not None:
+        dataset = dataset.select(lambda sample: keep(sample["__key__"]))
     if shuffle_buffer > 1:
         dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
     for sample in dataset:
-        yield decode_sample(sample)
+        yield (sample["__key__"], *decode_sample(sample))
+
+
+def iter_samples(urls: list[str], shuffle_buffer: int = 0, seed: int = 0,
+                 keep=None) -> Iterator[tuple[np.ndarray, int]]:
+    """`iter_keyed` without the keys: (image, label)."""
+    for _, image, label in iter_keyed(urls, shuffle_buffer, seed, keep):
+        yield image, label
 
 
 def to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,20 +128,25 @@ class DecodedShards:
     """
 
     def __init__(self) -> None:
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
 
-    def get(self, url: str) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, url: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if url not in self._arrays:
-            samples = list(iter_samples([url]))
+            samples = list(iter_keyed([url]))
             if not samples:
                 raise ShardError(f"{url}: holds no samples")
-            images, labels = zip(*samples)
-            self._arrays[url] = np.stack(images), np.asarray(labels, dtype=np.int64)
+            keys, images, labels = zip(*samples)
+            self._arrays[url] = np.stack(images), np.asarray(labels, dtype=np.int64), list(keys)
         return self._arrays[url]
 
-    def concat(self, urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def concat(self, urls: list[str], keep=None) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded samples of `urls` in order; `keep(key)` filters."""
         parts = [self.get(u) for u in urls]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        if keep is None:
+            return images, labels
+        mask = np.array([keep(key) for p in parts for key in p[2]], dtype=bool)
+        return images[mask], labels[mask]
 
 
 CACHE = DecodedShards()  # one per process: each Ray Train worker fills its own
@@ -138,20 +173,22 @@ def train_batches(
     epoch: int,
     shuffle_buffer: int = 1000,
     cached: bool = False,
+    label_fraction: float = 1.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed.
 
     cached: shuffle the rank's decoded samples exactly (in memory); else stream the shards through WebDataset
-    with a shuffle buffer.
+    with a shuffle buffer. label_fraction < 1: only the samples in the label budget (`labelled`).
     """
     mine = rank_shards(urls, rank, world_size, seed, epoch)
+    keep = None if label_fraction >= 1 else (lambda key: labelled(key, label_fraction, seed))
     if cached:
-        return cached_batches(mine, steps, batch_size, np.random.default_rng((seed, epoch, rank)))
+        return cached_batches(mine, steps, batch_size, np.random.default_rng((seed, epoch, rank)), keep)
 
     def endless() -> Iterator[tuple[np.ndarray, int]]:
         for cycle in range(1_000_000):
             seen = 0
-            for sample in iter_samples(mine, shuffle_buffer, seed=hash((seed, epoch, rank, cycle))):
+            for sample in iter_samples(mine, shuffle_buffer, seed=hash((seed, epoch, rank, cycle)), keep=keep):
                 seen += 1
                 yield sample
             if seen == 0:
@@ -160,9 +197,11 @@ def train_batches(
     return islice(batched(endless(), batch_size, drop_last=True), steps)
 
 
-def cached_batches(urls: list[str], steps: int, batch_size: int, rng: np.random.Generator):
-    """`steps` batches from successive random permutations of the decoded samples of `urls`."""
-    images, labels = CACHE.concat(urls)
+def cached_batches(urls: list[str], steps: int, batch_size: int, rng: np.random.Generator, keep=None):
+    """`steps` batches from successive random permutations of the decoded samples of `urls` (`keep` filters)."""
+    images, labels = CACHE.concat(urls, keep)
+    if len(images) == 0:
+        raise ShardError(f"shards {urls} hold no samples in the label budget; raise finetune.label_fraction")
     passes = math.ceil(steps * batch_size / len(images))
     order = np.concatenate([rng.permutation(len(images)) for _ in range(passes)])
     for step in range(steps):

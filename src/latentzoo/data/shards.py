@@ -44,6 +44,11 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sample_key(split: str, index: int) -> str:
+    """The WebDataset key of sample `index` of `split`: 'train-0000042'."""
+    return f"{split}-{index:07d}"
+
+
 def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray, maxcount: int, bar: tqdm) -> dict:
     """Write one split as `<split>-000000.tar`, ... into `tmp`; its manifest entry {"count", "shards"}."""
     pattern = str(tmp).replace("%", "%%") + f"/{split}-%06d.tar"
@@ -52,7 +57,7 @@ def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray, 
                              mtime=0, user="latentzoo", group="latentzoo")
     try:
         for i, (image, label) in enumerate(zip(images, labels)):
-            writer.write({"__key__": f"{split}-{i:07d}", "png": encode_png(image), "cls": int(label)})
+            writer.write({"__key__": sample_key(split, i), "png": encode_png(image), "cls": int(label)})
             bar.update(1)
     finally:
         writer.close()

@@ -43,12 +43,39 @@ def collect(models: list[str], eval_dir: Path, train_dir: Path) -> dict[str, dic
     return rows
 
 
-def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], mlflow_hint: str) -> str:
+def stacked_section(stacked: dict) -> list[str]:
+    """The stacked autoencoder's classification table (fine-tuned, random-init baseline, linear probe) and its
+    per-layer reconstruction errors."""
+    lines: list[str] = []
+    finetune, pretrain = stacked.get("finetune"), stacked.get("pretrain")
+    if finetune:
+        fraction, labelled = finetune.get("label_fraction"), finetune.get("labelled_images")
+        lines += ["", "## stacked_ae: classification", "",
+                  f"Test accuracy with {_cell(fraction)} of the training labels ({_cell(labelled)} images), "
+                  f"{_cell(finetune.get('epochs'))} epochs each.", "",
+                  "| variant | test accuracy |", "|---|---|"]
+        for key, title in (("test_accuracy", "pretrained + fine-tuned"), ("test_accuracy_random", "random init"),
+                           ("test_accuracy_probe", "linear probe (frozen pretrained features)")):
+            if key in finetune:
+                lines.append(f"| {title} | {_cell(finetune[key])} |")
+    if pretrain:
+        layers = sorted(k for k in pretrain if k.startswith("test_recon_mse_layer"))
+        lines += ["", "## stacked_ae: layer-wise pretraining", "",
+                  f"Layers {pretrain.get('layers')}, {_cell(pretrain.get('epochs_per_layer'))} epochs each. "
+                  "Test reconstruction error of each layer's autoencoder on its clean inputs:", "",
+                  "| layer | test MSE |", "|---|---|"]
+        lines += [f"| {k.removeprefix('test_recon_mse_layer')} | {_cell(pretrain[k])} |" for k in layers]
+    return lines
+
+
+def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], mlflow_hint: str,
+                    stacked: dict | None = None) -> str:
     lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", ""]
     lines.append("| model | " + " | ".join(title for _, title in COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+    lines += stacked_section(stacked or {})
     for name, pictures in images.items():
         lines += ["", f"## {name}", ""]
         for title, rel in pictures.items():
@@ -60,7 +87,7 @@ def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], ml
 
 
 def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
-                 mlflow_hint: str = "") -> Path:
+                 mlflow_hint: str = "", stacked: dict | None = None) -> Path:
     """Write `out_dir/report.md` and copies of the grids it shows (the folder is self-contained)."""
     rows = collect(models, Path(eval_dir), Path(train_dir))
     with atomic_dir(out_dir) as tmp:
@@ -74,6 +101,7 @@ def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: 
                     (tmp / "images").mkdir(exist_ok=True)
                     shutil.copyfile(src, tmp / "images" / f"{name}-{file}")
                     images.setdefault(name, {})[title] = f"images/{name}-{file}"
-        (tmp / "report.md").write_text(render_markdown(rows, images, mlflow_hint))
-        (tmp / "metrics.json").write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+        (tmp / "report.md").write_text(render_markdown(rows, images, mlflow_hint, stacked))
+        everything = rows | ({"stacked_ae": stacked} if stacked else {})
+        (tmp / "metrics.json").write_text(json.dumps(everything, indent=2, sort_keys=True) + "\n")
     return Path(out_dir) / "report.md"

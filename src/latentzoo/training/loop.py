@@ -8,6 +8,7 @@ and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import tempfile
@@ -47,9 +48,18 @@ class TrainJob:
     cached: bool = False  # decoded shards fit train.cache_mb: keep them in memory after the first read
     mlflow_uri: str | None = None
     mlflow_run_id: str | None = None
+    phase: dict | None = None  # model.set_phase(**phase): one phase of a multi-phase family (stacked_ae)
+    phase_name: str = ""  # e.g. "layer-2": names the phase in progress lines and MLflow
+    init_weights: str | None = None  # a weights file the run starts from (when it has no checkpoint yet)
+    label_fraction: float = 1.0  # train on the samples in the label budget only (num_train counts those)
 
     def to_config(self) -> dict:
         return asdict(self)
+
+    @property
+    def tag(self) -> str:
+        """How progress lines name the run: 'vae', 'stacked_ae layer-2'."""
+        return f"{self.model_name} {self.phase_name}".strip()
 
 
 @dataclass(frozen=True)
@@ -102,7 +112,12 @@ def run_loop(job: TrainJob, session: Session) -> None:
 
     torch.manual_seed(params.seed)  # same initial weights on every rank (DDP also broadcasts them)
     model = build_model(job.model_name, params.model_config_for(job.model_name), job.image_shape)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
+    if job.init_weights:  # e.g. the pretrained stack; a checkpoint below overrides it on resume
+        model.load_state_dict(load_state(Path(job.init_weights))["state_dict"])
+    if job.phase:
+        model.set_phase(**job.phase)  # freezes what this phase does not train
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
     if checkpoint:
@@ -112,36 +127,52 @@ def run_loop(job: TrainJob, session: Session) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            say(f"[{job.model_name}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+            say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
     model = session.prepare_model(model)
     device = session.device
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
     if rank == 0:
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-        say(f"[{job.model_name}] {world} worker(s) on {device}, process group {backend}, "
+        say(f"[{job.tag}] {world} worker(s) on {device}, process group {backend}, "
             f"{steps} steps of {train.batch_size} per worker per epoch")
 
     for epoch in range(start_epoch, train.epochs):
         if train.fail_at_epoch == epoch and checkpoint is None:
             raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure (tests only)")
         started = time.perf_counter()
+        set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
         batches = train_batches(
             job.train_urls, steps=steps, batch_size=train.batch_size, rank=rank, world_size=world,
             seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer, cached=job.cached,
+            label_fraction=job.label_fraction,
         )
-        row = {"epoch": epoch + 1, **train_epoch(model, optimizer, batches, device, train.grad_clip)}
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+               **train_epoch(model, optimizer, batches, device, train.grad_clip)}
         row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
         row["replicas_in_sync"] = float(replicas_identical(model))
         history.append(row)
         if rank == 0:
-            say(format_epoch(job.model_name, row, train.epochs))
+            say(format_epoch(job.tag, row, train.epochs))
             if not row["replicas_in_sync"]:
-                say(f"[{job.model_name}] warning: the workers' weights differ after epoch {epoch + 1}")
+                say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
             if job.mlflow_run_id:
                 log_epoch(job, row, epoch + 1)
         report(session, row, unwrap(model), optimizer, epoch, history)
+
+
+def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
+    """The learning rate of epoch `epoch` (0-based): constant, or cosine  lr·(1 + cos(π·epoch/epochs))/2.
+    A function of the epoch alone, so a resumed run continues the same schedule."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    return lr
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def log_epoch(job: TrainJob, row: dict, step: int) -> None:
@@ -149,7 +180,7 @@ def log_epoch(job: TrainJob, row: dict, step: int) -> None:
     try:
         mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=step)
     except Exception as err:  # an unreachable server must not cost the run its checkpoints
-        say(f"[{job.model_name}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
+        say(f"[{job.tag}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
 
 
 def say(line: str) -> None:
@@ -168,18 +199,19 @@ def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float
     model.train()
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
+    supervised = uses_labels(model)
     count = steps = 0
     data_wait = 0.0  # seconds spent waiting for the next batch (reading and decoding shards)
     batches = iter(batches)
     while True:
         waited = time.perf_counter()
         try:
-            x, _ = next(batches)
+            x, y = next(batches)
         except StopIteration:
             break
         data_wait += time.perf_counter() - waited
         x = x.to(device, non_blocking=True)
-        out = model(x)
+        out = model(x, labels=y.to(device)) if supervised else model(x)
         loss = out.total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -204,15 +236,21 @@ def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict
     generator = torch.Generator(device=device).manual_seed(12345 + rank)
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
+    supervised = uses_labels(model)
     count = 0
-    for x, _ in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
+    for x, y in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
         x = x.to(device)
-        out = model(x, generator=generator)
+        out = model(x, labels=y.to(device), generator=generator) if supervised else model(x, generator=generator)
         accumulate(sums, "val", out, len(x))
         if codes:
             codes.add(out.codes)
         count += len(x)
     return global_means(sums, count, device) | code_usage(codes, "val")
+
+
+def uses_labels(model: nn.Module) -> bool:
+    """Does the model train on labels (a classifier phase)? Decided by the model, so every rank agrees."""
+    return bool(getattr(unwrap(model), "uses_labels", False))
 
 
 def code_counter(model: nn.Module, device) -> CodeCounter | None:
@@ -290,6 +328,7 @@ def report(session: Session, row, model, optimizer, epoch, history) -> None:
 
 def format_epoch(model_name: str, row: dict, epochs: int) -> str:
     shown = {k: v for k, v in row.items() if k in ("train_loss", "val_loss", "val_neg_elbo", "val_mse",
-                                                      "val_utilisation", "val_perplexity")}
+                                                      "val_utilisation", "val_perplexity",
+                                                      "val_recon_mse", "val_accuracy")}
     parts = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
     return f"[{model_name}] epoch {row['epoch']}/{epochs}  {parts}  {row['epoch_time_s']:.1f}s"

@@ -16,13 +16,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
 from latentzoo.atomic import atomic_dir, atomic_write_text
-from latentzoo.data.loader import decoded_bytes
+from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
 from latentzoo.errors import ConfigError, ShardError, TrainingError
 from latentzoo.evaluation.evaluate import write_grids
@@ -47,6 +47,22 @@ class TrainOutputs:
     plots_file: Path  # per-epoch metrics, one row per epoch (DVC plots)
 
 
+@dataclass(frozen=True)
+class Phase:
+    """One run of a multi-run recipe, e.g. layer k of greedy pretraining, or a fine-tune from given weights."""
+
+    name: str  # "layer-2", "finetune-pretrained": part of the Ray run name, the MLflow run name
+    model_args: dict = field(default_factory=dict)  # model.set_phase(**model_args)
+    init_weights: Path | None = None  # a weights file the run starts from
+    label_fraction: float = 1.0  # train on this fraction of the labelled training images
+    parent_run_id: str | None = None  # MLflow: the run is nested under this one
+
+    def identity(self) -> dict:
+        """What makes two phases the same run (the weights by content, not by path)."""
+        weights = sha256_file(self.init_weights) if self.init_weights else None
+        return {"name": self.name, "args": self.model_args, "init": weights, "labels": self.label_fraction}
+
+
 def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
 
@@ -62,6 +78,8 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     # A busy laptop can take over Ray Train's default 60 s to start worker processes (each imports torch);
     # waiting longer beats failing the run. Tune trials read it from the job's runtime env.
     os.environ.setdefault(START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))
+    # Every epoch line is news: Ray's log deduplication would fold concurrent tune trials' lines into one.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     env_vars = {START_TIMEOUT_ENV: os.environ[START_TIMEOUT_ENV]}
     if log_level in ("WARNING", "ERROR"):
         env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
@@ -77,10 +95,11 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
 
 
-def run_name(model_name: str, params, manifest_sha: str, prefix: str = "") -> str:
+def run_name(model_name: str, params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
     """Deterministic Ray run name: same model, params and data → same name → resume; anything else → fresh.
 
-    With a `prefix` (e.g. "tune-") the tune section takes part too: it names the search of that model.
+    With a `prefix` (e.g. "tune-") the tune section takes part too: it names the search of that model. A `phase`
+    takes part with its arguments and the content of its initial weights.
     """
     defining = {
         "model": model_name,
@@ -91,8 +110,10 @@ def run_name(model_name: str, params, manifest_sha: str, prefix: str = "") -> st
     }
     if prefix:
         defining["tune"] = params.tune.model_dump(exclude={"fail_trial"})
+    if phase:
+        defining["phase"] = phase.identity()
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{prefix}{model_name}-{digest}"
+    return f"{prefix}{model_name}-{phase.name + '-' if phase else ''}{digest}"
 
 
 def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
@@ -148,21 +169,32 @@ def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
                         sha256_file(shard_dir / "manifest.json"), fits_in_cache(manifest, params.train.cache_mb))
 
 
-def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None) -> dict:
-    """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics."""
+def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None,
+                phase: Phase | None = None) -> dict:
+    """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics.
+
+    A `phase` trains one step of a multi-run recipe (see `Phase`) as its own Ray run and MLflow run.
+    """
     from ray.train import TrainingFailedError
 
     root = Path(root or Path.cwd()).resolve()
     data = training_data(params, model_name, shard_dir)
-    name = run_name(model_name, params, data.manifest_sha)
+    name = run_name(model_name, params, data.manifest_sha, phase=phase)
     storage = Path(params.ray.storage_path or root / ".ray_results").resolve()
     run_dir = storage / name
-    if (run_dir / DONE_MARKER).exists():  # a finished run with identical inputs: train again from scratch
-        shutil.rmtree(run_dir)
+    if (run_dir / DONE_MARKER).exists():
+        state = finished_state(run_dir, params.train.epochs) if phase else None
+        if state:  # a phase an earlier attempt of the same recipe finished (e.g. layer 1 before a crash in layer 2)
+            uri, run_id = saved_run(run_dir)
+            return write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls,
+                                 sum(row["epoch_time_s"] for row in state["history"]), uri, run_id, phase)
+        shutil.rmtree(run_dir)  # a finished run with identical inputs: train again from scratch
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, run_dir, root)
+    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, run_dir, root, phase)
     job = data.job(params, model_name, uri, run_id)
+    if phase:
+        job = phase_job(job, phase, params.seed)
     connect_ray(params.ray.num_cpus, params.ray.log_level)
     check_resources(params)
     trainer = make_trainer(params, job, name, storage)
@@ -183,12 +215,46 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         state = load_state(Path(d) / CHECKPOINT_FILE)
 
     final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri,
-                          run_id)
+                          run_id, phase)
     if run_id:
         log_run_artifacts(params, uri, run_id, outputs)
         mlflow_runs.end_run(uri, run_id)
     (run_dir / DONE_MARKER).write_text("done\n")
     return final
+
+
+def finished_state(run_dir: Path, epochs: int) -> dict | None:
+    """The final-epoch checkpoint state of a finished run in `run_dir` (Ray's checkpoint_* folders), if kept."""
+    for path in sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True):
+        try:
+            state = load_state(path)
+        except Exception:  # unreadable: look further, else train again
+            continue
+        if state["epoch"] + 1 == epochs:
+            return state
+    return None
+
+
+def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
+    """(tracking URI, run id) of the MLflow run saved in `run_dir`, or (None, None)."""
+    saved = run_dir / "latentzoo_mlflow.json"
+    if not saved.exists():
+        return None, None
+    record = json.loads(saved.read_text())
+    return record.get("tracking_uri"), record.get("run_id")
+
+
+def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
+    """The job of one phase: its model arguments, initial weights and label budget (num_train counts the budget)."""
+    num_train = job.num_train
+    if phase.label_fraction < 1:
+        num_train = count_labelled("train", job.num_train, phase.label_fraction, seed)
+        if num_train == 0:
+            raise ConfigError(f"finetune.label_fraction {phase.label_fraction} keeps none of the "
+                              f"{job.num_train} training images; raise it")
+    weights = str(Path(phase.init_weights).resolve()) if phase.init_weights else None
+    return replace(job, phase=dict(phase.model_args), phase_name=phase.name, init_weights=weights,
+                   label_fraction=phase.label_fraction, num_train=num_train)
 
 
 def make_trainer(params, job: TrainJob, name: str, storage: Path, callbacks=()):
@@ -218,8 +284,10 @@ def root_cause(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root) -> tuple[str | None, str | None]:
-    """Create the training run (or reopen the one an interrupted attempt of this same run started)."""
+def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root,
+                    phase: Phase | None = None) -> tuple[str | None, str | None]:
+    """Create the training run (or reopen the one an interrupted attempt of this same run started); a phase's run
+    is nested under its parent run."""
     if not params.tracking.enabled:
         return None, None
     uri = mlflow_runs.tracking_uri(root)
@@ -234,17 +302,29 @@ def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root) -> tu
         "latentzoo.data_manifest_sha256": manifest_sha,
         "mlflow.source.git.commit": mlflow_runs.git_commit(root),
     }
+    title = f"train-{model_name}"
+    if phase:
+        title = phase.name
+        tags |= {"latentzoo.phase": phase.name}
+        if phase.parent_run_id:
+            tags["mlflow.parentRunId"] = phase.parent_run_id
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
-    run_id = mlflow_runs.start_run(uri, experiment, f"train-{model_name}", tags, root)
+    run_id = mlflow_runs.start_run(uri, experiment, title, tags, root)
     mlflow_runs.log_params(uri, run_id, {k: v for k, v in params.model_dump().items() if k != "models"})
+    if phase:
+        mlflow_runs.log_params(uri, run_id, {"phase": {**phase.model_args, "label_fraction": phase.label_fraction,
+                                                       "init_weights": str(phase.init_weights or "random")}})
     saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
 
-def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id) -> dict:
+def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id,
+                  phase: Phase | None = None) -> dict:
     """Final weights + run pointer (atomically, as one directory), DVC metrics and per-epoch plots."""
     model = build_model(model_name, params.model_config_for(model_name), image_shape)
     model.load_state_dict(state["model"])
+    if phase:
+        model.set_phase(**phase.model_args)  # the grids show what this phase trained
     model.eval()
     history = state["history"]
     with atomic_dir(outputs.model_dir) as tmp:

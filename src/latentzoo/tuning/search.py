@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 from dataclasses import asdict, replace
@@ -163,6 +164,9 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
         shutil.rmtree(path)
     metric = params.model_config_for(model_name).tune_metric
     connect_ray(params.ray.num_cpus, params.ray.log_level)
+    # Tune's newer console engine prints a configuration box even at verbose=0; the classic reporter is silent
+    # there, and our loop prints one line per trial epoch.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
     uri, parent = open_search_run(params, model_name, name, path, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
@@ -197,7 +201,10 @@ def make_tuner(params, space: dict, metric: str, ctx: dict, path: Path):
     cfg = params.tune
     searcher = None
     if cfg.searcher == "optuna":
+        import optuna
         from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study and trial on the console
 
         searcher = OptunaSearch(metric=metric, mode=MODE, seed=params.seed)
     return tune.Tuner(
