@@ -21,9 +21,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import latentzoo, torch, ray, dvc, mlflow, webdataset"
 	touch $(STAMP)
 
-# Run the whole DAG (prepare → shard → train → evaluate → report) on params.yaml.
+# Run the whole DAG on params.yaml, every stage connected to one local Ray head (unless RAY_ADDRESS is set).
 repro: $(STAMP)
-	$(BIN)/dvc repro
+	$(BIN)/python -m latentzoo.local_cluster -- $(BIN)/dvc repro
 
 # The test suite (.ci/run calls exactly this).
 test: $(STAMP)

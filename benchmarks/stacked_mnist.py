@@ -51,13 +51,15 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep data and Ray runs here (default: a temp dir); a rerun reuses finished layers")
     args = ap.parse_args()
 
     from latentzoo.stages import finetune_stage, prepare_stage, pretrain_stage, shard_stage
 
-    result = {k: v for k, v in vars(args).items() if k != "data"} | {"cpus": os.cpu_count(), "by_fraction": {}}
+    result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")} | {"cpus": os.cpu_count(), "by_fraction": {}}
     with tempfile.TemporaryDirectory(prefix="lz-stack-") as d:
-        work = Path(d)
+        work = args.workdir.resolve() if args.workdir else Path(d)
         params = params_for(args, work, max(args.fractions))
         prepare_stage(params, work / "prepared")
         shard_stage(params, work / "prepared", work / "shards")
