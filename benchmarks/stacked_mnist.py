@@ -57,7 +57,8 @@ def main() -> int:
 
     from latentzoo.stages import finetune_stage, prepare_stage, pretrain_stage, shard_stage
 
-    result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")} | {"cpus": os.cpu_count(), "by_fraction": {}}
+    result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")}
+    result |= {"cpus": os.cpu_count(), "by_fraction": {}}
     with tempfile.TemporaryDirectory(prefix="lz-stack-") as d:
         work = args.workdir.resolve() if args.workdir else Path(d)
         params = params_for(args, work, max(args.fractions))

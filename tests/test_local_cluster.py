@@ -25,6 +25,9 @@ def test_a_command_runs_against_one_shared_head_that_stops_afterwards(monkeypatc
     out = capfd.readouterr().out
     assert f"one Ray head for every stage at 127.0.0.1:{ports[0]}" in out and "cpus 1" in out
     assert not local_cluster.listening(ports[0])  # the head was stopped with the command
+    from ray._private.utils import read_ray_address
+
+    assert not (read_ray_address() or "").endswith(f":{ports[0]}")  # no stale address for a later ray.init()
 
 
 def test_an_existing_cluster_is_used_as_it_is(monkeypatch):

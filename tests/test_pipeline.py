@@ -95,6 +95,9 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     run_id = json.loads((project / "models/vae/mlflow_run.json").read_text())["run_id"]
     logged = client.get_run(run_id)
     assert "test_neg_elbo" in logged.data.metrics  # evaluate adds test metrics to the training run
+    registered = json.loads((project / "models/vae/mlflow_run.json").read_text())
+    version = client.get_model_version(registered["registered_model"], registered["model_version"])
+    assert version.run_id == run_id and "test_neg_elbo" in version.tags  # the registry carries test metrics
     vq_run = json.loads((project / "models/vqvae/mlflow_run.json").read_text())["run_id"]
     assert "val_utilisation" in client.get_run(vq_run).data.metrics
     assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(vq_run, "evaluation")}

@@ -96,6 +96,7 @@ class TrackingConfig(Section):
 
     enabled: bool = True
     experiment_prefix: str = Field(default="latentzoo", min_length=1)
+    log_models: bool = True  # the train stage logs its model (PyTorch flavour) and registers it as latentzoo-<model>
 
 
 class RayConfig(Section):

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from latentzoo.errors import LatentzooError
-
 
 AUTH = {"RAY_AUTH_MODE": "token"}
 
@@ -48,8 +49,11 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> Iterato
     """Start a Ray head on a free loopback port; yield its address ('127.0.0.1:<port>'); stop it on exit."""
     ray = Path(sys.executable).with_name("ray")
     port = free_port()
+    # Its own temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and a stale record in
+    # the default /tmp/ray would send every later plain `ray.init()` on this machine to the stopped head.
+    temp_dir = tempfile.mkdtemp(prefix="lz-ray-", dir="/tmp")
     cmd = [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=false", "--disable-usage-stats"]
+           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
@@ -65,6 +69,7 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> Iterato
         yield f"127.0.0.1:{port}"
     finally:
         stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop(head: subprocess.Popen) -> None:

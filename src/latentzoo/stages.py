@@ -123,6 +123,10 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
     for png in sorted(plots_dir.glob("*.png")):
         mlflow_runs.log_artifact(uri, run["run_id"], png, "evaluation")
     mlflow_runs.set_tags(uri, run["run_id"], {"latentzoo.evaluated": "true"})
+    if run.get("model_version"):  # the registered version carries its test metrics too
+        from latentzoo.tracking.models import tag_version
+
+        tag_version(uri, run["registered_model"], run["model_version"], result)
 
 
 def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,

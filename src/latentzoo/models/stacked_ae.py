@@ -122,6 +122,14 @@ class StackedAutoencoder(nn.Module):
             h = self.decode_layer(k, h)
         return h.reshape(-1, *self.image_shape)
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x through the whole stack and back: decode(h_L(x))."""
+        return self.decode(self.features(x))
+
+    def latents(self, x: Tensor) -> Tensor:
+        """The top features h_L(x), (B, d_L)."""
+        return self.features(x)
+
     def corrupt(self, h: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Masking noise: h̃ = h ⊙ m, m_i ~ Bernoulli(1 - ν), in training only."""
         nu = self.cfg.corruption

@@ -117,6 +117,14 @@ class VAE(nn.Module):
         """z → the mean of p(x|z) in image space [0, 1]."""
         return self._mean(self.decode_logits(z))
 
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction x̂ = E[p(x | z = mu(x))] (no binarisation, no sampling)."""
+        return self.decode(self.encode(x)[0])
+
+    def latents(self, x: Tensor) -> Tensor:
+        """The posterior means mu(x), (B, latent_dim)."""
+        return self.encode(x)[0]
+
     def _mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
 

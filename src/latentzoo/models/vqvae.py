@@ -87,6 +87,10 @@ class VQVAE(nn.Module):
         """x (B, C, H, W) → code indices (B, H/4, W/4)."""
         return self.quantizer(self.encoder(x))[1]
 
+    def latents(self, x: Tensor) -> Tensor:
+        """The code indices (B, H/4, W/4)."""
+        return self.encode(x)
+
     def decode(self, codes: Tensor) -> Tensor:
         """Code indices (B, h, w) → images (B, C, H, W) in [0, 1]."""
         z_q = self.quantizer.lookup(codes.flatten()).reshape(*codes.shape, -1).permute(0, 3, 1, 2)

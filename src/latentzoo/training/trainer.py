@@ -28,7 +28,7 @@ from latentzoo.errors import ConfigError, ShardError, TrainingError
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.models import build_model
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state, weights_record
+from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_model, load_state, save_state, weights_record
 from latentzoo.training.loop import TrainJob, train_loop_per_worker
 
 WEIGHTS_FILE = "model.pt"
@@ -218,6 +218,8 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
                           run_id, phase)
     if run_id:
         log_run_artifacts(params, uri, run_id, outputs)
+        if params.tracking.log_models and phase is None:
+            register_model(uri, run_id, model_name, data.image_shape, outputs.model_dir)
         mlflow_runs.end_run(uri, run_id)
     (run_dir / DONE_MARKER).write_text("done\n")
     return final
@@ -342,6 +344,17 @@ def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit
     outputs.plots_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outputs.plots_file, history_csv(history))
     return final
+
+
+def register_model(uri: str, run_id: str, model_name: str, image_shape, model_dir: Path) -> None:
+    """Log the final model to the run (PyTorch flavour), register it, and note the version beside the weights."""
+    from latentzoo.tracking.models import log_trained_model, registered_name
+
+    model, _ = load_model(model_dir / WEIGHTS_FILE)
+    version = log_trained_model(uri, run_id, model, model_name, image_shape)
+    record = json.loads((model_dir / RUN_FILE).read_text())
+    record |= {"registered_model": registered_name(model_name), "model_version": version}
+    atomic_write_text(model_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def history_csv(history: list[dict]) -> str:

@@ -1,0 +1,141 @@
+"""`latentzoo sample | reconstruct | encode`: use a trained model from a DVC output, an MLflow run or the registry.
+
+    latentzoo sample      --model models:/latentzoo-vae/latest -n 64 -o samples.png
+    latentzoo reconstruct --model models/vqvae --images a.png b.png -o recon.png     (or --shards data/shards)
+    latentzoo encode      --model runs:/<run id>/model --shards data/shards -n 1000 -o codes.npy
+
+`encode` writes the posterior means for the VAE, code indices for VQ-VAE / SimVQ, the top features for the
+stacked autoencoder. Any bad input is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from latentzoo.errors import LatentzooError, cli_errors
+
+
+def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Image files → (N, C, H, W) in [0, 1]; an image of another size or channel count is a clear error."""
+    from PIL import Image, UnidentifiedImageError
+
+    c, h, w = image_shape
+    images = []
+    for path in files:
+        try:
+            with Image.open(path) as im:  # grey stays grey and colour stays colour: channels are checked below
+                grey = im.mode in ("L", "LA", "1", "I", "I;16")
+                array = np.asarray(im if im.mode in ("L", "RGB") else im.convert("L" if grey else "RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as err:
+            raise LatentzooError(f"{path}: not a readable image ({err})") from None
+        array = array[..., None] if array.ndim == 2 else array
+        if array.shape != (h, w, c):
+            raise LatentzooError(f"{path}: image is {array.shape[1]}x{array.shape[0]} with {array.shape[2]} "
+                                 f"channel(s); the model takes {w}x{h} with {c}")
+        images.append(array)
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def read_shards(shard_dir: Path, split: str, n: int) -> torch.Tensor:
+    """The first `n` images of a split of the pipeline's shards (checked against the manifest)."""
+    from latentzoo.data.loader import eval_batches
+    from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+
+    manifest = load_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, splits=(split,))
+    batches, count = [], 0
+    for x, _ in eval_batches(shard_urls(shard_dir, manifest, split), batch_size=min(n, 256)):
+        batches.append(x)
+        count += len(x)
+        if count >= n:
+            break
+    return torch.cat(batches)[:n]
+
+
+def inputs(args, model) -> torch.Tensor:
+    if args.images:
+        return read_images(args.images, tuple(model.image_shape))
+    if args.shards:
+        x = read_shards(args.shards, args.split, args.n)
+        if tuple(x.shape[1:]) != tuple(model.image_shape):
+            raise LatentzooError(f"{args.shards}: images are {tuple(x.shape[1:])}, the model takes "
+                                 f"{tuple(model.image_shape)}")
+        return x
+    raise LatentzooError("give the images: --images FILE ... or --shards DIR")
+
+
+@torch.no_grad()
+def sample(args) -> Path:
+    from latentzoo.evaluation.grids import save_grid
+    from latentzoo.tracking.models import load
+
+    model = load(args.model)
+    if not hasattr(model, "sample"):
+        raise LatentzooError(f"{args.model}: a {type(model).__name__} has no prior to sample from")
+    images = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    return save_grid(images, args.out, scale=max(1, 256 // (images.shape[-1] * 8)))
+
+
+@torch.no_grad()
+def reconstruct(args) -> Path:
+    from latentzoo.evaluation.grids import save_grid
+    from latentzoo.tracking.models import Reconstructor, load
+
+    model = load(args.model)
+    x = inputs(args, model)
+    recon = Reconstructor(model).eval()(x)
+    return save_grid(torch.cat([x, recon]), args.out, nrow=min(len(x), 16), scale=max(1, 256 // (x.shape[-1] * 8)))
+
+
+@torch.no_grad()
+def encode(args) -> Path:
+    from latentzoo.atomic import atomic_write_bytes
+    from latentzoo.tracking.models import load
+
+    model = load(args.model)
+    codes = model.latents(inputs(args, model)).cpu().numpy()
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, codes)
+    atomic_write_bytes(Path(args.out), buffer.getvalue())
+    return Path(args.out)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="latentzoo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = ap.add_subparsers(dest="command", required=True)
+    for name, run, help_ in ((sample.__name__, sample, "a grid of samples from the prior (PNG)"),
+                             (reconstruct.__name__, reconstruct, "inputs above their reconstructions (PNG)"),
+                             (encode.__name__, encode, "latents or code indices (.npy)")):
+        sub = commands.add_parser(name, help=help_)
+        sub.add_argument("--model", required=True, help="models/<family>, runs:/<id>/model or models:/<name>/<v>")
+        sub.add_argument("-n", type=int, default=64, help="images to sample, or to read from --shards")
+        sub.add_argument("-o", "--out", type=Path, required=True)
+        if name == "sample":
+            sub.add_argument("--seed", type=int, default=0)
+        else:
+            sub.add_argument("--images", type=Path, nargs="+", help="image files (PNG, JPEG)")
+            sub.add_argument("--shards", type=Path, help="the pipeline's shards folder")
+            sub.add_argument("--split", default="test", choices=("train", "val", "test"))
+        sub.set_defaults(run=run)
+    return ap
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.n < 1:
+        raise LatentzooError(f"-n must be >= 1, got {args.n}")
+    out = args.run(args)
+    print(f"latentzoo {args.command}: wrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Trained models in MLflow (logged, registered, tagged) and the `latentzoo` CLI that uses them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentzoo.cli import main
+from latentzoo.tracking.models import Reconstructor, load
+from latentzoo.training.checkpoint import load_model
+from latentzoo.training.trainer import TrainOutputs, train_model
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, digits_shards, tmp_path_factory):
+    """A tiny VAE trained by the train stage with tracking on: logged and registered as latentzoo-vae."""
+    from conftest import TINY, make_params
+
+    work = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    params = make_params(**{**TINY, "train.num_workers": 1, "train.epochs": 1, "ray.storage_path": str(work / "ray")})
+    out = TrainOutputs(work / "models/vae", work / "train.json", work / "train.csv")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        train_model(params, "vae", digits_shards, out, root=work)
+    return work, uri, out.model_dir
+
+
+@pytest.fixture
+def registry(trained, monkeypatch):
+    work, uri, model_dir = trained
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return trained
+
+
+def test_the_train_stage_registers_its_model(registry):
+    _, uri, model_dir = registry
+    run = json.loads((model_dir / "mlflow_run.json").read_text())
+    assert run["registered_model"] == "latentzoo-vae" and run["model_version"] == "1"
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(uri).get_model_version("latentzoo-vae", "1")
+    assert version.run_id == run["run_id"]
+
+
+def test_a_registry_uri_loads_the_same_model(registry):
+    _, _, model_dir = registry
+    local, _ = load_model(model_dir / "model.pt")
+    remote = load("models:/latentzoo-vae/1")
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(Reconstructor(remote)(x), Reconstructor(local)(x))
+        assert torch.equal(remote.latents(x), local.latents(x))
+    assert isinstance(load("models:/latentzoo-vae/latest"), type(local))
+
+
+def test_the_cli_writes_what_it_promises(registry, digits_shards, tmp_path, capsys):
+    _, _, model_dir = registry
+    main(["sample", "--model", "models:/latentzoo-vae/latest", "-n", "16", "-o", str(tmp_path / "s.png")])
+    assert Image.open(tmp_path / "s.png").size[0] > 8
+    main(["reconstruct", "--model", str(model_dir), "--shards", str(digits_shards), "-n", "8",
+          "-o", str(tmp_path / "r.png")])
+    assert Image.open(tmp_path / "r.png").size[1] > Image.open(tmp_path / "r.png").size[0] / 8
+    main(["encode", "--model", str(model_dir / "model.pt"), "--shards", str(digits_shards), "-n", "10",
+          "-o", str(tmp_path / "z.npy")])
+    assert np.load(tmp_path / "z.npy").shape == (10, 4)  # TINY latent_dim
+    assert "latentzoo encode: wrote" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--model", "models:/latentzoo-nope/1", "-o", "x.png"], "models:/latentzoo-nope/1: cannot load"),
+    (["sample", "--model", "no/such/dir", "-o", "x.png"], "no/such/dir: no such model"),
+    (["reconstruct", "--model", "MODEL", "--images", "BIG", "-o", "x.png"], "image is 10x12 with 3 channel"),
+    (["encode", "--model", "MODEL", "-o", "x.npy"], "give the images"),
+])
+def test_bad_inputs_are_one_clear_line(registry, tmp_path, capsys, argv, message):
+    _, _, model_dir = registry
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((12, 10, 3), dtype=np.uint8)).save(big)
+    argv = [str(model_dir) if a == "MODEL" else str(big) if a == "BIG" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_the_pyfunc_flavour_serves_reconstructions_over_http(registry, tmp_path):
+    """`mlflow models serve` on loopback answers /invocations with the model's reconstructions."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    from latentzoo.local_cluster import free_port
+
+    _, uri, model_dir = registry
+    port = free_port()
+    mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/latentzoo-vae/1", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": uri,  # it runs uvicorn from the venv
+                                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
+                time.sleep(1)
+        x = torch.rand(3, 1, 8, 8)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         data=json.dumps({"inputs": x.tolist()}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    served = torch.tensor(answer["predictions"])
+    local, _ = load_model(model_dir / "model.pt")
+    with torch.no_grad():
+        assert torch.allclose(served, Reconstructor(local)(x), atol=1e-5)
