@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_io import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,10 +79,7 @@ def main() -> int:
 
     top = result["by_fraction"][str(max(args.fractions))]
     result["target_all_labels_98_3"] = "PASS" if top["test_accuracy"] >= 0.983 else "FAIL"
-    out_file = ROOT / "benchmarks/results/stacked_mnist.json"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"→ {out_file}")
+    write_result("stacked_mnist", result)
     return 0
 
 

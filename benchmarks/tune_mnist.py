@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_io import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_METRIC = {"val_neg_elbo": "test_neg_elbo", "val_mse": "test_mse"}
@@ -116,10 +117,7 @@ def main() -> int:
             result["models"][model] = bench_model(params, model, work)
             print(json.dumps({model: result["models"][model]}, indent=2), flush=True)
 
-    out_file = ROOT / "benchmarks/results/tune_mnist.json"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"→ {out_file}")
+    write_result("tune_mnist", result)
     return 0
 
 
