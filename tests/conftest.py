@@ -80,3 +80,38 @@ def ray_cluster():
              logging_config=ray.LoggingConfig(log_level="ERROR"))
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """An `mlflow server` on loopback (sqlite backend, artifacts proxied to a local folder); yields its URI."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from latentzoo.local_cluster import free_port
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                              start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
+                time.sleep(1)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)

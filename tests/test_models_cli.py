@@ -132,3 +132,16 @@ def test_the_pyfunc_flavour_serves_reconstructions_over_http(registry, tmp_path)
     local, _ = load_model(model_dir / "model.pt")
     with torch.no_grad():
         assert torch.allclose(served, Reconstructor(local)(x), atol=1e-5)
+
+
+def test_models_are_registered_on_an_mlflow_server(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_server):
+    params = tiny_params(**{"train.num_workers": 1, "train.epochs": 1, "ray.storage_path": str(tmp_path / "ray")})
+    out = TrainOutputs(tmp_path / "models/vae", tmp_path / "train.json", tmp_path / "train.csv")
+    train_model(params, "vae", digits_shards, out, root=tmp_path)
+    run = json.loads((out.model_dir / "mlflow_run.json").read_text())
+    assert run["tracking_uri"] == mlflow_server and run["model_version"] == "1"
+    served = load("models:/latentzoo-vae/1")  # through the server's registry and proxied artifacts
+    local, _ = load_model(out.model_dir / "model.pt")
+    x = torch.rand(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(Reconstructor(served)(x), Reconstructor(local)(x))
