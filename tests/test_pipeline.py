@@ -105,7 +105,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
 
     # Fine-tuning params feed only the finetune stage: pretraining is not run again.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["finetune"]["label_fraction"] = 0.5
+    params["finetune"].update(label_fraction=0.5, baseline=False, probe=False)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([DVC, "repro"], project, env)
     assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
