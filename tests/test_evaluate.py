@@ -86,6 +86,8 @@ def test_report_table_lists_every_model(tmp_path):
     assert "| vae | 25.5 | – |" in text and "| other | – |" in text
     assert (tmp_path / "reports/images/vae-samples.png").exists()
     assert "images/vae-samples.png" in text
+    page = (tmp_path / "reports/report.html").read_text()
+    assert "<td>25.5</td>" in page and "data:image/png;base64," in page and 'src="images/' not in page
 
 
 def test_report_shows_the_stacked_autoencoder_side_by_side(tmp_path):

@@ -138,6 +138,7 @@ def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_d
         tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}
         run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-report", "report", tags)
         mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.md")
+        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.html")
         mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "metrics.json")
         if (Path(out_dir) / "images").exists():
             mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "images")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +23,14 @@ COLUMNS = [
     ("test_perplexity", "code perplexity"),
     ("fit_time_s", "train time (s)"),
     ("epochs", "epochs"),
+]
+
+
+# The grids of each model shown side by side: (column title, file in plots/evaluate/<model>/).
+GRIDS = [
+    ("test reconstructions (top: data, bottom: model)", "reconstructions.png"),
+    ("samples from the prior", "samples.png"),
+    ("codebook usage on the test split", "codebook_usage.png"),
 ]
 
 
@@ -76,32 +87,69 @@ def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], ml
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
     lines += stacked_section(stacked or {})
-    for name, pictures in images.items():
-        lines += ["", f"## {name}", ""]
-        for title, rel in pictures.items():
-            lines.append(f"**{title}**  ")
-            lines.append(f"![{name} {title}]({rel})")
-            lines.append("")
+    if images:  # one row per model, its grids side by side
+        lines += ["", "## Images", "", "| model | " + " | ".join(title for title, _ in GRIDS) + " |",
+                  "|---|" + "---|" * len(GRIDS)]
+        for name, pictures in images.items():
+            cells = [f"![{name} {title}]({pictures[file]})" if file in pictures else "–" for title, file in GRIDS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", mlflow_hint, ""]
     return "\n".join(lines)
 
 
+def markdown_to_html(text: str, base: Path) -> str:
+    """The report's Markdown (headings, tables, paragraphs, images) as one self-contained HTML page: every
+    image is embedded as a data URI, so the page can be mailed or opened from MLflow's artifact view."""
+
+    def inline(s: str) -> str:
+        s = html.escape(s, quote=False)
+        s = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: image(m.group(1), m.group(2)), s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", s)
+
+    def image(alt: str, rel: str) -> str:
+        data = base64.b64encode((base / rel).read_bytes()).decode()
+        return f'<img alt="{alt}" src="data:image/png;base64,{data}">'
+
+    body, table = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):  # skip the |---| separator
+                table.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *rows = table
+            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            table = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{inline(line.strip())}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{image-rendering:pixelated}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>latentzoo report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
 def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
                  mlflow_hint: str = "", stacked: dict | None = None) -> Path:
-    """Write `out_dir/report.md` and copies of the grids it shows (the folder is self-contained)."""
+    """Write `out_dir/report.md` with copies of the grids it shows, and `report.html` with the grids embedded."""
     rows = collect(models, Path(eval_dir), Path(train_dir))
     with atomic_dir(out_dir) as tmp:
-        images: dict[str, dict[str, str]] = {}
+        images: dict[str, dict[str, str]] = {}  # {model: {file: path relative to the report}}
         for name in models:
-            for title, file in (("test reconstructions (top: data, bottom: model)", "reconstructions.png"),
-                                ("samples from the prior", "samples.png"),
-                                ("codebook usage on the test split", "codebook_usage.png")):
+            for _, file in GRIDS:
                 src = Path(plots_dir) / name / file
                 if src.exists():
                     (tmp / "images").mkdir(exist_ok=True)
                     shutil.copyfile(src, tmp / "images" / f"{name}-{file}")
-                    images.setdefault(name, {})[title] = f"images/{name}-{file}"
-        (tmp / "report.md").write_text(render_markdown(rows, images, mlflow_hint, stacked))
+                    images.setdefault(name, {})[file] = f"images/{name}-{file}"
+        markdown = render_markdown(rows, images, mlflow_hint, stacked)
+        (tmp / "report.md").write_text(markdown)
+        (tmp / "report.html").write_text(markdown_to_html(markdown, tmp))
         everything = rows | ({"stacked_ae": stacked} if stacked else {})
         (tmp / "metrics.json").write_text(json.dumps(everything, indent=2, sort_keys=True) + "\n")
     return Path(out_dir) / "report.md"
