@@ -103,6 +103,10 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(vq_run, "evaluation")}
     assert client.get_experiment_by_name("latentzoo-report") is not None
 
+    git = ["git", "-c", "user.email=ci@latentzoo", "-c", "user.name=ci"]
+    run([*git, "add", "params.yaml", "dvc.yaml", "dvc.lock", "metrics"], project, env)
+    run([*git, "commit", "-qm", "first run"], project, env)
+
     # Fine-tuning params feed only the finetune stage: pretraining is not run again.
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["finetune"].update(label_fraction=0.5, baseline=False, probe=False)
@@ -110,3 +114,8 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     third = run([DVC, "repro"], project, env)
     assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
     assert "Running stage 'pretrain'" not in third.stdout and "Running stage 'train@" not in third.stdout
+
+    # What changed since the committed run, through dvc params/metrics diff.
+    diff = run([str(Path(os.sys.executable).with_name("latentzoo")), "compare"], project, env).stdout
+    assert "HEAD → workspace" in diff and "finetune.label_fraction: 1 → 0.5" in diff
+    assert "metrics/finetune/stacked_ae.json  labelled_images: 1258 →" in diff

@@ -3,6 +3,7 @@
     latentzoo sample      --model models:/latentzoo-vae/latest -n 64 -o samples.png
     latentzoo reconstruct --model models/vqvae --images a.png b.png -o recon.png     (or --shards data/shards)
     latentzoo encode      --model runs:/<run id>/model --shards data/shards -n 1000 -o codes.npy
+    latentzoo compare     HEAD~1            (params and metrics changed since, via dvc params/metrics diff)
 
 `encode` writes the posterior means for the VAE, code indices for VQ-VAE / SimVQ, the top features for the
 stacked autoencoder. Any bad input is one line on stderr and exit status 2.
@@ -107,6 +108,35 @@ def encode(args) -> Path:
     return Path(args.out)
 
 
+def compare(args) -> str:
+    """What changed between two pipeline runs (git revisions or DVC experiments; the second defaults to the
+    workspace): `dvc params diff` and `dvc metrics diff`, printed as one table."""
+    import json
+    import subprocess
+
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    revs = [r for r in (args.a_rev, args.b_rev) if r]
+    diffs = {}
+    for kind in ("params", "metrics"):
+        proc = subprocess.run([dvc, kind, "diff", *revs, "--all", "--json"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LatentzooError(f"dvc {kind} diff {' '.join(revs)} failed: "
+                                 f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+        diffs[kind] = json.loads(proc.stdout or "{}")
+    lines = [f"{args.a_rev or 'HEAD'} → {args.b_rev or 'workspace'}"]
+    for kind, files in diffs.items():
+        changed = [(f, k, v) for f, keys in files.items() for k, v in keys.items() if v.get("old") != v.get("new")]
+        lines.append(f"{kind}: {len(changed)} changed")
+        for file, key, value in changed:
+            delta = f"  ({value['diff']:+.4g})" if isinstance(value.get("diff"), (int, float)) else ""
+            lines.append(f"  {file}  {key}: {_short(value.get('old'))} → {_short(value.get('new'))}{delta}")
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="latentzoo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +155,10 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--shards", type=Path, help="the pipeline's shards folder")
             sub.add_argument("--split", default="test", choices=("train", "val", "test"))
         sub.set_defaults(run=run)
+    diff = commands.add_parser("compare", help="params and metrics changed between two pipeline runs (dvc diff)")
+    diff.add_argument("a_rev", nargs="?", default=None, help="git revision or DVC experiment (default: HEAD)")
+    diff.add_argument("b_rev", nargs="?", default=None, help="git revision or DVC experiment (default: workspace)")
+    diff.set_defaults(run=compare, n=1)
     return ap
 
 
@@ -134,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         raise LatentzooError(f"-n must be >= 1, got {args.n}")
     out = args.run(args)
-    print(f"latentzoo {args.command}: wrote {out}")
+    print(out if args.command == "compare" else f"latentzoo {args.command}: wrote {out}")
 
 
 if __name__ == "__main__":
