@@ -78,8 +78,6 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     # A busy laptop can take over Ray Train's default 60 s to start worker processes (each imports torch);
     # waiting longer beats failing the run. Tune trials read it from the job's runtime env.
     os.environ.setdefault(START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))
-    # Every epoch line is news: Ray's log deduplication would fold concurrent tune trials' lines into one.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     env_vars = {START_TIMEOUT_ENV: os.environ[START_TIMEOUT_ENV]}
     if log_level in ("WARNING", "ERROR"):
         env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
