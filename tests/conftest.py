@@ -87,8 +87,6 @@ def mlflow_server(tmp_path, monkeypatch):
     """An `mlflow server` on loopback (sqlite backend, artifacts proxied to a local folder); yields its URI."""
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     from latentzoo.local_cluster import free_port
 
@@ -101,17 +99,25 @@ def mlflow_server(tmp_path, monkeypatch):
                               start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-                time.sleep(1)
+        wait_until_up(f"{uri}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def wait_until_up(url: str, process, timeout_s: float = 120.0) -> None:
+    """Poll `url` until it answers; fail with the process's stderr if it exits first, or after `timeout_s`."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"{url} did not answer within {timeout_s:.0f} s"
+            time.sleep(1)

@@ -99,9 +99,10 @@ def test_the_pyfunc_flavour_serves_reconstructions_over_http(registry, tmp_path)
     import os
     import subprocess
     import sys
-    import time
     import urllib.request
     from pathlib import Path
+
+    from conftest import wait_until_up
 
     from latentzoo.local_cluster import free_port
 
@@ -114,15 +115,7 @@ def test_the_pyfunc_flavour_serves_reconstructions_over_http(registry, tmp_path)
                               env={**os.environ, "MLFLOW_TRACKING_URI": uri,  # it runs uvicorn from the venv
                                    "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping within 120 s"
-                time.sleep(1)
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         x = torch.rand(3, 1, 8, 8)
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
                                          data=json.dumps({"inputs": x.tolist()}).encode(),
