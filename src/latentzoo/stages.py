@@ -14,7 +14,7 @@ from latentzoo.data.shards import load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack, write_json
+from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
 from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, history_csv, train_model
 from latentzoo.tuning.search import apply_tuned, tune_model
 
@@ -65,7 +65,7 @@ def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metri
 
 def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path) -> dict:
     done = pretrain_stack(params, Path(shard_dir), Path(out_dir))
-    write_json(Path(metrics_file), done["metrics"])
+    write_metrics(Path(metrics_file), done["metrics"])
     Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(plots_file), history_csv(done["rows"]))
     errors = ", ".join(f"{v:.4g}" for k, v in sorted(done["metrics"].items()) if k.startswith("test_recon_mse"))
@@ -77,7 +77,7 @@ def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, p
 def finetune_stage(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path,
                    plots_file: Path) -> dict:
     done = finetune_stack(params, Path(pretrained_dir), Path(shard_dir), Path(out_dir))
-    write_json(Path(metrics_file), done["metrics"])
+    write_metrics(Path(metrics_file), done["metrics"])
     Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(plots_file), curves_csv(done["curves"]))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in done["metrics"].items() if k.startswith("test_accuracy"))

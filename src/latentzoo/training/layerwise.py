@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from latentzoo.atomic import atomic_dir, atomic_write_text
+from latentzoo.atomic import atomic_dir
 from latentzoo.data.shards import load_manifest, sha256_file
 from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
@@ -170,8 +170,3 @@ def log_test(model_dir: Path, metrics: dict) -> None:
     run = json.loads((model_dir / RUN_FILE).read_text())
     if run.get("run_id"):
         mlflow_runs.log_metrics(run.get("tracking_uri") or mlflow_runs.tracking_uri(), run["run_id"], metrics)
-
-
-def write_json(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
