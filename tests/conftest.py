@@ -76,8 +76,9 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for the whole session: Ray takes tens of seconds to start."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             logging_config=ray.LoggingConfig(log_level="ERROR"))
+    from latentzoo.training.trainer import connect_ray
+
+    connect_ray(num_cpus=2)  # as the stages start it (Ray Train's poll interval and start timeout set)
     yield
     ray.shutdown()
 
