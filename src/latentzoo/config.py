@@ -244,9 +244,20 @@ def load_params(path: str | Path = "params.yaml") -> "Params":
     """Read and validate params.yaml (the one place config is parsed)."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except OSError as exc:  # a directory, no read permission
+        raise ConfigError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: nested too deeply to be a params file") from None
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # PyYAML's constructors raise these for a scalar its tag cannot hold: `!!int x`, `seed: 2001-13-45`
+        raise ConfigError(f"{path}: a value does not fit its YAML type ({type(exc).__name__}: {exc})") from None
     return validate_params(raw, source=str(path))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from typing import Callable, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -36,11 +38,23 @@ class TrainingError(LatentzooError):
     """Training failed past the configured retries; names the run and where its checkpoints are."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt: `finally` blocks and the temporary
+    outputs' clean-up run before the process exits."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def cli_errors(fn: F) -> F:
-    """Decorate a `main()`: a LatentzooError becomes one line on stderr and exit status 2."""
+    """Decorate a `main()`: a LatentzooError becomes one line on stderr and exit status 2; SIGINT (130) and
+    SIGTERM (143) end it with one line after the temporary outputs are removed."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return fn(*args, **kwargs)
         except LatentzooError as err:
@@ -48,10 +62,11 @@ def cli_errors(fn: F) -> F:
                 raise
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             if os.environ.get("LATENTZOO_DEBUG"):
                 raise
-            print("interrupted: nothing was written under the final output names", file=sys.stderr)
-            raise SystemExit(130) from None
+            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            print(f"{what}: nothing was written under the final output names", file=sys.stderr)
+            raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
 
     return wrapper  # type: ignore[return-value]

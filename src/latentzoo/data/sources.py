@@ -11,6 +11,7 @@ image is left out and recorded in `SourceData.skipped` instead.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import warnings
 import zlib
@@ -110,7 +111,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, expected {header})")
     shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected, got = int(np.prod(shape)), len(data) - header
+    expected, got = math.prod(shape), len(data) - header  # Python ints: np.prod wraps past 2**63
     if got < expected:
         raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {got}")
     if got > expected:
@@ -136,6 +137,8 @@ def _read_idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, P
         missing = f"{prefix}-images-idx3-ubyte" if images_path is None else f"{prefix}-labels-idx1-ubyte"
         raise DataError(f"{folder}: {missing}[.gz] is missing (found the matching {prefix} file)")
     images = read_idx(images_path, IDX_IMAGES_MAGIC)
+    if 0 in images.shape[1:]:  # no pixels: nothing to learn, and the shard stage cannot encode them
+        raise DataError(f"{images_path}: images of {images.shape[2]}x{images.shape[1]} pixels")
     labels = read_idx(labels_path, IDX_LABELS_MAGIC)
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
