@@ -16,8 +16,11 @@ def main(argv=None) -> None:
     ap.add_argument("--shards", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True, help="folder for the image grids")
+    ap.add_argument("--classifier", type=Path, default=None,
+                    help="the classifier stage's weights (models/classifier/model.pt): adds FCD and sharpness")
     args = ap.parse_args(argv)
-    evaluate_stage(load_params(args.params), args.model_dir, args.shards, args.metrics, args.plots)
+    evaluate_stage(load_params(args.params), args.model_dir, args.shards, args.metrics, args.plots,
+                   classifier=args.classifier)
 
 
 if __name__ == "__main__":

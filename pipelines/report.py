@@ -17,10 +17,12 @@ def main(argv=None) -> None:
     ap.add_argument("--plots", type=Path, required=True, help="folder of per-model evaluate plots")
     ap.add_argument("--pretrain-metrics", type=Path, default=None, help="the pretrain stage's metrics (stacked AE)")
     ap.add_argument("--finetune-metrics", type=Path, default=None, help="the finetune stage's metrics (stacked AE)")
+    ap.add_argument("--curves", type=Path, default=None, help="folder of train-stage per-epoch CSVs (plots/train)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     report_stage(load_params(args.params), args.eval_metrics, args.train_metrics, args.plots, args.out,
-                 pretrain_metrics=args.pretrain_metrics, finetune_metrics=args.finetune_metrics)
+                 pretrain_metrics=args.pretrain_metrics, finetune_metrics=args.finetune_metrics,
+                 curves_dir=args.curves)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ def test_repo_params_load_with_defaults():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
     assert params.data.source == "digits"
-    assert params.models == ["vae", "vqvae", "simvq"]
+    assert params.models == ["vae", "vqvae", "simvq", "resvae_gan"]
     assert params.model_config_for("vae").latent_dim >= 1
     assert params.model_config_for("vqvae").codebook_size >= 1 and params.model_config_for("simvq").codebook_dim >= 1
 

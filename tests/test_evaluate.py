@@ -102,3 +102,15 @@ def test_report_shows_the_stacked_autoencoder_side_by_side(tmp_path):
     assert "| linear probe (frozen pretrained features) | 0.9 |" in text and "(5400 images)" in text
     assert "| 1 | 0.01 |" in text and "| 2 | 0.2 |" in text
     assert json.loads((tmp_path / "reports/metrics.json").read_text())["stacked_ae"] == stacked
+
+
+def test_report_draws_the_training_curves(tmp_path):
+    (tmp_path / "curves").mkdir()
+    (tmp_path / "curves/vae.csv").write_text("epoch,train_loss,val_loss\n1,40,38\n2,30,29\n")
+    (tmp_path / "curves/resvae_gan.csv").write_text(
+        "epoch,train_loss,val_loss,train_disc_loss\n1,50,48,\n2,45,44,1.9\n")
+    report = build_report(["vae", "resvae_gan", "absent"], tmp_path / "eval", tmp_path / "train",
+                          tmp_path / "plots", tmp_path / "reports", curves_dir=tmp_path / "curves")
+    png = tmp_path / "reports/images/training_curves.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and "![training curves](images/training_curves.png)" in report.read_text()
+    assert report.read_text().index("## Training curves") > report.read_text().index("| model |")

@@ -83,6 +83,17 @@ class FinetuneConfig(Section):
     probe: bool = True  # also train a linear classifier on the frozen pretrained features
 
 
+class ClassifierConfig(Section):
+    """The feature classifier of the Fréchet classifier distance (classifier stage, `evaluation.feature_classifier`)."""
+
+    width: int = Field(default=32, ge=1)
+    feature_dim: int = Field(default=128, ge=2)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=2e-3, gt=0)
+    num_samples: int = Field(default=2000, ge=2)  # generated images per FCD, against as many real test images
+
+
 class EvaluateConfig(Section):
     """Held-out evaluation (evaluate stage)."""
 
@@ -145,6 +156,7 @@ class _ParamsBase(Section):
     shard: ShardConfig = ShardConfig()
     train: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()

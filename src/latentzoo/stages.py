@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from latentzoo.atomic import atomic_write_text
+from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.data.prepare import prepare
-from latentzoo.data.shards import load_manifest, shard_urls, write_shards
+from latentzoo.data.shards import load_manifest, shard_urls, verify_shards, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
+from latentzoo.evaluation.feature_classifier import save_classifier, train_classifier
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
@@ -86,17 +87,36 @@ def finetune_stage(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path,
     return done["metrics"]
 
 
-def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path) -> dict:
+def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path) -> dict:
+    """Train the feature classifier of the FCD on the training split; its test accuracy is a DVC metric."""
+    shard_dir = Path(shard_dir)
+    manifest = load_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, splits=("train", "test"))
+    model, result = train_classifier(params.classifier, shard_urls(shard_dir, manifest, "train"),
+                                     shard_urls(shard_dir, manifest, "test"), params.seed)
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_classifier(model, params.classifier, manifest["image_shape"], tmp / WEIGHTS_FILE)
+    write_metrics(Path(metrics_file), result)
+    print(f"classifier: test accuracy {result['test_accuracy']:.4f} ({result['train_images']} training images, "
+          f"{result['train_time_s']:.1f}s); FCD features in {Path(out_dir) / WEIGHTS_FILE}")
+    return result
+
+
+def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path,
+                   classifier: Path | None = None) -> dict:
+    """Test metrics of one trained model; with the classifier stage's `classifier` weights, FCD and sharpness."""
     model_dir, shard_dir = Path(model_dir), Path(shard_dir)
     plots_dir = Path(plots_dir)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=plots_dir)
+    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=plots_dir,
+                                   classifier_path=classifier)
     urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
     write_grids(model, urls, plots_dir, params.evaluate.grid_size, params.seed)
     write_metrics(Path(metrics_file), result)
     log_to_training_run(params, model_dir, result, plots_dir)
     shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",
-                                                                         "test_utilisation", "test_perplexity")}
+                                                                         "test_utilisation", "test_perplexity",
+                                                                         "test_fcd_samples", "test_fcd_recon")}
     print(f"evaluate: {model_dir.name}: {shown}")
     return result
 
@@ -130,9 +150,11 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
 
 
 def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
-                 pretrain_metrics: Path | None = None, finetune_metrics: Path | None = None) -> Path:
+                 pretrain_metrics: Path | None = None, finetune_metrics: Path | None = None,
+                 curves_dir: Path | None = None) -> Path:
     report = build_report(list(params.models), Path(eval_dir), Path(train_dir), Path(plots_dir), Path(out_dir),
-                          mlflow_hint=MLFLOW_UI, stacked=read_stacked(pretrain_metrics, finetune_metrics))
+                          mlflow_hint=MLFLOW_UI, stacked=read_stacked(pretrain_metrics, finetune_metrics),
+                          curves_dir=curves_dir)
     if params.tracking.enabled:
         uri = mlflow_runs.tracking_uri()
         tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}

@@ -4,6 +4,7 @@ Metrics, all means over the test split:
   neg_elbo (nats/image) = E[-log p(x|z)] + KL(q(z|x) || p(z))   where the family defines an ELBO,
   mse = mean (x - x̂)²,  psnr = 10·log10(1 / mse),  ssim (Wang et al. 2004),
   active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519),
+  fcd_samples / fcd_recon and sharpness_samples / sharpness_recon against the test images (`quality`),
   and for families with a codebook: utilisation = #{codes used} / K over the whole split, perplexity = exp(H(p))
   of the code histogram p, dead_codes = K - #{codes used}.
 """
@@ -21,17 +22,20 @@ from latentzoo.atomic import atomic_write_text
 from latentzoo.data.loader import eval_batches
 from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
 from latentzoo.evaluation import metrics as M
+from latentzoo.evaluation.feature_classifier import load_classifier
 from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import save_grid
+from latentzoo.evaluation.quality import quality_metrics
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.training.checkpoint import load_model
 
 
 @torch.no_grad()
-def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True,
-                   figures_dir: Path | None = None) -> tuple[dict, torch.nn.Module]:
+def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True, figures_dir: Path | None = None,
+                   classifier_path: Path | None = None) -> tuple[dict, torch.nn.Module]:
     """Test-split metrics of the model in `model_path`; returns (metrics, model). With `figures_dir`, a family
-    with a codebook also gets its usage histogram there (codebook_usage.png)."""
+    with a codebook also gets its usage histogram there (codebook_usage.png); with `classifier_path` (the
+    classifier stage's network), FCD and sharpness of reconstructions and samples (`evaluation.quality`)."""
     manifest = load_manifest(shard_dir)
     verify_shards(shard_dir, manifest, splits=("test",))
     urls = shard_urls(shard_dir, manifest, "test")
@@ -39,6 +43,8 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
     generator = torch.Generator().manual_seed(params.seed)  # the same binarisation / ε for every evaluation
     sums: dict[str, float] = defaultdict(float)
     means, count = [], 0
+    quality_n = params.classifier.num_samples
+    real, recons = [], []  # the first quality_n test images and their reconstructions
     codes = CodeCounter(model.codebook_size) if getattr(model, "codebook_size", None) else None
     bar = tqdm(total=manifest["splits"]["test"]["count"], desc=f"evaluate {meta['model_name']}",
                unit="img", disable=not progress)
@@ -56,6 +62,9 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
             codes.add(out.codes)
         elif hasattr(model, "encode"):  # a continuous latent: (posterior mean, ...)
             means.append(model.encode(x)[0])
+        if count < quality_n:
+            real.append(x[: quality_n - count])
+            recons.append(out.recon[: quality_n - count])
         count += n
         bar.update(n)
     bar.close()
@@ -67,6 +76,10 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
         if figures_dir is not None:
             save_usage_histogram(codes.counts, Path(figures_dir) / "codebook_usage.png",
                                  f"{meta['model_name']}, test split")
+    if classifier_path is not None:
+        samples = model.sample(len(torch.cat(real)), generator=generator) if hasattr(model, "sample") else None
+        quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)
+        result |= {f"test_{k}": v for k, v in quality.items()}
     result["test_images"] = count
     return result, model
 

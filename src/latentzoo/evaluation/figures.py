@@ -34,3 +34,27 @@ def save_usage_histogram(counts: Tensor, path: Path, title: str) -> Path:
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
     return Path(path)
+
+
+CURVES = (("train_loss", "train loss", "-"), ("val_loss", "val loss", "-"),
+          ("train_disc_loss", "discriminator loss", "--"))
+
+
+def save_training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
+    """One panel per model: its per-epoch train and val objective (and a critic's loss), from the train stage's
+    plots CSV. Each family's objective has its own scale (nats, MSE), hence a panel each."""
+    fig, axes = plt.subplots(1, len(histories), figsize=(3.2 * len(histories), 2.8), dpi=100, squeeze=False)
+    for ax, (name, rows) in zip(axes[0], histories.items()):
+        epochs = [row["epoch"] for row in rows]
+        for key, label, style in CURVES:
+            if any(key in row for row in rows):
+                ax.plot(epochs, [row.get(key, float("nan")) for row in rows], style, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)

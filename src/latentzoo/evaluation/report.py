@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import re
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from latentzoo.atomic import atomic_dir
+from latentzoo.evaluation.figures import save_training_curves
 
 # Column order of the table; a metric a family does not define is shown as "–".
 COLUMNS = [
@@ -21,6 +23,12 @@ COLUMNS = [
     ("test_active_units", "active units"),
     ("test_utilisation", "codebook used"),
     ("test_perplexity", "code perplexity"),
+    ("test_fcd_samples", "FCD samples"),
+    ("test_fcd_recon", "FCD recon"),
+    ("test_sharpness_samples", "sharpness samples (data = 1)"),
+    ("test_sharpness_recon", "sharpness recon (data = 1)"),
+    ("test_mean_sigma", "mean σ"),
+    ("test_collapsed_dims", "collapsed dims"),
     ("fit_time_s", "train time (s)"),
     ("epochs", "epochs"),
 ]
@@ -79,8 +87,20 @@ def stacked_section(stacked: dict) -> list[str]:
     return lines
 
 
+def read_curves(models: list[str], curves_dir: Path | None) -> dict[str, list[dict]]:
+    """{model: per-epoch rows} from the train stage's plots CSVs (plots/train/<model>.csv), where present."""
+    found = {}
+    for name in models:
+        path = Path(curves_dir) / f"{name}.csv" if curves_dir else None
+        if path and path.exists():
+            with path.open() as f:
+                rows = list(csv.DictReader(f))
+            found[name] = [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
+    return found
+
+
 def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], mlflow_hint: str,
-                    stacked: dict | None = None) -> str:
+                    stacked: dict | None = None, curves: str | None = None) -> str:
     lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", ""]
     lines.append("| model | " + " | ".join(title for _, title in COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
@@ -93,6 +113,8 @@ def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], ml
         for name, pictures in images.items():
             cells = [f"![{name} {title}]({pictures[file]})" if file in pictures else "–" for title, file in GRIDS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if curves:
+        lines += ["", "## Training curves", "", f"![training curves]({curves})"]
     lines += ["", mlflow_hint, ""]
     return "\n".join(lines)
 
@@ -135,10 +157,17 @@ def markdown_to_html(text: str, base: Path) -> str:
 
 
 def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
-                 mlflow_hint: str = "", stacked: dict | None = None) -> Path:
-    """Write `out_dir/report.md` with copies of the grids it shows, and `report.html` with the grids embedded."""
+                 mlflow_hint: str = "", stacked: dict | None = None, curves_dir: Path | None = None) -> Path:
+    """Write `out_dir/report.md` with copies of the grids it shows and the training curves of `curves_dir`
+    (the train stage's per-epoch CSVs), and `report.html` with every image embedded."""
     rows = collect(models, Path(eval_dir), Path(train_dir))
+    histories = read_curves(models, curves_dir)
     with atomic_dir(out_dir) as tmp:
+        curves = None
+        if histories:
+            (tmp / "images").mkdir(exist_ok=True)
+            save_training_curves(histories, tmp / "images" / "training_curves.png")
+            curves = "images/training_curves.png"
         images: dict[str, dict[str, str]] = {}  # {model: {file: path relative to the report}}
         for name in models:
             for _, file in GRIDS:
@@ -147,7 +176,7 @@ def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: 
                     (tmp / "images").mkdir(exist_ok=True)
                     shutil.copyfile(src, tmp / "images" / f"{name}-{file}")
                     images.setdefault(name, {})[file] = f"images/{name}-{file}"
-        markdown = render_markdown(rows, images, mlflow_hint, stacked)
+        markdown = render_markdown(rows, images, mlflow_hint, stacked, curves)
         (tmp / "report.md").write_text(markdown)
         (tmp / "report.html").write_text(markdown_to_html(markdown, tmp))
         everything = rows | ({"stacked_ae": stacked} if stacked else {})

@@ -12,6 +12,7 @@ from torch import nn
 
 from latentzoo.errors import ConfigError
 from latentzoo.models.base import ModelOutput
+from latentzoo.models.resvae_gan import ResVAEGAN, ResVAEGANConfig
 from latentzoo.models.stacked_ae import StackedAEConfig, StackedAutoencoder
 from latentzoo.models.vae import VAE, VAEConfig
 from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig
@@ -31,6 +32,7 @@ REGISTRY: dict[str, ModelEntry] = {
     "vqvae": ModelEntry(VQVAEConfig, VQVAE),
     "simvq": ModelEntry(SimVQConfig, VQVAE),
     "stacked_ae": ModelEntry(StackedAEConfig, StackedAutoencoder),
+    "resvae_gan": ModelEntry(ResVAEGANConfig, ResVAEGAN),
 }
 
 
@@ -44,6 +46,6 @@ def build_model(name: str, cfg: Section, image_shape: tuple[int, int, int]) -> n
     return entry.model_cls(cfg, tuple(image_shape))
 
 
-__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "SimVQConfig", "StackedAEConfig",
+__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "ResVAEGAN", "ResVAEGANConfig", "SimVQConfig", "StackedAEConfig",
            "StackedAutoencoder", "VAE", "VAEConfig", "VQVAE", "VQVAEConfig",
            "build_model"]

@@ -116,8 +116,10 @@ def run_loop(job: TrainJob, session: Session) -> None:
         model.load_state_dict(load_state(Path(job.init_weights))["state_dict"])
     if job.phase:
         model.set_phase(**job.phase)  # freezes what this phase does not train
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    betas = getattr(model, "adam_betas", (0.9, 0.999))
+    optimizer = torch.optim.AdamW(generator_parameters(model), lr=train.lr, weight_decay=train.weight_decay,
+                                  betas=betas)
+    adversary = Adversary.of(model, betas)
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
     if checkpoint:
@@ -125,10 +127,17 @@ def run_loop(job: TrainJob, session: Session) -> None:
             state = load_state(Path(d) / CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if adversary:
+            adversary.optimizer.load_state_dict(state["disc_optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+    if adversary:  # D gets a DDP wrapper of its own; the generator's ignores D's weights
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [f"discriminator.{name}" for name in model.discriminator.state_dict()])
     model = session.prepare_model(model)
+    if adversary:
+        adversary.module = session.prepare_model(unwrap(model).discriminator)
     device = session.device
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
     if rank == 0:
@@ -147,7 +156,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
             label_fraction=job.label_fraction,
         )
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **train_epoch(model, optimizer, batches, device, train.grad_clip)}
+               **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary)}
         row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
@@ -159,7 +168,41 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
             if job.mlflow_run_id:
                 log_epoch(job, row, epoch + 1)
-        report(session, row, unwrap(model), optimizer, epoch, history)
+        report(session, row, unwrap(model), optimizer, epoch, history, adversary)
+
+
+def generator_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What the main optimizer trains: the parameters this phase leaves trainable, a discriminator's excepted."""
+    adversary = getattr(model, "discriminator", None)
+    excluded = {id(p) for p in adversary.parameters()} if adversary is not None else set()
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+
+
+@dataclass
+class Adversary:
+    """The discriminator of a family trained adversarially (a model with a `discriminator`): its own optimizer
+    (Adam at the model's `disc_lr` and betas) and its own DDP wrapper (`module`), so the generator's and the
+    discriminator's gradients are all-reduced in their own backward passes."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    @classmethod
+    def of(cls, model: nn.Module, betas) -> "Adversary | None":
+        disc = getattr(model, "discriminator", None)
+        if disc is None:
+            return None
+        return cls(disc, torch.optim.Adam(disc.parameters(), lr=model.disc_lr, betas=betas))
+
+    def step(self, model: nn.Module, x: torch.Tensor, recon: torch.Tensor):
+        """One discriminator step on real x and detached reconstructions, once the model's schedule starts it."""
+        if not model.adversarial_active:
+            return None
+        out = model.discriminator_losses(x, recon.detach(), self.module)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.optimizer.step()
+        return out
 
 
 def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
@@ -193,9 +236,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float]:
+def train_epoch(model, optimizer, batches, device, grad_clip, adversary: Adversary | None = None) -> dict[str, float]:
     """One epoch of optimisation; returns global (all-rank) means of the loss terms and model metrics, and the
-    codebook usage over the epoch for families with a codebook."""
+    codebook usage over the epoch for families with a codebook. With an `adversary`, each generator step is
+    followed by a discriminator step (`train_disc_*` figures)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
@@ -216,9 +260,12 @@ def train_epoch(model, optimizer, batches, device, grad_clip) -> dict[str, float
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
         accumulate(sums, "train", out, len(x))
+        disc_out = adversary.step(unwrap(model), x, out.recon) if adversary else None
+        if disc_out:
+            accumulate(sums, "train_disc", disc_out, len(x))
         if codes:
             codes.add(out.codes)
         count += len(x)
@@ -314,13 +361,15 @@ def global_min_max(value: int, device) -> tuple[int, int]:
     return int(t[0]), int(-t[1])
 
 
-def report(session: Session, row, model, optimizer, epoch, history) -> None:
+def report(session: Session, row, model, optimizer, epoch, history, adversary: Adversary | None = None) -> None:
     """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if session.rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                      "history": history}
+            if adversary:
+                state["disc_optimizer"] = adversary.optimizer.state_dict()
             save_state(Path(d) / CHECKPOINT_FILE, state)
             checkpoint = session.checkpoint_cls.from_directory(d)
         session.report(row, checkpoint=checkpoint)

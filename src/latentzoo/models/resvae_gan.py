@@ -1,0 +1,214 @@
+"""Residual VAE with a mixture-of-Gaussians aggregate posterior and a PatchGAN critic, after M. Rivera,
+"How to Train Your VAE", arXiv 2309.13160.
+
+Encoder and decoder are ResNetV2 pre-activation stacks (`models.resnet`); the latent is a (c, H/2^L, W/2^L) map
+with q(z|x) = N(mu(x), diag sigma^2(x)) and z = mu + sigma * eps. Instead of pulling every sample's posterior to
+N(0, I), the paper regularises the *aggregate* posterior q(z) = (1/N) sum_i N(mu_i, sigma_i^2), a mixture of the
+batch's Gaussians: its moments, the batch mean m and variance v of mu per latent dim, are pulled to N(0, I),
+
+    L_agg = KL(N(m, v) || N(0, 1)) = 0.5 * sum_d (m_d^2 + v_d - 1 - log v_d),
+
+and a per-sample term keeps every sigma away from collapse (no mu^2 term: the means stay free to spread out),
+
+    L_var = -sum_d (1 + log sigma_d^2 - sigma_d^2)   (>= 0, smallest at sigma = 1; its gradient pushes a small
+                                                       sigma up),
+
+    loss = E[-log p(x|z)] + w_agg * L_agg + lambda * L_var (+ w_adv * lambda_adapt * L_G)      ("mixture")
+    loss = E[-log p(x|z)] + w_kl * KL(q(z|x) || N(0, I))   (+ the same adversarial term)          ("standard").
+
+Under DDP, m and v are over the *global* batch: the per-rank sums of mu and mu^2 are all-reduced with a
+differentiable all-reduce, so each rank's gradient is that of the global statistic (`batch_moments`).
+
+The adversarial term (`models.patchgan`) starts at step `disc_start`; the discriminator is trained by the
+training loop with its own optimizer (`discriminator_losses`), the generator's step never builds a graph into it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import Tensor, nn
+
+from latentzoo.errors import ConfigError
+from latentzoo.models.base import ModelOutput
+from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, frozen, generator_loss
+from latentzoo.models.resnet import decoder, encoder
+from latentzoo.models.vae import bernoulli_nll, gaussian_nll, kl_normal_standard, reparameterize
+from latentzoo.schema import Section
+
+COLLAPSED_SIGMA = 0.01  # a latent dim whose mean posterior std is below this has collapsed to a point
+
+
+class ResVAEGANConfig(Section):
+    """params.yaml section `resvae_gan`."""
+
+    tune_metric: ClassVar[str] = "val_neg_elbo"  # the tune stage's objective (minimised)
+
+    width: int = Field(32, ge=1)  # channels of the first level; doubles at each downsampling
+    levels: int = Field(2, ge=1, le=5)  # strided blocks: the latent map is H/2^levels x W/2^levels
+    blocks: int = Field(1, ge=0)  # identity blocks per level (depth)
+    latent_channels: int = Field(4, ge=1)
+    posterior: Literal["mixture", "standard"] = "mixture"
+    aggregate_weight: float = Field(1.0, ge=0)  # w_agg: KL of the batch moments of mu to N(0, 1)
+    variance_weight: float = Field(0.5, ge=0)  # lambda: 0.5 is the sigma part of the standard KL
+    kl_weight: float = Field(1.0, ge=0)  # w_kl, for posterior: standard
+    likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
+    gaussian_sigma: float = Field(0.1, gt=0)
+    gan_loss: Literal["hinge", "bce"] = "hinge"
+    adversarial_weight: float = Field(0.1, ge=0)  # w_adv (0: no discriminator is trained)
+    adaptive_weight: bool = True  # scale L_G by lambda_adapt = |grad L_rec| / |grad L_G| at the last layer
+    disc_start: int = Field(200, ge=0)  # optimizer steps before the adversarial term and D's training start
+    disc_width: int = Field(32, ge=1)
+    disc_layers: int = Field(2, ge=1, le=5)
+    disc_lr: float = Field(2e-4, gt=0)
+    adam_beta1: float = Field(0.5, ge=0, lt=1)  # both optimizers (Adam, beta1 = 0.5 as for GANs)
+    adam_beta2: float = Field(0.9, ge=0, lt=1)
+
+
+def batch_moments(mu: Tensor, global_batch: bool) -> tuple[Tensor, Tensor]:
+    """Mean m and (population) variance v of mu (B, D) over the batch, per dim; with `global_batch` and a process
+    group, over every rank's batch: sums all-reduced by `torch.distributed.nn.all_reduce`, whose backward
+    all-reduces the gradients, so the gradient is that of the global statistic."""
+    stats = torch.cat([mu.sum(0), mu.pow(2).sum(0), mu.new_tensor([len(mu)])])
+    if global_batch and dist.is_available() and dist.is_initialized():
+        from torch.distributed.nn.functional import all_reduce
+
+        stats = all_reduce(stats)
+    d = mu.shape[1]
+    count = stats[-1]
+    mean = stats[:d] / count
+    var = (stats[d:2 * d] / count - mean.pow(2)).clamp_min(1e-6)
+    return mean, var
+
+
+def aggregate_kl(mean: Tensor, var: Tensor) -> Tensor:
+    """KL(N(m, v) || N(0, 1)) summed over dims: 0.5 * sum_d (m_d^2 + v_d - 1 - log v_d)."""
+    return 0.5 * (mean.pow(2) + var - 1.0 - var.log()).sum()
+
+
+def variance_penalty(logvar: Tensor) -> Tensor:
+    """-sum_d (1 + log sigma_d^2 - sigma_d^2) per sample, (B,): zero at sigma = 1, large as sigma -> 0."""
+    return -(1.0 + logvar - logvar.exp()).sum(dim=1)
+
+
+class ResVAEGAN(nn.Module):
+    """Residual VAE generator + PatchGAN `discriminator` (the training loop gives D its own optimizer and DDP)."""
+
+    def __init__(self, cfg: ResVAEGANConfig, image_shape: tuple[int, int, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.image_shape = tuple(image_shape)
+        c, h, w = self.image_shape
+        scale = 2**cfg.levels
+        if h % scale or w % scale:
+            raise ConfigError(f"resvae_gan.levels {cfg.levels} needs height and width divisible by {scale}, got "
+                              f"image shape {self.image_shape}; lower resvae_gan.levels or resize (data.image_size)")
+        self.latent_shape = (cfg.latent_channels, h // scale, w // scale)
+        self.encoder = encoder(c, cfg.width, cfg.levels, cfg.blocks, 2 * cfg.latent_channels)
+        self.decoder = decoder(cfg.latent_channels, cfg.width, cfg.levels, cfg.blocks, c)
+        self.discriminator = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps (checkpointed)
+        self.register_buffer("gan_lambda", torch.ones(()))  # the last adaptive weight (used in evaluation)
+
+    # ------------------------------------------------------------ what the training loop asks of a GAN family
+
+    @property
+    def adam_betas(self) -> tuple[float, float]:
+        return self.cfg.adam_beta1, self.cfg.adam_beta2
+
+    @property
+    def disc_lr(self) -> float:
+        return self.cfg.disc_lr
+
+    @property
+    def adversarial_active(self) -> bool:
+        return self.cfg.adversarial_weight > 0 and int(self.step) >= self.cfg.disc_start
+
+    def discriminator_losses(self, x: Tensor, recon: Tensor, discriminate: nn.Module | None = None) -> ModelOutput:
+        """L_D on real images x and (detached) reconstructions, one forward of `discriminate` (the DDP-wrapped D
+        in training) over both halves."""
+        logits = (discriminate or self.discriminator)(torch.cat([x, recon.detach()]))
+        real, fake = logits.chunk(2)
+        return ModelOutput(None, {"gan": discriminator_loss(real, fake, self.cfg.gan_loss)},
+                           {"logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()})
+
+    # ------------------------------------------------------------ the VAE
+
+    @property
+    def binarizes(self) -> bool:
+        return False  # continuous targets: the critic sharpens grey levels, not coin flips
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C, H, W) → (mu, logvar) of q(z|x), each flattened to (B, D), D = prod(latent_shape)."""
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu.flatten(1), logvar.flatten(1).clamp(-30.0, 20.0)
+
+    def decode_logits(self, z: Tensor) -> Tensor:
+        return self.decoder(z.view(len(z), *self.latent_shape))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self._mean(self.decode_logits(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x)[0])
+
+    def latents(self, x: Tensor) -> Tensor:
+        return self.encode(x)[0]
+
+    def _mean(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
+
+    def _nll(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.cfg.likelihood == "bernoulli":
+            return bernoulli_nll(logits, target)
+        return gaussian_nll(logits, target, self.cfg.gaussian_sigma)
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
+        """The generator's loss terms (recon, the posterior's regularisers, adversarial) and latent-health metrics."""
+        mu, logvar = self.encode(x)
+        logits = self.decode_logits(reparameterize(mu, logvar, generator))
+        nll, kl = self._nll(logits, x), kl_normal_standard(mu, logvar)
+        losses = {"recon": nll.mean()}
+        if self.cfg.posterior == "standard":
+            losses["kl"] = self.cfg.kl_weight * kl.mean()
+        else:
+            mean, var = batch_moments(mu, global_batch=self.training)
+            losses["aggregate"] = self.cfg.aggregate_weight * aggregate_kl(mean, var)
+            losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
+        recon = self._mean(logits)
+        losses["adversarial"] = self._adversarial(recon, losses["recon"])
+        if self.training and torch.is_grad_enabled():
+            self.step += 1
+        sigma = (0.5 * logvar).exp().detach()
+        return ModelOutput(
+            recon=recon,
+            losses=losses,
+            metrics={
+                "neg_elbo": (nll + kl).mean().detach(),  # the ELBO of this encoder/decoder, whatever the objective
+                "kl": kl.mean().detach(),
+                "recon_nats": nll.mean().detach(),
+                "mean_sigma": sigma.mean(),
+                "collapsed_dims": (sigma.mean(0) < COLLAPSED_SIGMA).sum().float(),
+            },
+        )
+
+    def _adversarial(self, recon: Tensor, rec_loss: Tensor) -> Tensor:
+        """w_adv * lambda_adapt * L_G(D(x̂)) once active, else 0; D's weights get no gradient from it."""
+        if not self.adversarial_active:
+            return recon.new_zeros(())
+        with frozen(self.discriminator):
+            gan = generator_loss(self.discriminator(recon), self.cfg.gan_loss)
+        if self.cfg.adaptive_weight and self.training and torch.is_grad_enabled():
+            self.gan_lambda.copy_(adaptive_weight(rec_loss, gan, self.decoder[-1].weight))
+        weight = self.gan_lambda if self.cfg.adaptive_weight else 1.0
+        return self.cfg.adversarial_weight * weight * gan
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n images (n, C, H, W) in [0, 1]: the decoder mean of z ~ N(0, I)."""
+        ref = next(self.parameters())
+        z = torch.randn(n, *self.latent_shape, generator=generator, device=ref.device, dtype=ref.dtype)
+        return self.decode(z.flatten(1))

@@ -1,0 +1,73 @@
+"""Sample quality: the feature classifier (classifier stage), Fréchet classifier distance, sharpness."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from latentzoo.evaluation.evaluate import evaluate_model
+from latentzoo.evaluation.feature_classifier import frechet_distance, load_classifier
+from latentzoo.evaluation.metrics import laplacian_variance
+from latentzoo.models import build_model
+from latentzoo.stages import classifier_stage
+from latentzoo.training.checkpoint import save_state, weights_record
+
+
+def test_frechet_distance_of_gaussians_matches_closed_form():
+    """N(0, I) against N(1, 4I) in d dims: ‖μ‖² = d and Tr(I + 4I − 2·2I) = d, so FD = 2d."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 3))
+    b = rng.normal(size=(20000, 3)) * 2 + 1
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.05)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+
+
+def test_laplacian_variance_falls_with_blur():
+    x = (torch.rand(4, 1, 16, 16) > 0.5).float()
+    blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1)
+    assert (laplacian_variance(blurred) < laplacian_variance(x)).all()
+    assert laplacian_variance(torch.full((1, 3, 8, 8), 0.5)).item() == 0
+
+
+@pytest.fixture(scope="module")
+def classifier(digits_shards, tmp_path_factory):
+    from conftest import make_params
+
+    params = make_params(**{"classifier.epochs": 5, "classifier.batch_size": 32, "classifier.width": 8,
+                            "classifier.feature_dim": 16})
+    out = tmp_path_factory.mktemp("classifier")
+    result = classifier_stage(params, digits_shards, out / "model", out / "metrics.json")
+    return out / "model" / "model.pt", result, json.loads((out / "metrics.json").read_text())
+
+
+def test_classifier_stage_learns_digits(classifier):
+    path, result, written = classifier
+    assert written == result
+    assert result["test_accuracy"] > 0.8 and result["num_classes"] == 10
+    assert load_classifier(path).features(torch.rand(2, 1, 8, 8)).shape == (2, 16)
+
+
+def test_evaluate_adds_fcd_and_sharpness(classifier, digits_shards, tiny_params, tmp_path):
+    params = tiny_params(**{"classifier.num_samples": 200})
+    torch.manual_seed(0)
+    model = build_model("vae", params.vae, (1, 8, 8))
+    path = tmp_path / "model.pt"
+    save_state(path, weights_record(model, "vae", params.vae.model_dump(), (1, 8, 8), epoch=0))
+    result, _ = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
+    assert result["test_fcd_samples"] > 0 and result["test_fcd_recon"] > 0
+    assert 0 <= result["test_sharpness_recon"] and 0 <= result["test_sharpness_samples"]
+    again, _ = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
+    assert again == result  # seeded samples
+
+
+def test_a_foreign_file_is_not_a_classifier(tmp_path):
+    from latentzoo.errors import LatentzooError
+
+    path = tmp_path / "x.pt"
+    save_state(path, {"format": 1})
+    with pytest.raises(LatentzooError, match="not a latentzoo feature classifier"):
+        load_classifier(path)
