@@ -1,0 +1,414 @@
+"""The speed benchmarks in one command, then benchmarks/results.md from every JSON in benchmarks/results/.
+
+    .venv/bin/python benchmarks/run_all.py                     # the suite (about 30 min on 2 cores), results.md
+    .venv/bin/python benchmarks/run_all.py --quick             # smoke run, small sizes, into a temp dir
+    .venv/bin/python benchmarks/run_all.py --skip repro_timing --skip vq_speed
+    .venv/bin/python benchmarks/run_all.py --report-only       # re-render results.md, run nothing
+
+In sequence, each in its own process (a failing one does not stop the others):
+
+    loader_speed  the pipeline's WebDataset loader (streamed, cached) vs TensorDataset + DataLoader
+    vae_mnist     Ray Train 1 worker vs a plain PyTorch loop, and 2 vs 1 workers (plus the VAE's test -ELBO)
+    vq_speed      our quantizers vs vector_quantize_pytorch's, one layer forward + backward
+    repro_timing  `make repro` from a clean workspace, then the no-op `dvc repro`
+
+Every figure in the tables is a ratio against a baseline measured in the same run. The report also shows the
+quality benchmarks (vq_mnist, tune_mnist, stacked_mnist, resvae_mnist) from their JSON files, which this
+suite does not re-run. --quick writes its JSON files and results.md into --results-dir (default: a new temp
+dir), never into benchmarks/results/. Exits non-zero when a benchmark failed (an error), never on slowness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+REPORT = BENCH / "results.md"
+
+
+@dataclass
+class Step:
+    name: str  # also the script (benchmarks/<name>.py) and its JSON (<name>.json)
+    full: list[str]
+    quick: list[str]
+    has_out: bool = True  # takes --out FILE; otherwise it writes benchmarks/results/<name>.json itself
+
+
+def suite(data: str, quick_data: str | None) -> list[Step]:
+    return [
+        Step("loader_speed", ["--data", data], ["--data", data, "--quick"]),
+        # The README's run: the speed ratios and the 10-epoch test -ELBO it quotes.
+        Step("vae_mnist", ["--data", data, "--epochs", "10", "--workers", "2"],
+             ["--data", str(quick_data), "--epochs", "2", "--workers", "2", "--baseline-epochs", "1"], has_out=False),
+        Step("vq_speed", [], ["--quick"]),
+        Step("repro_timing", [], ["--quick"]),
+    ]
+
+
+# ---------------------------------------------------------------- running
+
+
+def subset_idx(src: Path, dest: Path, counts: dict[str, int]) -> Path:
+    """The first counts[prefix] images and labels of src's IDX files (train, t10k), written to dest (.gz)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for prefix, n in counts.items():
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            path = src / f"{prefix}-{kind}"
+            raw = path.read_bytes() if path.exists() else gzip.decompress(Path(f"{path}.gz").read_bytes())
+            ndim = raw[3]
+            dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+            item = len(raw[4 + 4 * ndim :]) // dims[0]
+            header = raw[:4] + min(n, dims[0]).to_bytes(4, "big") + raw[8 : 4 + 4 * ndim]
+            body = raw[4 + 4 * ndim : 4 + 4 * ndim + min(n, dims[0]) * item]
+            (dest / f"{prefix}-{kind}.gz").write_bytes(gzip.compress(header + body, compresslevel=1))
+    return dest
+
+
+def stamp(json_file: Path, command: list[str], wall_s: float, smoke: bool) -> None:
+    """Record in a result what produced it (when its script does not), and whether it was a smoke run."""
+    result = json.loads(json_file.read_text())
+    result.setdefault("command", shlex.join(command))
+    result.setdefault("date", dt.datetime.now().isoformat(timespec="seconds"))
+    result["smoke"] = result.get("smoke") or smoke
+    result["suite_step_wall_s"] = wall_s
+    json_file.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run_step(step: Step, quick: bool, results_dir: Path) -> tuple[int, float]:
+    """Run one benchmark (its output streams through); (exit code, seconds). Its JSON lands in results_dir."""
+    out = results_dir / f"{step.name}.json"
+    command = ["python", f"benchmarks/{step.name}.py", *(step.quick if quick else step.full)]
+    command += ["--out", str(out)] if step.has_out else []
+    redirected = not step.has_out and results_dir.resolve() != RESULTS.resolve()
+    default = RESULTS / f"{step.name}.json"
+    saved = default.read_bytes() if redirected and default.exists() else None
+    print(f"\n=== {step.name}: {shlex.join(command)}", flush=True)
+    start = time.perf_counter()
+    try:
+        rc = subprocess.call([sys.executable, *command[1:]], cwd=ROOT)
+    finally:
+        # A script without --out writes benchmarks/results/<name>.json: move that to results_dir and put the
+        # real result back, so a smoke run never replaces a measurement.
+        if redirected and default.exists() and default.read_bytes() != saved:
+            shutil.move(default, out)
+        if saved is not None and not default.exists():
+            default.write_bytes(saved)
+    wall = time.perf_counter() - start
+    if rc == 0 and out.exists():
+        stamp(out, command, wall, quick)
+    print(f"=== {step.name}: exit {rc} after {wall:.0f} s", flush=True)
+    return rc, wall
+
+
+# ---------------------------------------------------------------- report (reads JSON only)
+
+
+def fmt(value, spec: str = ".2f", suffix: str = "") -> str:
+    return "–" if value is None else f"{value:{spec}}{suffix}"
+
+
+def ratio(value) -> str:
+    return fmt(value, ".2f", "×")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the repo when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def source_line(name: str, result: dict, settings: tuple[str, ...] = ()) -> str:
+    """Where a table comes from: the file, and the command and date when the JSON records them."""
+    parts = [f"`{name}.json`"]
+    date = result.get("date") or (result.get("machine") or {}).get("date")
+    if result.get("command"):
+        parts.append(f"`{result['command']}`")
+    if date:
+        parts.append(date)
+    recorded = [f"{key} {result[key]}" for key in settings if result.get(key) is not None]
+    if recorded:
+        parts.append("settings: " + ", ".join(recorded))
+    if not result.get("command") and not date:
+        parts.append("(command and date not recorded)")
+    line = "Source: " + "; ".join(parts) + "."
+    if result.get("smoke"):
+        line += " **Smoke run (small sizes): not a measurement.**"
+    if result.get("note"):
+        line += f" Note: {result['note']}."
+    return line
+
+
+def loader_section(name: str, r: dict) -> list[str]:
+    rows = r["rows"]
+    target = r.get("target_ratio", 0.8)
+    lines = table(["loader (1 worker rank)", "vs TensorDataset", "images/s", f"target ≥ {target}×"], [
+        ["TensorDataset + DataLoader (shuffle; baseline)", ratio(1.0), fmt(rows["tensordataset"]["images_per_s"],
+                                                                            ",.0f"), "–"],
+        *[[f"`train_batches`, {kind}" + (" (the pipeline's)" if r.get("pipeline_uses") == kind else ""),
+           ratio(rows[kind]["ratio_vs_tensordataset"]), fmt(rows[kind]["images_per_s"], ",.0f"),
+           rows[kind]["target"]] for kind in ("streamed", "cached") if kind in rows],
+    ])
+    notes = [f"{fmt(r.get('train_images'), ',')} training images, batch {r.get('batch_size')}, {r.get('shards')} "
+             f"shards, median of {r.get('rounds')} epoch(s) each."]
+    if "first_epoch_images_per_s" in rows.get("cached", {}):
+        notes.append(f"The cached loader's first epoch (decoding every shard) ran at "
+                     f"{rows['cached']['first_epoch_images_per_s']:,.0f} images/s.")
+    if (r.get("others_cpu_busy") or 0) > 0.1:
+        notes.append(f"Other processes kept {100 * r['others_cpu_busy']:.0f}% of the CPUs busy: timings disturbed.")
+    return [*lines, "", " ".join(notes)]
+
+
+def vae_speed_section(name: str, r: dict) -> list[str]:
+    workers, per_worker = r.get("workers", 1), r.get("torch_threads_per_worker")
+    cpus = r.get("cpus") or (per_worker * workers if per_worker else None)
+    plain = r["plain_pytorch_epoch_s"]
+    lines = table(["training loop (VAE, same global batch)", "vs plain PyTorch (epoch time)", "s / epoch"], [
+        ["plain PyTorch loop, in-memory tensors (baseline)", ratio(1.0), fmt(plain, ".1f")],
+        ["Ray Train, 1 worker", ratio(r.get("ray_1worker_over_plain_epoch_ratio")),
+         fmt(r.get("ray_1worker_train_epoch_s"), ".1f")],
+    ])
+    lines += ["", f"Optimisation time per epoch after the first; below 1× is faster. Ray start-up and per-run overhead "
+                  f"outside the epochs, reported apart: {fmt(r.get('ray_startup_and_overhead_s'), '.1f')} s "
+                  f"(the {workers}-worker run)."]
+    if workers > 1 and r.get("ray_1worker_train_epoch_s"):
+        one, many = r["ray_1worker_train_epoch_s"], r["ray_train_epoch_s_steady"]
+        lines += ["", *table(["Ray Train workers (DDP)", "vs 1 worker (epoch time)", "s / epoch",
+                              "torch threads per worker"], [
+            ["1 (baseline)", ratio(1.0), fmt(one, ".1f"), cpus or "all cores"],
+            [str(workers), ratio(many / one), fmt(many, ".1f"), fmt(per_worker, "d")],
+        ])]
+        if cpus:
+            lines += ["", f"On {cpus} CPU core(s)."]
+    return lines
+
+
+def vq_speed_section(name: str, r: dict) -> list[str]:
+    chunk = (r.get("settings") or {}).get("chunk_size")
+    step = {(run["impl"], run["codebook_size"]): run for run in r.get("runs", [])
+            if run["impl"].startswith("theirs") or run.get("chunk_size") == chunk}
+    rows = []
+    for s in r["speedups"]:
+        k = s["codebook_size"]
+        ours, theirs = step.get((s["ours"], k), {}), step.get((s["theirs"], k), {})
+        ms = [run["step_s"] * 1000 if "step_s" in run else None for run in (ours, theirs)]
+        rows.append([f"{k:,}", f"{s['ours']} vs {s['theirs']}", ratio(s["speedup"]), fmt(ms[0], ",.1f"),
+                     fmt(ms[1], ",.1f"), fmt(s["ours_extra_mib"], ",.0f"), fmt(s["theirs_extra_mib"], ",.0f")])
+    lines = table(["K", "layer", "speed-up vs vector_quantize_pytorch", "ours ms/step", "theirs ms/step",
+                   "ours +MiB", "theirs +MiB"], rows)
+    checks = r.get("checks", [])
+    failed = [c["check"] for c in checks if not c["pass"]]
+    settings = r.get("settings") or {}
+    lines += ["", f"{settings.get('n', '?')} vectors of dim {settings.get('dim', '?')}, forward + backward, "
+                  f"{settings.get('threads', '?')} torch threads; speed-up = their step time / ours. Targets: "
+                  f"{len(checks) - len(failed)}/{len(checks)} PASS" + (f"; FAIL: {'; '.join(failed)}" if failed else "")
+              + f"; runs disturbed by other processes: {r.get('runs_disturbed', '?')}."]
+    return lines
+
+
+def repro_section(name: str, r: dict) -> list[str]:
+    target = r.get("target_s", 600)
+    clean, noop = r["clean"], r.get("noop")
+    rows = [["clean workspace", ratio(1.0), ratio(clean["wall_s"] / target), fmt(clean["wall_s"], ".0f"),
+             clean["stages_run"], r.get("target", "–")]]
+    if noop:
+        rows.append(["no-op, right after", ratio(r.get("noop_over_clean")), ratio(noop["wall_s"] / target),
+                     fmt(noop["wall_s"], ".0f"), noop["stages_run"], "up to date" if noop.get("up_to_date") else "–"])
+    lines = table(["`make repro` (local_cluster + dvc repro)", "vs clean", f"vs {target:.0f} s target", "wall s",
+                   "stages run", f"≤ {target:.0f} s"], rows)
+    notes = []
+    if clean.get("ray_head_ready_s") is not None:
+        notes.append(f"The local Ray head was up after {clean['ray_head_ready_s']:.0f} s (each run starts one).")
+    stages = sorted(clean.get("stage_s", {}).items(), key=lambda kv: -kv[1])
+    if stages:
+        notes.append("Per stage (s, from its `Running stage` line to the next): "
+                     + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in stages) + ".")
+    return lines + (["", " ".join(notes)] if notes else [])
+
+
+def vae_quality_section(name: str, r: dict) -> list[str]:
+    return table(["epochs", "workers", "test −ELBO (nats)", "test PSNR (dB)", "train wall s"], [
+        [r.get("epochs"), r.get("workers"), fmt(r.get("test_neg_elbo_nats"), ".1f"), fmt(r.get("test_psnr_db"), ".2f"),
+         fmt(r.get("train_wall_s"), ".0f")]])
+
+
+def vq_mnist_section(name: str, r: dict) -> list[str]:
+    by = {(row["variant"], row["codebook_size"]): row for row in r["rows"]}
+    variants = list(dict.fromkeys(row["variant"] for row in r["rows"]))
+    rows = []
+    for k in sorted({row["codebook_size"] for row in r["rows"]}):
+        util = {v: by[(v, k)]["utilisation"] for v in variants if (v, k) in by}
+
+        def rel(a, b):
+            return ratio(util[a] / util[b]) if util.get(a) is not None and util.get(b) else "–"
+
+        first = next(by[(v, k)] for v in variants if (v, k) in by)
+        rows.append([f"{k:,}", rel("simvq", "vq"), rel("simvq", "vqtorch-simvq"),
+                     *[fmt(100 * util[v], ".1f", "%") if v in util else "–" for v in variants],
+                     f"{first.get('train_images', '?')} × {first.get('epochs', '?')}"])
+    lines = table(["K", "simvq vs vq (utilisation)", "simvq vs vqtorch-simvq", *variants, "images × epochs"], rows)
+    targets = r.get("targets", [])
+    passed = sum(t.startswith("PASS") for t in targets)
+    return lines + ["", f"Test-split codebook utilisation. Targets: {passed}/{len(targets)} PASS."]
+
+
+def tune_section(name: str, r: dict) -> list[str]:
+    rows = []
+    for model, m in r["models"].items():
+        weights = ", ".join(f"{k} {m['default_weights'][k]:.3g} → {v:.3g}" for k, v in m["tuned_weights"].items())
+        rows.append([model, ratio(m.get("test_tuned_over_default")), m.get("metric"), weights,
+                     fmt(m.get("test_default"), ".4g"), fmt(m.get("test_tuned"), ".4g"),
+                     fmt(m.get("trials_per_hour"), ".0f"), fmt(m.get("seconds_per_trial"), ".0f")])
+    return table(["model", "test tuned vs default", "tuned on", "weights", "test default", "test tuned",
+                  "trials / hour", "s / trial"], rows) + ["", "Test objective (VAE −ELBO, VQ-VAE MSE): below 1× is "
+                                                                "better."]
+
+
+def stacked_section(name: str, r: dict) -> list[str]:
+    rows = []
+    for fraction, f in sorted(r["by_fraction"].items(), key=lambda kv: float(kv[0])):
+        acc, rnd = f.get("test_accuracy"), f.get("test_accuracy_random")
+        err = ratio((1 - acc) / (1 - rnd)) if acc is not None and rnd not in (None, 1) else "–"
+        rows.append([f"{float(fraction):.0%}" + (f" ({f['labelled_images']:,})" if "labelled_images" in f else ""),
+                     err, fmt(acc and 100 * acc, ".1f", "%"), fmt(rnd and 100 * rnd, ".1f", "%"),
+                     fmt(f.get("test_accuracy_probe") and 100 * f["test_accuracy_probe"], ".1f", "%")])
+    lines = table(["labels", "test error vs random init", "pretrained + fine-tuned", "random init", "linear probe"],
+                  rows)
+    if "target_all_labels_98_3" in r:
+        lines += ["", f"Target ≥ 98.3% with all labels: {r['target_all_labels_98_3']}."]
+    return lines
+
+
+def resvae_section(name: str, r: dict) -> list[str]:
+    vae = (r["variants"].get("vae") or {}).get("test_fcd_samples")
+    rows = []
+    for variant, v in r["variants"].items():
+        fcd = v.get("test_fcd_samples")
+        rows.append([variant, ratio(fcd / vae) if fcd is not None and vae else "–", fmt(fcd, ".2f"),
+                     fmt(v.get("test_fcd_recon"), ".2f"), fmt(v.get("test_sharpness_samples"), ".2f"),
+                     fmt(v.get("test_neg_elbo"), ".1f"), fmt(v.get("test_mse"), ".4f"),
+                     fmt(v.get("test_collapsed_dims"), ".0f")])
+    return table(["variant", "FCD samples vs vae", "FCD samples", "FCD recon", "sharpness (data = 1)", "−ELBO",
+                  "MSE", "collapsed dims"], rows)
+
+
+# (JSON name, title, renderer, settings worth printing); a name also matches <name>_<suffix>.json.
+SPEED = [
+    ("loader_speed", "Loader: WebDataset `train_batches` vs TensorDataset", loader_section, ()),
+    ("vae_mnist", "Ray Train vs plain PyTorch, and 2 vs 1 workers", vae_speed_section,
+     ("epochs", "workers", "global_batch_size")),
+    ("vq_speed", "Quantizer layer vs vector_quantize_pytorch", vq_speed_section, ()),
+    ("repro_timing", "`make repro`: clean and no-op", repro_section, ("params", "models", "epochs")),
+]
+QUALITY = [
+    ("vae_mnist", "VAE on MNIST", vae_quality_section, ("epochs", "workers", "global_batch_size")),
+    ("vq_mnist", "VQ codebook utilisation on MNIST", vq_mnist_section, ("device", "torch")),
+    ("tune_mnist", "Tuned vs default loss weights", tune_section,
+     ("train_images", "trials", "epochs_per_trial", "final_epochs", "cpus")),
+    ("stacked_mnist", "Stacked autoencoder: pretrained vs random init", stacked_section,
+     ("pretrain_epochs", "finetune_epochs", "workers", "cpus", "device")),
+    ("resvae_mnist", "Residual VAE + PatchGAN vs VAE", resvae_section, ("train_images", "epochs", "workers", "cpus")),
+]
+
+
+def render_report(results_dir: Path) -> str:
+    """results.md from the JSON files in results_dir (reads nothing else, runs nothing)."""
+    results, unreadable = {}, []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            results[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            unreadable.append(f"`{path.name}` ({err})")
+    lines = ["# Benchmark results", "",
+             f"Written by `python benchmarks/run_all.py` from the JSON files in `{shown(results_dir)}/` (re-render "
+             "with `--report-only`). Each speed figure is a ratio against a baseline measured in the same run, on "
+             "the machine and date its source line gives. Details per benchmark: `benchmarks/README.md`."]
+    used = set()
+    for heading, sections in (("Speed", SPEED), ("Quality", QUALITY)):
+        lines += ["", f"## {heading}"]
+        for prefix, title, render, settings in sections:
+            found = sorted(n for n in results if n == prefix or n.startswith(prefix + "_"))
+            if not found and heading == "Speed":
+                lines += ["", f"### {title}", "", f"Not measured yet (no `{prefix}.json`): "
+                          f"`python benchmarks/run_all.py` runs it."]
+            for name in found:
+                used.add(name)
+                suffix = name[len(prefix) + 1 :]
+                lines += ["", f"### {title}" + (f" ({suffix})" if suffix else ""), "",
+                          source_line(name, results[name], settings), ""]
+                try:
+                    lines += render(name, results[name])
+                except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+                    lines.append(f"Could not render this file ({type(err).__name__}: {err}).")
+    others = sorted(set(results) - used)
+    if others or unreadable:
+        lines += ["", "## Other files", ""]
+        lines += [f"- `{name}.json`: no table for it in run_all.py" for name in others]
+        lines += [f"- {entry}: unreadable" for entry in unreadable]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results_dir: Path, report: Path) -> Path:
+    report.write_text(render_report(results_dir))
+    print(f"→ {report}")
+    return report
+
+
+def main() -> int:
+    names = [step.name for step in suite("", None)]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"), help="MNIST IDX folder")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, into a temp dir")
+    ap.add_argument("--skip", action="append", default=[], choices=names, metavar="NAME",
+                    help=f"leave a benchmark out (repeatable): {', '.join(names)}")
+    ap.add_argument("--report-only", action="store_true", help="only re-render the report from the JSON files")
+    ap.add_argument("--results-dir", type=Path, default=None,
+                    help="JSON files (default benchmarks/results/; with --quick a new temp dir)")
+    ap.add_argument("--report", type=Path, default=None,
+                    help="markdown file (default benchmarks/results.md; <results-dir>/results.md for another dir)")
+    args = ap.parse_args()
+    results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="lz-bench-quick-"))
+                                       if args.quick and not args.report_only else RESULTS)
+    report = args.report or (REPORT if results_dir.resolve() == RESULTS.resolve() else results_dir / "results.md")
+    if args.report_only:
+        write_report(results_dir, report)
+        return 0
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    quick_data = None
+    if args.quick and "vae_mnist" not in args.skip:
+        # vae_mnist reads all of --data: a small copy (6,000 train images: two shards of 5,000 for two workers)
+        quick_data = subset_idx(Path(args.data), results_dir / "mnist-subset", {"train": 6000, "t10k": 1000})
+    outcome = {}
+    for step in suite(args.data, str(quick_data)):
+        if step.name not in args.skip:
+            outcome[step.name] = run_step(step, args.quick, results_dir)
+    if quick_data:
+        shutil.rmtree(quick_data, ignore_errors=True)
+    write_report(results_dir, report)
+    print("\n" + "\n".join(f"{name:13s} exit {rc}  {wall:6.0f} s" for name, (rc, wall) in outcome.items()))
+    failed = [name for name, (rc, _) in outcome.items() if rc]
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see their output above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""benchmarks/run_all.py renders results.md from JSON files alone: the ratio rows of each speed benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LOADER = {
+    "command": "python benchmarks/loader_speed.py --quick", "date": "2026-01-02T03:04:05", "smoke": True,
+    "train_images": 1800, "batch_size": 64, "shards": 4, "rounds": 1, "pipeline_uses": "cached", "target_ratio": 0.8,
+    "rows": {
+        "tensordataset": {"images_per_s": 100000.0},
+        "streamed": {"images_per_s": 20000.0, "ratio_vs_tensordataset": 0.2, "target": "FAIL"},
+        "cached": {"images_per_s": 90000.0, "ratio_vs_tensordataset": 0.9, "target": "PASS",
+                   "first_epoch_images_per_s": 5000.0},
+    },
+}
+VAE = {"epochs": 3, "workers": 2, "global_batch_size": 128, "test_neg_elbo_nats": 99.5, "plain_pytorch_epoch_s": 20.0,
+       "ray_train_epoch_s_steady": 31.5, "ray_startup_and_overhead_s": 24.0, "ray_1worker_train_epoch_s": 21.0,
+       "ray_1worker_over_plain_epoch_ratio": 1.05, "torch_threads_per_worker": 1}
+REPRO = {"target_s": 600.0, "target": "PASS", "noop_over_clean": 0.05,
+         "clean": {"wall_s": 300.0, "returncode": 0, "stages_run": 3, "stage_s": {"prepare": 10.0, "train@vae": 250.0}},
+         "noop": {"wall_s": 15.0, "returncode": 0, "stages_run": 0, "stage_s": {}, "up_to_date": True}}
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    spec = importlib.util.spec_from_file_location("benchmarks_run_all", ROOT / "benchmarks/run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_renders_the_ratio_rows_from_json_only(run_all, tmp_path: Path):
+    for name, result in {"loader_speed": LOADER, "vae_mnist": VAE, "repro_timing": REPRO, "mystery": {}}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    report = run_all.write_report(tmp_path, tmp_path / "results.md").read_text()
+
+    assert "| TensorDataset + DataLoader (shuffle; baseline) | 1.00× | 100,000 | – |" in report
+    assert "| `train_batches`, streamed | 0.20× | 20,000 | FAIL |" in report
+    assert "| `train_batches`, cached (the pipeline's) | 0.90× | 90,000 | PASS |" in report
+    assert "`python benchmarks/loader_speed.py --quick`; 2026-01-02T03:04:05" in report
+    assert "Smoke run" in report
+    assert "| Ray Train, 1 worker | 1.05× | 21.0 |" in report
+    assert "reported apart: 24.0 s" in report  # start-up outside the epoch ratio
+    assert "| 2 | 1.50× | 31.5 | 1 |" in report  # 2 vs 1 workers, with torch threads per worker
+    assert "| clean workspace | 1.00× | 0.50× | 300 | 3 | PASS |" in report
+    assert "| no-op, right after | 0.05× | 0.03× | 15 | 0 | up to date |" in report
+    assert "train@vae 250, prepare 10" in report
+    assert "| 10 | 2 |" not in report and "| 3 | 2 | 99.5 |" in report  # the VAE's quality row
+    assert "Not measured yet (no `vq_speed.json`)" in report
+    assert "`mystery.json`: no table for it" in report
+
+
+def test_a_file_missing_fields_does_not_break_the_report(run_all, tmp_path: Path):
+    (tmp_path / "vq_speed.json").write_text(json.dumps({"machine": {"date": "2026-01-01"}}))
+    (tmp_path / "tune_mnist.json").write_text("{not json")
+    report = run_all.render_report(tmp_path)
+    assert "Could not render this file (KeyError" in report
+    assert "`tune_mnist.json`" in report and "unreadable" in report
