@@ -55,6 +55,7 @@ class TrainConfig(Section):
     """Ray Train TorchTrainer settings shared by every model family (train stage)."""
 
     num_workers: int = Field(default=2, ge=0)  # 0: Ray Train local mode, the loop runs in the driver process
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
     use_gpu: bool = False
     epochs: int = Field(default=10, ge=1)
     batch_size: int = Field(default=64, ge=1)  # per worker

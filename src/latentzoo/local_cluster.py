@@ -72,11 +72,15 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> Iterato
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def stop(head: subprocess.Popen) -> None:
-    """SIGTERM the head's process group (gcs, raylet, workers), SIGKILL what is left after 30 s."""
+def stop(head: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the head's process group (gcs, raylet, workers), SIGKILL what is left after `grace_s`.
+
+    `ray start --block` lingers ~30 s after SIGTERM once workers have run; the head is throwaway (its own temp
+    dir, removed next), so nothing is lost by not waiting for it.
+    """
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=30)
+        head.wait(timeout=grace_s)
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:

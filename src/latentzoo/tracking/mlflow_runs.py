@@ -108,6 +108,12 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
     _client(uri).log_batch(run_id, metrics=items)
 
 
+def last_step(uri: str, run_id: str, key: str) -> int:
+    """The largest step logged for metric `key` in the run (0 if none)."""
+    history = _client(uri).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=0)
+
+
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:
     """Log a file, or a folder's contents under `artifact_path` (default: the folder's name)."""
     path = Path(path)

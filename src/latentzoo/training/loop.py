@@ -132,6 +132,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+            if job.mlflow_run_id:
+                log_missing_epochs(job, history)
     if adversary:  # D gets a DDP wrapper of its own; the generator's ignores D's weights
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [f"discriminator.{name}" for name in model.discriminator.state_dict()])
@@ -140,9 +142,10 @@ def run_loop(job: TrainJob, session: Session) -> None:
         adversary.module = session.prepare_model(unwrap(model).discriminator)
     device = session.device
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
+    nodes = count_nodes()
     if rank == 0:
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-        say(f"[{job.tag}] {world} worker(s) on {device}, process group {backend}, "
+        say(f"[{job.tag}] {world} worker(s) on {nodes} node(s), {device}, process group {backend}, "
             f"{steps} steps of {train.batch_size} per worker per epoch")
 
     for epoch in range(start_epoch, train.epochs):
@@ -166,9 +169,9 @@ def run_loop(job: TrainJob, session: Session) -> None:
             say(format_epoch(job.tag, row, train.epochs))
             if not row["replicas_in_sync"]:
                 say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
-            if job.mlflow_run_id:
-                log_epoch(job, row, epoch + 1)
         report(session, row, unwrap(model), optimizer, epoch, history, adversary)
+        if rank == 0 and job.mlflow_run_id:  # after the checkpoint: a restart never logs an epoch twice
+            log_epoch(job, row, epoch + 1)
 
 
 def generator_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -224,6 +227,28 @@ def log_epoch(job: TrainJob, row: dict, step: int) -> None:
         mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=step)
     except Exception as err:  # an unreachable server must not cost the run its checkpoints
         say(f"[{job.tag}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
+
+
+def log_missing_epochs(job: TrainJob, history: list[dict]) -> None:
+    """On resume: log the checkpointed epochs MLflow has not seen (a worker died between checkpoint and log)."""
+    try:
+        logged = mlflow_runs.last_step(job.mlflow_uri, job.mlflow_run_id, "val_loss")
+    except Exception as err:
+        say(f"[{job.tag}] warning: could not read the MLflow run ({type(err).__name__}: {err})")
+        return
+    for row in history:
+        if row["epoch"] > logged:
+            log_epoch(job, row, row["epoch"])
+
+
+def count_nodes() -> int:
+    """How many Ray nodes the workers run on (one all-gather of the node ids), 1 outside Ray or without DDP."""
+    if not (ray.is_initialized() and dist.is_available() and dist.is_initialized()):
+        return 1
+    node = ray.get_runtime_context().get_node_id()
+    nodes: list[str] = [""] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def say(line: str) -> None:

@@ -270,7 +270,8 @@ def make_trainer(params, job: TrainJob, name: str, storage: Path, callbacks=()):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
-        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu,
+                                     placement_strategy=params.train.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
