@@ -4,6 +4,7 @@
     latentzoo reconstruct --model models/vqvae --images a.png b.png -o recon.png     (or --shards data/shards)
     latentzoo encode      --model runs:/<run id>/model --shards data/shards -n 1000 -o codes.npy
     latentzoo compare     HEAD~1            (params and metrics changed since, via dvc params/metrics diff)
+    latentzoo submit      --address http://<head>:8265 --results <shared dir or URI> -- dvc repro train@vae
 
 `encode` writes the posterior means for the VAE, code indices for VQ-VAE / SimVQ, the top features for the
 stacked autoencoder. Any bad input is one line on stderr and exit status 2.
@@ -159,7 +160,23 @@ def parser() -> argparse.ArgumentParser:
     diff.add_argument("a_rev", nargs="?", default=None, help="git revision or DVC experiment (default: HEAD)")
     diff.add_argument("b_rev", nargs="?", default=None, help="git revision or DVC experiment (default: workspace)")
     diff.set_defaults(run=compare, n=1)
+    job = commands.add_parser("submit", help="run stages on a Ray cluster as a job; bring the outputs back")
+    job.add_argument("--address", default=None, help="the job server, http://<head>:8265 (default: RAY_ADDRESS)")
+    job.add_argument("--results", required=True,
+                     help="where the job packs its outputs: a path the cluster and this machine share, or a URI")
+    job.add_argument("--runtime-env", type=Path, default=None, help="runtime-env YAML (e.g. pip packages)")
+    job.add_argument("job_command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- dvc repro train@vae")
+    job.set_defaults(run=submit_job, n=1)
     return ap
+
+
+def submit_job(args) -> str:
+    from latentzoo.submit import submit
+
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
+    if not command:
+        raise LatentzooError("submit: no command given (e.g. -- dvc repro train@vae)")
+    return f"latentzoo submit: job {submit(command, args.address, args.results, args.runtime_env)} done"
 
 
 @cli_errors
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         raise LatentzooError(f"-n must be >= 1, got {args.n}")
     out = args.run(args)
-    print(out if args.command == "compare" else f"latentzoo {args.command}: wrote {out}")
+    print(out if args.command in ("compare", "submit") else f"latentzoo {args.command}: wrote {out}")
 
 
 if __name__ == "__main__":

@@ -45,15 +45,19 @@ def listening(port: int) -> bool:
 
 
 @contextmanager
-def local_head(num_cpus: int | None = None, timeout_s: float = 120.0) -> Iterator[str]:
-    """Start a Ray head on a free loopback port; yield its address ('127.0.0.1:<port>'); stop it on exit."""
+def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_port: int | None = None
+               ) -> Iterator[str]:
+    """Start a Ray head on a free loopback port; yield its address ('127.0.0.1:<port>'); stop it on exit.
+    With `dashboard_port`, the dashboard (and its job server, for `ray job submit`) listens there too."""
     ray = Path(sys.executable).with_name("ray")
     port = free_port()
     # Its own temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and a stale record in
     # the default /tmp/ray would send every later plain `ray.init()` on this machine to the stopped head.
     temp_dir = tempfile.mkdtemp(prefix="lz-ray-", dir="/tmp")
+    dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     cmd = [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+           *(dashboard if dashboard_port else ["--include-dashboard=false"]), "--disable-usage-stats",
+           f"--temp-dir={temp_dir}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,

@@ -1,0 +1,186 @@
+"""Run pipeline stages on a Ray cluster as a Ray job, and bring their outputs back into this DVC workspace.
+
+    latentzoo submit --address http://<head>:8265 --results /mnt/shared/latentzoo-results -- dvc repro train@vae
+
+1. The workspace (code, params, dvc.yaml/dvc.lock and the outputs the stages depend on; not .venv, .git, the DVC
+   cache, MLflow's local store or Ray's results) is uploaded as the job's `working_dir` and the command runs
+   there through `python -m latentzoo.submit --pack ...`, which afterwards packs `dvc.lock` and every output
+   whose hash changed into `<results>/<submission id>.tar` (a path every node and this machine share, or any
+   URI pyarrow opens: s3://bucket/prefix, gs://...).
+2. The job's logs stream here while it runs; its final status is this command's exit status.
+3. The tar is unpacked into the workspace and `dvc commit` stores the outputs in the local DVC cache, so
+   `dvc status` is clean and lineage (dvc.lock) is the cluster's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+from pathlib import Path
+
+import yaml
+
+from latentzoo.errors import LatentzooError, cli_errors
+
+EXCLUDES = [".venv", ".git", ".dvc/cache", ".dvc/tmp", "mlflow.db", "mlruns", "mlartifacts", ".ray_results",
+            "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"]
+
+
+# ---------------------------------------------------------------- storage (local path or URI)
+
+
+def open_fs(location: str):
+    """(pyarrow filesystem, path) of a local folder or a URI (s3://, gs://, file://, hdfs://)."""
+    from pyarrow import fs
+
+    if "://" in location:
+        return fs.FileSystem.from_uri(location)
+    return fs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def write_bytes(location: str, name: str, data: bytes) -> str:
+    filesystem, base = open_fs(location)
+    filesystem.create_dir(base, recursive=True)
+    with filesystem.open_output_stream(f"{base}/{name}") as f:
+        f.write(data)
+    return f"{location.rstrip('/')}/{name}"
+
+
+def read_bytes(location: str, name: str) -> bytes:
+    filesystem, base = open_fs(location)
+    try:
+        with filesystem.open_input_stream(f"{base}/{name}") as f:
+            return f.read()
+    except (FileNotFoundError, OSError) as err:
+        raise LatentzooError(f"{location}/{name}: the job's outputs are not there ({err}); is --results a "
+                             "location both the cluster and this machine reach?") from None
+
+
+# ---------------------------------------------------------------- on the cluster: run, then pack the outputs
+
+
+def locked_outputs(lock_file: Path) -> dict[str, str]:
+    """{output path: its md5} of every stage in a dvc.lock."""
+    if not lock_file.exists():
+        return {}
+    lock = yaml.safe_load(lock_file.read_text()) or {}
+    return {out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values()
+            for out in stage.get("outs", [])}
+
+
+def pack_changed(workdir: Path, before: dict[str, str]) -> bytes:
+    """A tar of dvc.lock and the outputs whose hash differs from `before` (the lock as submitted)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(workdir / "dvc.lock", arcname="dvc.lock")
+        for path, md5 in locked_outputs(workdir / "dvc.lock").items():
+            if before.get(path) != md5 and (workdir / path).exists():
+                tar.add(workdir / path, arcname=path)
+    return buffer.getvalue()
+
+
+def run_job(command: list[str], results: str, submission_id: str) -> int:
+    """The job's entrypoint: run `command` in the working dir, then pack what it changed into `results`."""
+    workdir = Path.cwd()
+    before = locked_outputs(workdir / "dvc.lock")
+    if not (workdir / ".git").exists():  # the upload leaves .git out: DVC works without an SCM in the job's copy
+        subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], check=True)
+    status = subprocess.call(command)
+    if status == 0:
+        where = write_bytes(results, f"{submission_id}.tar", pack_changed(workdir, before))
+        print(f"submit: outputs packed into {where}", flush=True)
+    return status
+
+
+# ---------------------------------------------------------------- here: submit, follow, bring back
+
+
+def job_address(address: str | None) -> str:
+    """The cluster's job server (the dashboard, http://<head>:8265), from --address or RAY_ADDRESS."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        raise LatentzooError(f"the job server address must be http(s)://<head>:8265 (the dashboard), got "
+                             f"{address or 'nothing'}: pass --address or set RAY_ADDRESS")
+    return address
+
+
+def runtime_env(extra: Path | None) -> dict:
+    """working_dir = this workspace (minus EXCLUDES), PYTHONPATH to its src/, plus a runtime-env YAML's fields."""
+    env = yaml.safe_load(extra.read_text()) if extra else {}
+    env = dict(env or {})
+    env["working_dir"] = "."
+    env["excludes"] = sorted(set(env.get("excludes", [])) | set(EXCLUDES))
+    env_vars = dict(env.get("env_vars", {}))
+    env_vars.setdefault("PYTHONPATH", "src")  # the uploaded package, relative to the working dir
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")):  # a tracking server the cluster reaches too
+        env_vars.setdefault("MLFLOW_TRACKING_URI", tracking)
+    env["env_vars"] = env_vars
+    return env
+
+
+async def follow(client, submission_id: str) -> None:
+    async for lines in client.tail_job_logs(submission_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def submit(command: list[str], address: str | None, results: str, extra_env: Path | None,
+           workspace: Path = Path(".")) -> str:
+    """Submit, stream the logs, unpack the outputs and `dvc commit` them; returns the submission id."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(job_address(address))
+    submission_id = f"latentzoo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    entrypoint = shlex.join(["python", "-m", "latentzoo.submit", "--pack", results, "--id", submission_id, "--",
+                             *command])
+    client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(extra_env))
+    print(f"submit: job {submission_id} on {job_address(address)}", flush=True)
+    try:
+        asyncio.run(follow(client, submission_id))
+    except KeyboardInterrupt:
+        client.stop_job(submission_id)
+        raise
+    status = client.get_job_status(submission_id)
+    if status != JobStatus.SUCCEEDED:
+        raise LatentzooError(f"job {submission_id} ended {status.value}; its logs: ray job logs {submission_id}")
+    unpack(read_bytes(results, f"{submission_id}.tar"), Path(workspace))
+    return submission_id
+
+
+def unpack(data: bytes, workspace: Path) -> list[str]:
+    """Extract the job's outputs over the workspace and store them in the DVC cache (`dvc commit`)."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = tar.getnames()
+        tar.extractall(workspace, filter="data")
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text()) or {}
+    stages = list(lock.get("stages", {}))  # the stages with a record; their outputs are all here now
+    done = subprocess.run(["dvc", "commit", "--force", "--quiet", *stages], cwd=workspace, capture_output=True,
+                          text=True)
+    if done.returncode:
+        raise LatentzooError(f"dvc commit of the job's outputs failed: {done.stderr.strip()[-500:]}")
+    print(f"submit: {len(names)} path(s) back in the workspace and committed to the DVC cache", flush=True)
+    return names
+
+
+@cli_errors
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pack", metavar="RESULTS", help=argparse.SUPPRESS)  # the job side (internal)
+    ap.add_argument("--id", help=argparse.SUPPRESS)
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run_job(command, args.pack, args.id)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`latentzoo submit`: stages run as a Ray job on a cluster (here a local head with its job server), the logs
+stream back, and the outputs land in this DVC workspace and cache."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from latentzoo.errors import LatentzooError
+from latentzoo.submit import EXCLUDES, job_address, pack_changed, runtime_env, unpack
+
+BIN = Path(sys.executable).parent
+
+
+def test_only_changed_outputs_are_packed(tmp_path):
+    lock = {"stages": {"a": {"outs": [{"path": "data/a", "md5": "1"}]},
+                       "b": {"outs": [{"path": "b.json", "md5": "2"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/a").write_text("unchanged")
+    (tmp_path / "b.json").write_text("new")
+    data = pack_changed(tmp_path, before={"data/a": "1", "b.json": "old"})
+    assert sorted(tarfile.open(fileobj=io.BytesIO(data)).getnames()) == ["b.json", "dvc.lock"]
+
+
+def test_runtime_env_uploads_the_workspace_without_its_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    extra = tmp_path / "env.yaml"
+    extra.write_text(yaml.safe_dump({"pip": ["torch==2.13.0"], "excludes": ["big/"]}))
+    env = runtime_env(extra)
+    assert env["working_dir"] == "." and set(EXCLUDES) | {"big/"} == set(env["excludes"])
+    assert env["pip"] == ["torch==2.13.0"]
+    assert env["env_vars"] == {"PYTHONPATH": "src", "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # a local store is not the cluster's
+    assert "MLFLOW_TRACKING_URI" not in runtime_env(None)["env_vars"]
+
+
+def test_the_job_server_must_be_an_http_address(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with pytest.raises(LatentzooError, match="http\\(s\\)://<head>:8265"):
+        job_address(None)
+    assert job_address("http://head:8265") == "http://head:8265"
+
+
+def wait_for(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401: up, and asking for the cluster's token
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not answer within {timeout_s} s"
+            time.sleep(1)
+
+
+@pytest.mark.ray
+def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path, monkeypatch):
+    from latentzoo.local_cluster import AUTH, free_port, local_head
+
+    project = tmp_path / "project"
+    for name in ("src", "pipelines"):
+        shutil.copytree(ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore", "params.yaml", ".dvc/config"):
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, project / name)
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")  # the job's `python` and `dvc`
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    with local_head(num_cpus=1, dashboard_port=port):
+        wait_for(f"http://127.0.0.1:{port}/api/version")
+        done = subprocess.run([str(BIN / "latentzoo"), "submit", "--address", f"http://127.0.0.1:{port}",
+                               "--results", str(tmp_path / "results"), "--", "dvc", "repro", "shard"],
+                              cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, **AUTH})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'shard'" in done.stdout  # the job's logs streamed here
+    assert (project / "data/shards/manifest.json").exists() and (project / "data/prepared").is_dir()
+    status = subprocess.run([str(BIN / "dvc"), "status", "shard"], cwd=project, capture_output=True, text=True)
+    assert "up to date" in status.stdout, status  # the job's stages: outputs, dvc.lock and the local cache agree
+    assert any((project / ".dvc/cache").rglob("*")), "the outputs are in the local DVC cache"
+
+
+def test_unpack_refuses_paths_outside_the_workspace(tmp_path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(tarfile.OutsideDestinationError):
+        unpack(buffer.getvalue(), tmp_path / "ws")
+    assert not (tmp_path / "escape.txt").exists()
