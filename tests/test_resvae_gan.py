@@ -74,11 +74,14 @@ def test_variance_regulariser_pushes_collapsed_sigma_up():
 
 
 def test_mixture_posterior_has_no_mu_squared_term():
-    """Per-sample means may spread out: only the batch moments are pulled to N(0, 1)."""
-    mu = torch.tensor([[3.0], [-3.0]])
-    mean, var = batch_moments(mu, global_batch=False)
-    assert float(mean) == 0 and float(var) == pytest.approx(9.0)
+    """Per-sample means may spread out: only the mixture's moments are pulled to N(0, 1)."""
+    mu, logvar = torch.tensor([[3.0], [-3.0]]), torch.zeros(2, 1)
+    mean, var = batch_moments(mu, logvar, global_batch=False)
+    assert float(mean) == 0 and float(var) == pytest.approx(9.0 + 1.0)  # Var(mu) + mean sigma^2
     assert float(aggregate_kl(torch.zeros(1), torch.ones(1))) == 0
+
+
+LOGVAR = torch.linspace(-3, 1, 16 * 6).reshape(16, 6)
 
 
 def free_port() -> int:
@@ -95,7 +98,7 @@ def init_gloo(rank: int, world: int, port: int) -> None:
 def _moments_worker(rank: int, world: int, port: int, mu: torch.Tensor, out_dir: str) -> None:
     init_gloo(rank, world, port)
     local = mu.chunk(world)[rank].clone().requires_grad_(True)
-    loss = aggregate_kl(*batch_moments(local, global_batch=True))
+    loss = aggregate_kl(*batch_moments(local, LOGVAR.chunk(world)[rank], global_batch=True))
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": local.grad}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -105,7 +108,7 @@ def test_batch_moments_two_workers_match_one(tmp_path):
     torch.manual_seed(0)
     mu = torch.randn(16, 6) * 2 + 0.5
     full = mu.clone().requires_grad_(True)
-    loss = aggregate_kl(*batch_moments(full, global_batch=True))  # no process group here: the whole batch
+    loss = aggregate_kl(*batch_moments(full, LOGVAR, global_batch=True))  # no process group here: the whole batch
     loss.backward()
     mp.spawn(_moments_worker, args=(2, free_port(), mu, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

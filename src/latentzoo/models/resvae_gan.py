@@ -4,7 +4,8 @@
 Encoder and decoder are ResNetV2 pre-activation stacks (`models.resnet`); the latent is a (c, H/2^L, W/2^L) map
 with q(z|x) = N(mu(x), diag sigma^2(x)) and z = mu + sigma * eps. Instead of pulling every sample's posterior to
 N(0, I), the paper regularises the *aggregate* posterior q(z) = (1/N) sum_i N(mu_i, sigma_i^2), a mixture of the
-batch's Gaussians: its moments, the batch mean m and variance v of mu per latent dim, are pulled to N(0, I),
+batch's Gaussians: its moments per latent dim, m = mean of mu and v = Var(mu) + mean of sigma^2 (the mixture's
+variance), are pulled to N(0, I), so that samples of the prior land where the decoder was trained,
 
     L_agg = KL(N(m, v) || N(0, 1)) = 0.5 * sum_d (m_d^2 + v_d - 1 - log v_d),
 
@@ -52,7 +53,7 @@ class ResVAEGANConfig(Section):
     blocks: int = Field(1, ge=0)  # identity blocks per level (depth)
     latent_channels: int = Field(4, ge=1)
     posterior: Literal["mixture", "standard"] = "mixture"
-    aggregate_weight: float = Field(1.0, ge=0)  # w_agg: KL of the batch moments of mu to N(0, 1)
+    aggregate_weight: float = Field(1.0, ge=0)  # w_agg: KL of the batch mixture's moments to N(0, 1)
     variance_weight: float = Field(0.5, ge=0)  # lambda: 0.5 is the sigma part of the standard KL
     kl_weight: float = Field(1.0, ge=0)  # w_kl, for posterior: standard
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
@@ -68,11 +69,15 @@ class ResVAEGANConfig(Section):
     adam_beta2: float = Field(0.9, ge=0, lt=1)
 
 
-def batch_moments(mu: Tensor, global_batch: bool) -> tuple[Tensor, Tensor]:
-    """Mean m and (population) variance v of mu (B, D) over the batch, per dim; with `global_batch` and a process
-    group, over every rank's batch: sums all-reduced by `torch.distributed.nn.all_reduce`, whose backward
-    all-reduces the gradients, so the gradient is that of the global statistic."""
-    stats = torch.cat([mu.sum(0), mu.pow(2).sum(0), mu.new_tensor([len(mu)])])
+def batch_moments(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Tensor, Tensor]:
+    """Mean m and variance v, per dim, of the batch's mixture (1/N) sum_i N(mu_i, sigma_i^2):
+
+        m = mean_i mu_i,    v = mean_i (mu_i^2 + sigma_i^2) - m^2  = Var_i(mu_i) + mean_i sigma_i^2.
+
+    With `global_batch` and a process group, over every rank's batch: the sums are all-reduced by
+    `torch.distributed.nn.all_reduce`, whose backward all-reduces the gradients, so the gradient is that of the
+    global statistic."""
+    stats = torch.cat([mu.sum(0), (mu.pow(2) + logvar.exp()).sum(0), mu.new_tensor([len(mu)])])
     if global_batch and dist.is_available() and dist.is_initialized():
         from torch.distributed.nn.functional import all_reduce
 
@@ -175,7 +180,7 @@ class ResVAEGAN(nn.Module):
         if self.cfg.posterior == "standard":
             losses["kl"] = self.cfg.kl_weight * kl.mean()
         else:
-            mean, var = batch_moments(mu, global_batch=self.training)
+            mean, var = batch_moments(mu, logvar, global_batch=self.training)
             losses["aggregate"] = self.cfg.aggregate_weight * aggregate_kl(mean, var)
             losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
         recon = self._mean(logits)
