@@ -76,7 +76,7 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
 def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,
                                                       mlflow_uri):
     params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "train.fail_at_epoch": 1,
-                            "train.max_failures": 1, "ray.storage_path": str(tmp_path / "ray")})
+                            "train.max_failures": 1, "ray.storage_path": f"file://{tmp_path}/ray"})  # a URI
     out = outputs(tmp_path)
     final = train_model(params, "vae", digits_shards, out, root=tmp_path)
 
@@ -88,6 +88,8 @@ def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards
     run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
     steps = [m.step for m in MlflowClient(mlflow_uri).get_metric_history(run_id, "val_loss")]
     assert sorted(steps) == [1, 2, 3]
+    kept = [p for p in (tmp_path / "ray").glob("vae-*/checkpoint_*") if p.is_dir()]
+    assert len(kept) == 2  # checkpoints_to_keep, written through the file:// URI
 
 
 def test_failures_past_the_limit_are_a_clear_error(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):

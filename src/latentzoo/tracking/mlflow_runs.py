@@ -146,10 +146,10 @@ def child_runs(uri: str, parent_run_id: str) -> list[tuple[str, str, dict[str, s
     return [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
 
 
-def reopen_saved_run(uri: str, saved: Path) -> str | None:
-    """The run id recorded in `saved` (JSON with run_id), marked RUNNING again; None if none is recorded or the
-    run is gone (an interrupted stage resumes into the same run)."""
-    if not saved.exists():
+def reopen_saved_run(uri: str, saved: str | None) -> str | None:
+    """The run id recorded in `saved` (the JSON text of a run record), marked RUNNING again; None if none is
+    recorded or the run is gone (an interrupted stage resumes into the same run)."""
+    if not saved:
         return None
-    run_id = json.loads(saved.read_text())["run_id"]
+    run_id = json.loads(saved)["run_id"]
     return run_id if resume_run(uri, run_id) else None

@@ -24,7 +24,8 @@ from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import load_model
-from latentzoo.training.trainer import WEIGHTS_FILE, Phase, TrainOutputs, history_csv, run_name, train_model
+from latentzoo.training.storage import RunFolder, storage_location
+from latentzoo.training.trainer import RUN_RECORD, WEIGHTS_FILE, Phase, TrainOutputs, history_csv, run_name, train_model
 
 MODEL = "stacked_ae"
 
@@ -142,8 +143,8 @@ def parent_run(params, stage: str, shard_dir: Path, root: Path | None,
     data_sha = sha256_file(Path(shard_dir) / "manifest.json")
     key = run_name(MODEL, params, data_sha, phase=Phase(stage, {"finetune": params.finetune.model_dump()}
                                                         if stage == "finetune" else {}, init))
-    saved = Path(params.ray.storage_path or root / ".ray_results").resolve() / key / "latentzoo_mlflow.json"
-    run_id = mlflow_runs.reopen_saved_run(uri, saved)
+    folder = RunFolder(storage_location(params.ray.storage_path, root), key)
+    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
     if run_id:
         return uri, run_id
     tags = {"latentzoo.stage": stage, "latentzoo.model": MODEL,
@@ -151,8 +152,7 @@ def parent_run(params, stage: str, shard_dir: Path, root: Path | None,
     run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{MODEL}", f"{stage}-{MODEL}", tags, root)
     mlflow_runs.log_params(uri, run_id, {MODEL: params.stacked_ae.model_dump(), "train": params.train.model_dump()}
                            | ({"finetune": params.finetune.model_dump()} if stage == "finetune" else {}))
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +29,12 @@ from latentzoo.models import build_model
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_model, load_state, save_state, weights_record
 from latentzoo.training.loop import TrainJob, train_loop_per_worker
+from latentzoo.training.storage import RunFolder, storage_location
 
 WEIGHTS_FILE = "model.pt"
 RUN_FILE = "mlflow_run.json"
 DONE_MARKER = "latentzoo_complete"
+RUN_RECORD = "latentzoo_mlflow.json"  # beside Ray's checkpoints: the MLflow run a rerun resumes
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_START_TIMEOUT_S = 600
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -183,18 +184,17 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
     root = Path(root or Path.cwd()).resolve()
     data = training_data(params, model_name, shard_dir)
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
-    storage = Path(params.ray.storage_path or root / ".ray_results").resolve()
-    run_dir = storage / name
-    if (run_dir / DONE_MARKER).exists():
-        state = finished_state(run_dir, params.train.epochs) if phase else None
+    storage = storage_location(params.ray.storage_path, root)
+    folder = RunFolder(storage, name)
+    if folder.exists(DONE_MARKER):
+        state = finished_state(folder, params.train.epochs) if phase else None
         if state:  # a phase an earlier attempt of the same recipe finished (e.g. layer 1 before a crash in layer 2)
-            uri, run_id = saved_run(run_dir)
+            uri, run_id = saved_run(folder)
             return write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls,
                                  sum(row["epoch_time_s"] for row in state["history"]), uri, run_id, phase)
-        shutil.rmtree(run_dir)  # a finished run with identical inputs: train again from scratch
-    run_dir.mkdir(parents=True, exist_ok=True)
+        folder.remove()  # a finished run with identical inputs: train again from scratch
 
-    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, run_dir, root, phase)
+    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
     job = data.job(params, model_name, uri, run_id)
     if phase:
         job = phase_job(job, phase, params.seed)
@@ -209,11 +209,11 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
             mlflow_runs.end_run(uri, run_id, status="FAILED")
         raise TrainingError(
             f"training {model_name} failed after {params.train.max_failures} retries: {root_cause(err)}. "
-            f"Checkpoints are kept in {run_dir}; run the stage again to resume."
+            f"Checkpoints are kept in {storage}/{name}; run the stage again to resume."
         ) from None
     fit_seconds = time.perf_counter() - started
     if result.checkpoint is None:
-        raise TrainingError(f"training {model_name} reported no checkpoint (see {run_dir})")
+        raise TrainingError(f"training {model_name} reported no checkpoint (see {storage}/{name})")
     with result.checkpoint.as_directory() as d:
         state = load_state(Path(d) / CHECKPOINT_FILE)
 
@@ -224,28 +224,21 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         if params.tracking.log_models and phase is None:
             register_model(uri, run_id, model_name, data.image_shape, outputs.model_dir)
         mlflow_runs.end_run(uri, run_id)
-    (run_dir / DONE_MARKER).write_text("done\n")
+    folder.write_text(DONE_MARKER, "done\n")
     return final
 
 
-def finished_state(run_dir: Path, epochs: int) -> dict | None:
-    """The final-epoch checkpoint state of a finished run in `run_dir` (Ray's checkpoint_* folders), if kept."""
-    for path in sorted(run_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"), reverse=True):
-        try:
-            state = load_state(path)
-        except Exception:  # unreadable: look further, else train again
-            continue
-        if state["epoch"] + 1 == epochs:
-            return state
-    return None
+def finished_state(folder: RunFolder, epochs: int) -> dict | None:
+    """The final-epoch checkpoint state of a finished run (Ray's checkpoint_* folders), if kept."""
+    return next((s for s in folder.checkpoint_states(CHECKPOINT_FILE) if s["epoch"] + 1 == epochs), None)
 
 
-def saved_run(run_dir: Path) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) of the MLflow run saved in `run_dir`, or (None, None)."""
-    saved = run_dir / "latentzoo_mlflow.json"
-    if not saved.exists():
+def saved_run(folder: RunFolder) -> tuple[str | None, str | None]:
+    """(tracking URI, run id) of the MLflow run saved in the run's folder, or (None, None)."""
+    text = folder.read_text(RUN_RECORD)
+    if text is None:
         return None, None
-    record = json.loads(saved.read_text())
+    record = json.loads(text)
     return record.get("tracking_uri"), record.get("run_id")
 
 
@@ -262,7 +255,7 @@ def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
                    label_fraction=phase.label_fraction, num_train=num_train)
 
 
-def make_trainer(params, job: TrainJob, name: str, storage: Path, callbacks=()):
+def make_trainer(params, job: TrainJob, name: str, storage: str, callbacks=()):
     """The TorchTrainer of one training run (the train stage's, and every tune trial's)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -290,15 +283,14 @@ def root_cause(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root,
+def open_mlflow_run(params, model_name, name, manifest_sha, folder: RunFolder, root,
                     phase: Phase | None = None) -> tuple[str | None, str | None]:
     """Create the training run (or reopen the one an interrupted attempt of this same run started); a phase's run
     is nested under its parent run."""
     if not params.tracking.enabled:
         return None, None
     uri = mlflow_runs.tracking_uri(root)
-    saved = run_dir / "latentzoo_mlflow.json"
-    run_id = mlflow_runs.reopen_saved_run(uri, saved)
+    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
     if run_id:
         return uri, run_id
     tags = {
@@ -320,7 +312,7 @@ def open_mlflow_run(params, model_name, name, manifest_sha, run_dir, root,
     if phase:
         mlflow_runs.log_params(uri, run_id, {"phase": {**phase.model_args, "label_fraction": phase.label_fraction,
                                                        "init_weights": str(phase.init_weights or "random")}})
-    saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
 

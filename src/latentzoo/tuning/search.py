@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from latentzoo.atomic import atomic_write_text
 from latentzoo.errors import TrainingError
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.loop import InjectedFailure, run_loop, tune_session
-from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
+from latentzoo.training.storage import RunFolder, storage_location
+from latentzoo.training.trainer import DONE_MARKER, RUN_RECORD, TrainingData, connect_ray, run_name, training_data
 
 MODE = "min"
 
@@ -158,26 +158,25 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
 
     data = training_data(params, model_name, shard_dir)
     name = search_name(params, model_name, data.manifest_sha)
-    storage = Path(params.ray.storage_path or root / ".ray_results").resolve()
-    path = storage / name
-    if (path / DONE_MARKER).exists():  # a finished search with identical inputs (outputs deleted): search again
-        shutil.rmtree(path)
+    folder = RunFolder(storage_location(params.ray.storage_path, root), name)
+    if folder.exists(DONE_MARKER):  # a finished search with identical inputs (outputs deleted): search again
+        folder.remove()
     metric = params.model_config_for(model_name).tune_metric
     connect_ray(params.ray.num_cpus, params.ray.log_level)
     # Tune's newer console engine prints a configuration box even at verbose=0; the classic reporter is silent
     # there, and our loop prints one line per trial epoch.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-    uri, parent = open_search_run(params, model_name, name, path, root)
+    uri, parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
     ctx = {"params": params.model_dump(), "model": model_name, "data": asdict(data), "mlflow_uri": uri,
            "parent_run_id": parent, "root": str(root), "experiment": experiment}
-    results = make_tuner(params, space, metric, ctx, path).fit()
+    results = make_tuner(params, space, metric, ctx, folder).fit()
 
     best_record = summarise(results, model_name, metric, params)
     if parent:
         close_search_run(uri, parent, best_record)
-    (path / DONE_MARKER).write_text("done\n")
+    folder.write_text(DONE_MARKER, "done\n")
     return write_best(out_file, best_record)
 
 
@@ -189,15 +188,16 @@ def concurrent_trials(params) -> int:
     return params.tune.max_concurrent_trials or max(1, cpus // params.tune.cpus_per_trial)
 
 
-def make_tuner(params, space: dict, metric: str, ctx: dict, path: Path):
-    """A fresh Tuner, or `Tuner.restore` of the interrupted search at `path` (errored trials stay errored)."""
+def make_tuner(params, space: dict, metric: str, ctx: dict, folder: RunFolder):
+    """A fresh Tuner, or `Tuner.restore` of the interrupted search in `folder` (errored trials stay errored)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     resources = {"CPU": params.tune.cpus_per_trial, "GPU": 1 if params.train.use_gpu else 0}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    if tune.Tuner.can_restore(str(path)):
-        return tune.Tuner.restore(str(path), trainable, resume_errored=False, restart_errored=False)
+    path = f"{folder.storage}/{folder.name}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
     cfg = params.tune
     searcher = None
     if cfg.searcher == "optuna":
@@ -219,7 +219,7 @@ def make_tuner(params, space: dict, metric: str, ctx: dict, path: Path):
             num_samples=cfg.num_samples,
             max_concurrent_trials=concurrent_trials(params),
         ),
-        run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent),
+        run_config=tune.RunConfig(name=folder.name, storage_path=folder.storage,
                                   failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=0),
     )
 
@@ -256,13 +256,12 @@ def write_best(out_file: Path, record: dict) -> dict:
 # ---------------------------------------------------------------- MLflow parent run
 
 
-def open_search_run(params, model_name, name, path: Path, root: Path) -> tuple[str | None, str | None]:
+def open_search_run(params, model_name, name, folder: RunFolder, root: Path) -> tuple[str | None, str | None]:
     """The search's parent run (reopened when an interrupted search is restored)."""
     if not params.tracking.enabled:
         return None, None
     uri = mlflow_runs.tracking_uri(root)
-    saved = path / "latentzoo_mlflow.json"
-    run_id = mlflow_runs.reopen_saved_run(uri, saved)
+    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
     if run_id:
         return uri, run_id
     tags = {"latentzoo.stage": "tune", "latentzoo.model": model_name, "latentzoo.ray_run": name,
@@ -271,8 +270,7 @@ def open_search_run(params, model_name, name, path: Path, root: Path) -> tuple[s
                                    tags, root)
     mlflow_runs.log_params(uri, run_id, {"tune": params.tune.model_dump(exclude={"space", "fail_trial"}),
                                          "space": params.tune.space.get(model_name, {})})
-    path.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
 

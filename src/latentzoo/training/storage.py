@@ -1,0 +1,83 @@
+"""Where Ray Train and Ray Tune keep runs (`ray.storage_path`): a local folder, or a URI pyarrow opens
+(s3://bucket/prefix, gs://..., file:///...), as Ray's `RunConfig(storage_path=...)` accepts.
+
+Beside Ray's checkpoints, a run's folder holds our small records: the MLflow run it logs to (resumed by a rerun)
+and a marker once it finished. `RunFolder` reads and writes them through the same filesystem Ray uses, so a run
+on a cluster with object storage resumes and is recognised as finished like a local one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def storage_location(storage_path: str | None, root: Path) -> str:
+    """`ray.storage_path` as Ray gets it: a URI as given, a local path made absolute (default <root>/.ray_results)."""
+    if storage_path and "://" in storage_path:
+        return storage_path.rstrip("/")
+    return str(Path(storage_path or Path(root) / ".ray_results").resolve())
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The folder of one Ray run: `<storage>/<name>`."""
+
+    storage: str  # what RunConfig(storage_path=...) gets
+    name: str
+
+    def _fs(self):
+        from pyarrow import fs
+
+        if "://" in self.storage:
+            filesystem, base = fs.FileSystem.from_uri(self.storage)
+            return filesystem, f"{base}/{self.name}"
+        return fs.LocalFileSystem(), f"{self.storage}/{self.name}"
+
+    def exists(self, file: str = "") -> bool:
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        return filesystem.get_file_info(f"{path}/{file}".rstrip("/")).type != fs.FileType.NotFound
+
+    def read_text(self, file: str) -> str | None:
+        filesystem, path = self._fs()
+        try:
+            with filesystem.open_input_stream(f"{path}/{file}") as f:
+                return f.read().decode()
+        except (FileNotFoundError, OSError):
+            return None
+
+    def write_text(self, file: str, text: str) -> None:
+        filesystem, path = self._fs()
+        filesystem.create_dir(path, recursive=True)
+        with filesystem.open_output_stream(f"{path}/{file}") as f:
+            f.write(text.encode())
+
+    def remove(self) -> None:
+        filesystem, path = self._fs()
+        if self.exists():
+            filesystem.delete_dir(path)
+
+    def checkpoint_states(self, file: str) -> list[dict]:
+        """The `file` state of each of Ray's checkpoint_* folders, newest first; unreadable ones left out."""
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        if not self.exists():
+            return []
+        found = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
+        folders = sorted((info.path for info in found
+                          if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")),
+                         reverse=True)
+        states = []
+        for folder in folders:
+            try:
+                with filesystem.open_input_stream(f"{folder}/{file}") as f:
+                    states.append(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
+            except Exception:  # unreadable or missing: the next one may do
+                continue
+        return states
