@@ -15,6 +15,16 @@ from latentzoo.atomic import atomic_write_bytes  # noqa: E402
 from latentzoo.models.quantizer import usage_from_counts  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, render to PNG in memory and write atomically; the figure is closed."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def save_usage_histogram(counts: Tensor, path: Path, title: str) -> Path:
     """Codebook usage: how often each code was chosen, codes sorted from most to least used (log scale), with
     utilisation and perplexity in the title. A flat curve is a well-used codebook; a cliff is collapse."""
@@ -28,12 +38,7 @@ def save_usage_histogram(counts: Tensor, path: Path, title: str) -> Path:
     ax.set_ylabel("assignments")
     ax.set_title(f"{title}: {usage['utilisation']:.1%} of {len(ranked)} codes used, "
                  f"perplexity {usage['perplexity']:.0f}", fontsize=9)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)
 
 
 CURVES = (("train_loss", "train loss", "-"), ("val_loss", "val loss", "-"),
@@ -52,9 +57,4 @@ def save_training_curves(histories: dict[str, list[dict]], path: Path) -> Path:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buffer.getvalue())
-    return Path(path)
+    return save_figure(fig, path)

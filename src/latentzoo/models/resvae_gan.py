@@ -37,7 +37,7 @@ from latentzoo.errors import ConfigError
 from latentzoo.models.base import ModelOutput
 from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, frozen, generator_loss
 from latentzoo.models.resnet import decoder, encoder
-from latentzoo.models.vae import bernoulli_nll, gaussian_nll, kl_normal_standard, reparameterize
+from latentzoo.models.vae import GaussianPosterior, kl_normal_standard, reparameterize
 from latentzoo.schema import Section
 
 COLLAPSED_SIGMA = 0.01  # a latent dim whose mean posterior std is below this has collapsed to a point
@@ -99,7 +99,7 @@ def variance_penalty(logvar: Tensor) -> Tensor:
     return -(1.0 + logvar - logvar.exp()).sum(dim=1)
 
 
-class ResVAEGAN(nn.Module):
+class ResVAEGAN(GaussianPosterior, nn.Module):
     """Residual VAE generator + PatchGAN `discriminator` (the training loop gives D its own optimizer and DDP)."""
 
     def __init__(self, cfg: ResVAEGANConfig, image_shape: tuple[int, int, int]):
@@ -153,23 +153,6 @@ class ResVAEGAN(nn.Module):
 
     def decode_logits(self, z: Tensor) -> Tensor:
         return self.decoder(z.view(len(z), *self.latent_shape))
-
-    def decode(self, z: Tensor) -> Tensor:
-        return self._mean(self.decode_logits(z))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        return self.decode(self.encode(x)[0])
-
-    def latents(self, x: Tensor) -> Tensor:
-        return self.encode(x)[0]
-
-    def _mean(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
-
-    def _nll(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.cfg.likelihood == "bernoulli":
-            return bernoulli_nll(logits, target)
-        return gaussian_nll(logits, target, self.cfg.gaussian_sigma)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
         """The generator's loss terms (recon, the posterior's regularisers, adversarial) and latent-health metrics."""

@@ -71,7 +71,32 @@ def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None
 # ---------------------------------------------------------------- model
 
 
-class VAE(nn.Module):
+class GaussianPosterior:
+    """What every family with q(z|x) = N(mu, sigma^2) and a Bernoulli/Gaussian decoder shares, given its
+    `encode(x) -> (mu, logvar)`, `decode_logits(z)` and a config with `likelihood` and `gaussian_sigma`."""
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z → the mean of p(x|z) in image space [0, 1]."""
+        return self._mean(self.decode_logits(z))
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction x̂ = E[p(x | z = mu(x))] (no binarisation, no sampling)."""
+        return self.decode(self.encode(x)[0])
+
+    def latents(self, x: Tensor) -> Tensor:
+        """The posterior means mu(x), (B, D)."""
+        return self.encode(x)[0]
+
+    def _mean(self, logits: Tensor) -> Tensor:
+        return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
+
+    def _nll(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.cfg.likelihood == "bernoulli":
+            return bernoulli_nll(logits, target)
+        return gaussian_nll(logits, target, self.cfg.gaussian_sigma)
+
+
+class VAE(GaussianPosterior, nn.Module):
     """Conv encoder → (mu, logvar) → z → conv decoder → logits of p(x|z).
 
     Takes (C, H, W) images with H and W divisible by 4 (see `layers.feature_shape`).
@@ -112,26 +137,6 @@ class VAE(nn.Module):
     def decode_logits(self, z: Tensor) -> Tensor:
         """z (B, latent_dim) → decoder output (B, C, H, W): Bernoulli logits, or the Gaussian mean."""
         return self.decoder(z)
-
-    def decode(self, z: Tensor) -> Tensor:
-        """z → the mean of p(x|z) in image space [0, 1]."""
-        return self._mean(self.decode_logits(z))
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Deterministic reconstruction x̂ = E[p(x | z = mu(x))] (no binarisation, no sampling)."""
-        return self.decode(self.encode(x)[0])
-
-    def latents(self, x: Tensor) -> Tensor:
-        """The posterior means mu(x), (B, latent_dim)."""
-        return self.encode(x)[0]
-
-    def _mean(self, logits: Tensor) -> Tensor:
-        return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
-
-    def _nll(self, logits: Tensor, target: Tensor) -> Tensor:
-        if self.cfg.likelihood == "bernoulli":
-            return bernoulli_nll(logits, target)
-        return gaussian_nll(logits, target, self.cfg.gaussian_sigma)
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
         """One-sample estimate of -ELBO = recon + KL per image; `generator` seeds binarisation and eps."""
