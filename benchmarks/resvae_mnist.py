@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import yaml
-from results_io import write_result
+from results_io import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,7 @@ VARIANTS = {
     "no_gan": ("resvae_gan", {"adversarial_weight": 0.0}),
     "no_variance_reg": ("resvae_gan", {"variance_weight": 0.0}),
     "standard_kl": ("resvae_gan", {"posterior": "standard"}),
+    "latent_49": ("resvae_gan", {"latent_channels": 1}),  # a 1x7x7 latent map instead of 4x7x7
 }
 REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
             "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")
@@ -66,6 +67,7 @@ def main() -> int:
     ap.add_argument("--classifier-epochs", type=int, default=5)
     ap.add_argument("--samples", type=int, default=5000, help="images per FCD")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--update", action="store_true", help="add these variants to the existing results file")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="keep data, models and Ray runs here")
     args = ap.parse_args()
@@ -95,6 +97,9 @@ def main() -> int:
             result["variants"][name] = row
             print(json.dumps({name: row}, indent=2), flush=True)
 
+    previous = RESULTS / "resvae_mnist.json"
+    if args.update and previous.exists():  # keep the variants measured before (same settings assumed)
+        result["variants"] = json.loads(previous.read_text())["variants"] | result["variants"]
     rows = result["variants"]
     if {"vae", "resvae_gan"} <= set(rows):
         full, vae = rows["resvae_gan"], rows["vae"]
