@@ -19,7 +19,7 @@ from conftest import ROOT, TINY, make_params
 
 from latentzoo.local_cluster import AUTH, local_head, stop
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 
 @contextmanager

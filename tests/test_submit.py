@@ -68,6 +68,7 @@ def wait_for(url: str, timeout_s: float = 120) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.cluster
 def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path, monkeypatch):
     from latentzoo.local_cluster import AUTH, free_port, local_head
 
