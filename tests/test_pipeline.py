@@ -41,7 +41,7 @@ def project(tmp_path: Path) -> Path:
     params["resvae_gan"].update(width=8, blocks=0, latent_channels=2, disc_width=8, disc_start=10)
     params["classifier"].update(epochs=2, width=8, feature_dim=16, num_samples=200)
     params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}})
-    params["stacked_ae"].update(layers=[32, 16], pretrain_epochs=1)
+    params["stacked_ae"].update(layers=[32], pretrain_epochs=1)  # several layers: test_layerwise
     params["finetune"].update(epochs=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
@@ -87,7 +87,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     stacked = json.loads((project / "metrics/finetune/stacked_ae.json").read_text())
     assert stacked["test_accuracy"] > 0.2 and {"test_accuracy_random", "test_accuracy_probe"} <= set(stacked)
     assert "## stacked_ae: classification" in report and "| linear probe" in report
-    assert (project / "models/stacked_ae/pretrained/layer-2/model.pt").exists()
+    assert (project / "models/stacked_ae/pretrained/layer-1/model.pt").exists()
 
     shown = run([DVC, "metrics", "show", "--json"], project, env).stdout
     assert "test_neg_elbo" in shown and "test_accuracy_probe" in shown

@@ -54,6 +54,21 @@ def test_the_job_server_must_be_an_http_address(monkeypatch):
     assert job_address("http://head:8265") == "http://head:8265"
 
 
+def test_submission_waits_for_the_job_agent():
+    from latentzoo.submit import submit_when_ready
+
+    class Client:
+        calls = 0
+
+        def submit_job(self, **job):
+            Client.calls += 1
+            if Client.calls < 3:
+                raise RuntimeError("Request failed with status code 500: No available agent to submit job")
+
+    submit_when_ready(Client(), entrypoint="true")
+    assert Client.calls == 3
+
+
 def wait_for(url: str, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -142,7 +142,8 @@ def submit(command: list[str], address: str | None, results: str, extra_env: Pat
     submission_id = f"latentzoo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     entrypoint = shlex.join(["python", "-m", "latentzoo.submit", "--pack", results, "--id", submission_id, "--",
                              *command])
-    client.submit_job(entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(extra_env))
+    submit_when_ready(client, entrypoint=entrypoint, submission_id=submission_id,
+                      runtime_env=runtime_env(extra_env))
     print(f"submit: job {submission_id} on {job_address(address)}", flush=True)
     try:
         asyncio.run(follow(client, submission_id))
@@ -154,6 +155,19 @@ def submit(command: list[str], address: str | None, results: str, extra_env: Pat
         raise LatentzooError(f"job {submission_id} ended {status.value}; its logs: ray job logs {submission_id}")
     unpack(read_bytes(results, f"{submission_id}.tar"), Path(workspace))
     return submission_id
+
+
+def submit_when_ready(client, timeout_s: float = 120.0, **job) -> None:
+    """`client.submit_job(**job)`, retried while a freshly started head's job agent is not up yet."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def unpack(data: bytes, workspace: Path) -> list[str]:
