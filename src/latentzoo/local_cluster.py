@@ -54,7 +54,9 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_
     # Its own temp dir: `ray start` records its address in <temp dir>/ray_current_cluster, and a stale record in
     # the default /tmp/ray would send every later plain `ray.init()` on this machine to the stopped head.
     temp_dir = tempfile.mkdtemp(prefix="lz-ray-", dir="/tmp")
-    dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    # The job agent's ports are fixed by default (52365): another Ray on this machine would take them first.
+    dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
     cmd = [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
            *(dashboard if dashboard_port else ["--include-dashboard=false"]), "--disable-usage-stats",
            f"--temp-dir={temp_dir}"]
