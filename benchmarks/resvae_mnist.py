@@ -32,6 +32,10 @@ VARIANTS = {
     "no_variance_reg": ("resvae_gan", {"variance_weight": 0.0}),
     "standard_kl": ("resvae_gan", {"posterior": "standard"}),
     "latent_49": ("resvae_gan", {"latent_channels": 1}),  # a 1x7x7 latent map instead of 4x7x7
+    "full_cov": ("resvae_gan", {"moments": "full"}),  # the mixture's whole covariance pulled to I
+    "dense_16": ("resvae_gan", {"latent_dim": 16}),  # a dense 16-d latent, as the plain VAE's
+    "dense_16_full": ("resvae_gan", {"latent_dim": 16, "moments": "full"}),
+    "dense_16_no_gan": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_weight": 0.0}),
 }
 REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
             "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")

@@ -83,29 +83,45 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """An `mlflow server` on loopback (sqlite backend, artifacts proxied to a local folder); yields its URI."""
+def start_mlflow_server(folder: Path, port: int):
+    """An `mlflow server` on 127.0.0.1:`port` (sqlite backend and proxied artifacts in `folder`), once it answers.
+    Started again on the same folder and port, it serves the same runs."""
     import subprocess
     import sys
 
-    from latentzoo.local_cluster import free_port
-
-    port = free_port()
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-           "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"]
+           "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+           "--artifacts-destination", str(folder / "server-artifacts"), "--workers", "1"]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                               start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", server)
+    except BaseException:
+        stop_mlflow_server(server)
+        raise
+    return server
+
+
+def stop_mlflow_server(server) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, 15)
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """An `mlflow server` on loopback (sqlite backend, artifacts proxied to a local folder); yields its URI."""
+    from latentzoo.local_cluster import free_port
+
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(f"{uri}/health", server)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop_mlflow_server(server)
 
 
 def wait_until_up(url: str, process, timeout_s: float = 120.0) -> None:

@@ -101,6 +101,55 @@ def test_zero_byte_idx_file(tmp_path):
         read_idx(path, IDX_IMAGES_MAGIC)
 
 
+def _gzip(header: bytes, zeros: int) -> bytes:
+    """gzip of an IDX header followed by `zeros` zero bytes, compressed a MB at a time (about 1000:1)."""
+    import gzip
+
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as f:
+        f.write(header)
+        for _ in range(zeros // 2**20):
+            f.write(bytes(2**20))
+    return buffer.getvalue()
+
+
+def test_a_gzip_bomb_is_not_inflated(tmp_path):
+    import tracemalloc
+
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"  # a 10 x 4 x 4 header followed by 512 MB of zeros
+    bomb.write_bytes(_gzip(IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 4, 4)),
+                           512 * 2**20))
+    assert bomb.stat().st_size < 2**20
+    tracemalloc.start()
+    with pytest.raises(DataError, match=r"idx3-ubyte\.gz: unexpected bytes after the \(10, 4, 4\) data"):
+        read_idx(bomb, IDX_IMAGES_MAGIC)
+    assert tracemalloc.get_traced_memory()[1] < 2**20  # read what the header declares + 1 byte, not 512 MB
+    tracemalloc.stop()
+
+
+def test_a_header_declaring_too_much_data_is_refused_before_reading(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    header = IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2**20, 100, 100))
+    (idx / "train-images-idx3-ubyte.gz").write_bytes(_gzip(header, 2**20))  # declares 10 GB
+    (idx / "train-labels-idx1-ubyte").write_bytes(b"")
+    with pytest.raises(DataError, match=r"header declares \(1048576, 100, 100\) = 10485760000 bytes, more than "
+                                        r"data\.max_idx_mb = 8192 MB \(a damaged header or a gzip bomb\?\)"):
+        load_source(DataConfig(source="idx", path=str(idx)))
+    with pytest.raises(DataError, match=r"more than data\.max_idx_mb = 1 MB"):
+        read_idx(idx / "train-images-idx3-ubyte.gz", IDX_IMAGES_MAGIC, max_bytes=2**20)
+
+
+def test_idx_images_larger_than_max_pixels_are_refused(tmp_path):
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    images = IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2, 5, 6)) + bytes(60)
+    (idx / "train-images-idx3-ubyte").write_bytes(images)
+    (idx / "train-labels-idx1-ubyte").write_bytes((0x801).to_bytes(4, "big") + (2).to_bytes(4, "big") + bytes(2))
+    with pytest.raises(DataError, match=r"images of 6x5 = 30 pixels exceed data\.max_pixels = 29"):
+        load_source(DataConfig(source="idx", path=str(idx), max_pixels=29))
+
+
 @pytest.mark.parametrize("files, message", [
     (None, r"idx: data.path is not a directory"),
     ([], r"idx: no train-images-idx3-ubyte\[\.gz\] and train-labels-idx1-ubyte\[\.gz\] found"),
@@ -211,6 +260,66 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
     with pytest.raises(LatentzooError, match=r"model\.pt: not a readable latentzoo checkpoint \(UnpicklingError"):
         load_model(path)
     assert not marker.exists()  # weights_only=True refused the global before calling it
+
+
+def _vae_job(shards: Path, tiny_params, epochs: int):
+    from latentzoo.data.shards import load_manifest, shard_urls
+    from latentzoo.training.loop import TrainJob
+
+    manifest = load_manifest(shards)
+    params = tiny_params(**{"train.epochs": epochs, "train.num_workers": 1})
+    return TrainJob("vae", params.model_dump(), shard_urls(shards, manifest, "train"),
+                    shard_urls(shards, manifest, "val"), manifest["splits"]["train"]["count"], (1, 8, 8), cached=True)
+
+
+def _session(run_dir: Path, resume=None):
+    """A one-process `Session` without Ray that keeps checkpoints as Ray does: <run>/checkpoint_00000N."""
+    import ray.train
+
+    from latentzoo.training.loop import Session
+
+    def report(row, checkpoint=None):
+        shutil.copytree(checkpoint.path, run_dir / f"checkpoint_{row['epoch']:06d}", dirs_exist_ok=True)
+
+    return Session(0, 1, 1, lambda: resume, report, ray.train.Checkpoint, lambda m: m, torch.device("cpu"))
+
+
+def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(digits_shards, tiny_params, tmp_path, capsys):
+    import ray.train
+
+    from latentzoo.training.checkpoint import CHECKPOINT_FILE
+    from latentzoo.training.loop import run_loop
+
+    run = tmp_path / "run"
+    run.mkdir()
+    run_loop(_vae_job(digits_shards, tiny_params, epochs=2), _session(run))
+    good = load_state(run / "checkpoint_000001" / CHECKPOINT_FILE)
+    latest = run / "checkpoint_000002" / CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk
+    capsys.readouterr()
+
+    run_loop(_vae_job(digits_shards, tiny_params, epochs=3), _session(run, ray.train.Checkpoint(latest.parent)))
+    said = capsys.readouterr().out
+    assert "warning: the last checkpoint is unusable" in said and "checkpoint_000002" in said
+    assert "resuming from the previous one" in said and "resuming from the checkpoint of epoch 1" in said
+    resumed = load_state(run / "checkpoint_000003" / CHECKPOINT_FILE)
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]  # epoch 2 trained again, epoch 1 not
+    assert resumed["history"][0] == good["history"][0]
+
+
+def test_no_readable_checkpoint_trains_from_the_start(digits_shards, tiny_params, tmp_path, capsys):
+    import ray.train
+
+    from latentzoo.training.checkpoint import CHECKPOINT_FILE
+    from latentzoo.training.loop import run_loop
+
+    run = tmp_path / "run"
+    (run / "checkpoint_000001").mkdir(parents=True)
+    (run / "checkpoint_000001" / CHECKPOINT_FILE).write_bytes(b"")
+    run_loop(_vae_job(digits_shards, tiny_params, epochs=1),
+             _session(run, ray.train.Checkpoint(run / "checkpoint_000001")))
+    assert "no earlier checkpoint is readable: training from the start" in capsys.readouterr().out
+    assert [row["epoch"] for row in load_state(run / "checkpoint_000001" / CHECKPOINT_FILE)["history"]] == [1]
 
 
 # ---------------------------------------------------------------- entry points and interruption

@@ -16,7 +16,16 @@ from conftest import make_params
 from latentzoo.models import build_model
 from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from latentzoo.models.resnet import PreActBlock
-from latentzoo.models.resvae_gan import ResVAEGANConfig, aggregate_kl, batch_moments, variance_penalty
+from latentzoo.models.resvae_gan import (
+    ResVAEGAN,
+    ResVAEGANConfig,
+    aggregate_kl,
+    aggregate_kl_full,
+    aggregate_loss,
+    batch_covariance,
+    batch_moments,
+    variance_penalty,
+)
 
 TINY_GAN = {"resvae_gan.width": 8, "resvae_gan.blocks": 1, "resvae_gan.latent_channels": 2,
             "resvae_gan.disc_width": 8, "resvae_gan.disc_start": 3, "train.batch_size": 32, "train.epochs": 1}
@@ -84,6 +93,31 @@ def test_mixture_posterior_has_no_mu_squared_term():
 LOGVAR = torch.linspace(-3, 1, 16 * 6).reshape(16, 6)
 
 
+def test_full_covariance_kl_is_the_gaussian_kl_and_penalises_correlation():
+    torch.manual_seed(0)
+    mu = torch.randn(4096, 3) @ torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.6, 0.0], [0.0, 0.0, 1.5]]) + 0.3
+    logvar = torch.full_like(mu, -2.0)
+    mean, cov = batch_covariance(mu, logvar, global_batch=False)
+    torch.testing.assert_close(torch.diag(cov), batch_moments(mu, logvar, global_batch=False)[1], rtol=1e-4, atol=1e-4)
+    mixture = torch.distributions.MultivariateNormal(mean, cov)
+    prior = torch.distributions.MultivariateNormal(torch.zeros(3), torch.eye(3))
+    expected = float(torch.distributions.kl_divergence(mixture, prior))
+    assert float(aggregate_kl_full(mean, cov)) == pytest.approx(expected, rel=1e-4)
+    assert float(aggregate_kl_full(mean, cov)) > float(aggregate_kl(mean, torch.diag(cov)))  # + the correlation
+
+
+@pytest.mark.parametrize("latent_dim, shape", [(0, (2, 2, 2)), (5, (5,))])
+def test_dense_and_spatial_latents(latent_dim, shape):
+    cfg = ResVAEGANConfig(width=8, latent_channels=2, latent_dim=latent_dim, moments="full")
+    model = ResVAEGAN(cfg, (1, 8, 8))
+    x = torch.rand(6, 1, 8, 8)
+    out = model(x)
+    assert model.latent_shape == shape and model.latents(x).shape == (6, torch.Size(shape).numel())
+    assert model.sample(3).shape == (3, 1, 8, 8) and out.recon.shape == x.shape
+    sum(out.losses.values()).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("discriminator"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -95,22 +129,23 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
-def _moments_worker(rank: int, world: int, port: int, mu: torch.Tensor, out_dir: str) -> None:
+def _moments_worker(rank: int, world: int, port: int, mu: torch.Tensor, moments: str, out_dir: str) -> None:
     init_gloo(rank, world, port)
     local = mu.chunk(world)[rank].clone().requires_grad_(True)
-    loss = aggregate_kl(*batch_moments(local, LOGVAR.chunk(world)[rank], global_batch=True))
+    loss = aggregate_loss(local, LOGVAR.chunk(world)[rank], moments, global_batch=True)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": local.grad}, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_batch_moments_two_workers_match_one(tmp_path):
+@pytest.mark.parametrize("moments", ["diagonal", "full"])
+def test_batch_moments_two_workers_match_one(tmp_path, moments):
     torch.manual_seed(0)
     mu = torch.randn(16, 6) * 2 + 0.5
     full = mu.clone().requires_grad_(True)
-    loss = aggregate_kl(*batch_moments(full, LOGVAR, global_batch=True))  # no process group here: the whole batch
+    loss = aggregate_loss(full, LOGVAR, moments, global_batch=True)  # no process group here: the whole batch
     loss.backward()
-    mp.spawn(_moments_worker, args=(2, free_port(), mu, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_moments_worker, args=(2, free_port(), mu, moments, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert float(got["loss"]) == pytest.approx(loss.item(), rel=1e-5)

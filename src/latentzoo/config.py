@@ -32,6 +32,7 @@ class DataConfig(Section):
     keep_source_test: bool = True  # idx: use the source's own test files (t10k-*) as the test split
     limit: int | None = Field(default=None, ge=10)  # keep only the first N images (quick runs)
     max_pixels: int = Field(default=16_000_000, ge=1)  # larger images are refused (decompression bombs)
+    max_idx_mb: int = Field(default=8192, ge=1)  # idx: a file declaring more data is refused (gzip bombs)
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":

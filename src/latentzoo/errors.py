@@ -43,8 +43,20 @@ class Terminated(KeyboardInterrupt):
     outputs' clean-up run before the process exits."""
 
 
+_sigterm = threading.Event()  # set once SIGTERM arrived (a library may re-raise it as a plain KeyboardInterrupt)
+
+
 def _raise_terminated(signum, frame) -> None:
+    _sigterm.set()
+    signal.alarm(0)  # a Ray driver's abseil handler, if it ran first, armed a 3 s abort: the clean-up may take longer
     raise Terminated()
+
+
+def restore_sigterm(handler) -> None:
+    """Put back the SIGTERM handler `ray.init` replaced (Ray's own exits at once, and its abseil handler aborts the
+    process 3 s later), so a stopped stage still cleans up its temporary outputs and exits 143."""
+    if handler is _raise_terminated and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def cli_errors(fn: F) -> F:
@@ -65,8 +77,9 @@ def cli_errors(fn: F) -> F:
         except KeyboardInterrupt as err:
             if os.environ.get("LATENTZOO_DEBUG"):
                 raise
-            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            terminated = isinstance(err, Terminated) or _sigterm.is_set()
+            what = "terminated" if terminated else "interrupted"
             print(f"{what}: nothing was written under the final output names", file=sys.stderr)
-            raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
+            raise SystemExit(143 if terminated else 130) from None
 
     return wrapper  # type: ignore[return-value]

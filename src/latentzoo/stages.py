@@ -105,13 +105,12 @@ def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path)
 def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path,
                    classifier: Path | None = None) -> dict:
     """Test metrics of one trained model; with the classifier stage's `classifier` weights, FCD and sharpness."""
-    model_dir, shard_dir = Path(model_dir), Path(shard_dir)
-    plots_dir = Path(plots_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=plots_dir,
-                                   classifier_path=classifier)
-    urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
-    write_grids(model, urls, plots_dir, params.evaluate.grid_size, params.seed)
+    model_dir, shard_dir, plots_dir = Path(model_dir), Path(shard_dir), Path(plots_dir)
+    with atomic_dir(plots_dir) as figures:  # interrupted: no half of the figures under plots_dir
+        result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=figures,
+                                       classifier_path=classifier)
+        urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
+        write_grids(model, urls, figures, params.evaluate.grid_size, params.seed)
     write_metrics(Path(metrics_file), result)
     log_to_training_run(params, model_dir, result, plots_dir)
     shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",

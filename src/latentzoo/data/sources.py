@@ -87,36 +87,47 @@ def _load_digits(cfg: "DataConfig") -> SourceData:
 # ---------------------------------------------------------------- idx
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, gunzipped when it ends in .gz."""
-    raw = path.read_bytes()
-    if path.suffix != ".gz":
-        return raw
+MAX_IDX_BYTES = 8192 * 2**20  # data.max_idx_mb's default
+
+
+def read_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+    """Parse an IDX file of uint8 (http://yann.lecun.com/exdb/mnist/): big-endian magic, dims, then the data.
+
+    A `.gz` file is decompressed as a stream, never past what the header declares (+1 byte to find trailing
+    data), and a header declaring more than `max_bytes` is refused before any data is read: a gzip bomb (a few
+    kB that inflate to many GB) costs nothing."""
     try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            return _parse_idx(f, path, magic, max_bytes)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: corrupt gzip file ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
-def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse an IDX file of uint8 (http://yann.lecun.com/exdb/mnist/): big-endian magic, dims, then the data."""
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    found = int.from_bytes(data[:4], "big")
+def _parse_idx(f, path: Path, magic: int, max_bytes: int) -> np.ndarray:
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(head)} bytes)")
+    found = int.from_bytes(head, "big")
     if found != magic:
         raise DataError(f"{path}: not an IDX file of this kind (magic 0x{found:08x}, expected 0x{magic:08x})")
     ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(data)} bytes, expected {header})")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected, got = math.prod(shape), len(data) - header  # Python ints: np.prod wraps past 2**63
-    if got < expected:
-        raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {got}")
-    if got > expected:
-        raise DataError(f"{path}: {got - expected} unexpected bytes after the {shape} data the header declares")
-    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({4 + len(dims)} bytes, expected {4 + 4 * ndim})")
+    shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
+    expected = math.prod(shape)  # Python ints: np.prod wraps past 2**63
+    if expected > max_bytes:
+        raise DataError(f"{path}: header declares {shape} = {expected} bytes, more than data.max_idx_mb = "
+                        f"{max_bytes // 2**20} MB (a damaged header or a gzip bomb?); raise data.max_idx_mb if real")
+    data = f.read(expected + 1)
+    if len(data) < expected:
+        raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {len(data)}")
+    if len(data) > expected:
+        raise DataError(f"{path}: unexpected bytes after the {shape} data the header declares")
+    f.read(1)  # at the end of a .gz stream: checks its CRC and length
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -127,7 +138,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, Path] | None:
+def _read_idx_pair(folder: Path, prefix: str, cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray, Path] | None:
     """(images NHW, labels, labels file) of `<prefix>-images/labels`, None if neither file exists."""
     images_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
@@ -136,10 +147,15 @@ def _read_idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, P
     if images_path is None or labels_path is None:
         missing = f"{prefix}-images-idx3-ubyte" if images_path is None else f"{prefix}-labels-idx1-ubyte"
         raise DataError(f"{folder}: {missing}[.gz] is missing (found the matching {prefix} file)")
-    images = read_idx(images_path, IDX_IMAGES_MAGIC)
-    if 0 in images.shape[1:]:  # no pixels: nothing to learn, and the shard stage cannot encode them
-        raise DataError(f"{images_path}: images of {images.shape[2]}x{images.shape[1]} pixels")
-    labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+    max_bytes = cfg.max_idx_mb * 2**20
+    images = read_idx(images_path, IDX_IMAGES_MAGIC, max_bytes)
+    height, width = images.shape[1:]
+    if height * width == 0:  # no pixels: nothing to learn, and the shard stage cannot encode them
+        raise DataError(f"{images_path}: images of {width}x{height} pixels")
+    if height * width > cfg.max_pixels:
+        raise DataError(f"{images_path}: images of {width}x{height} = {width * height} pixels exceed "
+                        f"data.max_pixels = {cfg.max_pixels}")
+    labels = read_idx(labels_path, IDX_LABELS_MAGIC, max_bytes)
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     return images, labels, labels_path
@@ -154,10 +170,10 @@ def _load_idx(cfg: "DataConfig") -> SourceData:
     folder = Path(cfg.path)
     if not folder.is_dir():
         raise DataError(f"{folder}: data.path is not a directory")
-    train = _read_idx_pair(folder, "train")
+    train = _read_idx_pair(folder, "train", cfg)
     if train is None:
         raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] found")
-    test = _read_idx_pair(folder, "t10k")
+    test = _read_idx_pair(folder, "t10k", cfg)
     train_images, train_labels, _ = train
     if test is not None and not cfg.keep_source_test:
         train_images = np.concatenate([train_images, test[0]])

@@ -52,7 +52,9 @@ class ResVAEGANConfig(Section):
     levels: int = Field(2, ge=1, le=5)  # strided blocks: the latent map is H/2^levels x W/2^levels
     blocks: int = Field(1, ge=0)  # identity blocks per level (depth)
     latent_channels: int = Field(4, ge=1)
+    latent_dim: int = Field(0, ge=0)  # > 0: a dense z in R^latent_dim, linear from/to the map; 0: z is the map
     posterior: Literal["mixture", "standard"] = "mixture"
+    moments: Literal["diagonal", "full"] = "diagonal"  # mixture: match per-dim variances, or the whole covariance
     aggregate_weight: float = Field(1.0, ge=0)  # w_agg: KL of the batch mixture's moments to N(0, 1)
     variance_weight: float = Field(0.5, ge=0)  # lambda: 0.5 is the sigma part of the standard KL
     kl_weight: float = Field(1.0, ge=0)  # w_kl, for posterior: standard
@@ -94,6 +96,39 @@ def aggregate_kl(mean: Tensor, var: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + var - 1.0 - var.log()).sum()
 
 
+def batch_covariance(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Tensor, Tensor]:
+    """Mean m and covariance S of the batch's mixture, (D,) and (D, D):
+
+        m = mean_i mu_i,    S = mean_i (mu_i mu_i^T + diag sigma_i^2) - m m^T  = Cov_i(mu_i) + diag(mean_i sigma_i^2),
+
+    over every rank's batch with `global_batch` (differentiable all-reduce, as in `batch_moments`)."""
+    d = mu.shape[1]
+    second = mu.T @ mu + torch.diag(logvar.exp().sum(0))
+    stats = torch.cat([mu.sum(0), second.flatten(), mu.new_tensor([len(mu)])])
+    if global_batch and dist.is_available() and dist.is_initialized():
+        from torch.distributed.nn.functional import all_reduce
+
+        stats = all_reduce(stats)
+    count = stats[-1]
+    mean = stats[:d] / count
+    cov = stats[d:d + d * d].view(d, d) / count - torch.outer(mean, mean)
+    return mean, cov + 1e-6 * torch.eye(d, device=mu.device, dtype=mu.dtype)
+
+
+def aggregate_kl_full(mean: Tensor, cov: Tensor) -> Tensor:
+    """KL(N(m, S) || N(0, I)) = 0.5 * (tr S + m^T m - D - log det S): also pulls the dims' correlations to 0, so
+    that the mixture fills the prior's ball rather than a thin slab of it."""
+    return 0.5 * (torch.trace(cov) + mean.pow(2).sum() - len(mean) - torch.logdet(cov))
+
+
+def aggregate_loss(mu: Tensor, logvar: Tensor, moments: str, global_batch: bool) -> Tensor:
+    """L_agg: the KL to N(0, I) of the batch mixture's per-dim moments ("diagonal") or of its mean and whole
+    covariance ("full")."""
+    if moments == "full":
+        return aggregate_kl_full(*batch_covariance(mu, logvar, global_batch))
+    return aggregate_kl(*batch_moments(mu, logvar, global_batch))
+
+
 def variance_penalty(logvar: Tensor) -> Tensor:
     """-sum_d (1 + log sigma_d^2 - sigma_d^2) per sample, (B,): zero at sigma = 1, large as sigma -> 0."""
     return -(1.0 + logvar - logvar.exp()).sum(dim=1)
@@ -111,9 +146,13 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         if h % scale or w % scale:
             raise ConfigError(f"resvae_gan.levels {cfg.levels} needs height and width divisible by {scale}, got "
                               f"image shape {self.image_shape}; lower resvae_gan.levels or resize (data.image_size)")
-        self.latent_shape = (cfg.latent_channels, h // scale, w // scale)
+        self.map_shape = (cfg.latent_channels, h // scale, w // scale)
         self.encoder = encoder(c, cfg.width, cfg.levels, cfg.blocks, 2 * cfg.latent_channels)
         self.decoder = decoder(cfg.latent_channels, cfg.width, cfg.levels, cfg.blocks, c)
+        flat = cfg.latent_channels * (h // scale) * (w // scale)
+        self.latent_shape = (cfg.latent_dim,) if cfg.latent_dim else self.map_shape
+        self.to_latent = nn.Linear(2 * flat, 2 * cfg.latent_dim) if cfg.latent_dim else nn.Identity()
+        self.from_latent = nn.Linear(cfg.latent_dim, flat) if cfg.latent_dim else nn.Identity()
         self.discriminator = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps (checkpointed)
         self.register_buffer("gan_lambda", torch.ones(()))  # the last adaptive weight (used in evaluation)
@@ -148,11 +187,14 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) → (mu, logvar) of q(z|x), each flattened to (B, D), D = prod(latent_shape)."""
-        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        h = self.encoder(x)
+        if self.cfg.latent_dim:
+            h = self.to_latent(h.flatten(1))
+        mu, logvar = h.chunk(2, dim=1)
         return mu.flatten(1), logvar.flatten(1).clamp(-30.0, 20.0)
 
     def decode_logits(self, z: Tensor) -> Tensor:
-        return self.decoder(z.view(len(z), *self.latent_shape))
+        return self.decoder(self.from_latent(z.flatten(1)).view(len(z), *self.map_shape))
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
         """The generator's loss terms (recon, the posterior's regularisers, adversarial) and latent-health metrics."""
@@ -163,8 +205,8 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         if self.cfg.posterior == "standard":
             losses["kl"] = self.cfg.kl_weight * kl.mean()
         else:
-            mean, var = batch_moments(mu, logvar, global_batch=self.training)
-            losses["aggregate"] = self.cfg.aggregate_weight * aggregate_kl(mean, var)
+            losses["aggregate"] = self.cfg.aggregate_weight * aggregate_loss(mu, logvar, self.cfg.moments,
+                                                                             global_batch=self.training)
             losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
         recon = self._mean(logits)
         losses["adversarial"] = self._adversarial(recon, losses["recon"])

@@ -4,6 +4,11 @@ The tracking URI is ``MLFLOW_TRACKING_URI`` when set (e.g. an ``mlflow server`` 
 sqlite store inside the project (``mlflow.db``, artifacts under ``mlartifacts/``). One experiment per model
 (``<prefix>-<model>``). Workers log through ``MlflowClient`` with an explicit run id, so a retried worker
 group keeps writing to the same run and nothing depends on process-global "active run" state.
+
+A tracking *server* (``http(s)://``) is checked once per process with a single request before MLflow's client
+is used: MLflow's own retries take about four minutes to give up on a server that is down. Later requests retry
+3 times with a 30 s timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` / ``_TIMEOUT`` override that), so a server that
+dies during training costs each epoch seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -26,9 +31,35 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+REACHABLE_TIMEOUT_S = 10.0
+_answered: set[str] = set()  # the servers that answered this process's first request
+
+
+def check_reachable(uri: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+    """Raise a LatentzooError naming the server and the fixes if an http(s) tracking URI does not answer at all
+    (any HTTP reply counts, 401 included). Local stores (sqlite, file) are not checked here."""
+    if not uri.startswith(("http://", "https://")) or uri in _answered:
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(err, requests.Timeout) else type(err).__name__
+        raise LatentzooError(
+            f"MLflow tracking server {uri} does not answer ({reason}); start it (infra/mlflow-server.sh) or fix "
+            f"MLFLOW_TRACKING_URI, or run untracked with tracking.enabled: false in params.yaml"
+        ) from None
+    _answered.add(uri)
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -108,10 +139,14 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int |
     _client(uri).log_batch(run_id, metrics=items)
 
 
-def last_step(uri: str, run_id: str, key: str) -> int:
-    """The largest step logged for metric `key` in the run (0 if none)."""
-    history = _client(uri).get_metric_history(run_id, key)
-    return max((m.step for m in history), default=0)
+def log_missing_epochs(uri: str, run_id: str, history: list[dict], key: str = "val_loss") -> int:
+    """Log each history row (step = its epoch) whose epoch has no `key` in the run yet, e.g. the epochs a dead
+    worker checkpointed but never logged, or those logged while the server was down; returns how many."""
+    logged = {m.step for m in _client(uri).get_metric_history(run_id, key)}
+    missing = [row for row in history if row["epoch"] not in logged]
+    for row in missing:
+        log_metrics(uri, run_id, row, step=row["epoch"])
+    return len(missing)
 
 
 def log_artifact(uri: str, run_id: str, path: Path, artifact_path: str | None = None) -> None:

@@ -35,7 +35,8 @@ def load_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise LatentzooError(f"{path}: checkpoint not found") from None
     except Exception as err:
-        raise LatentzooError(f"{path}: not a readable latentzoo checkpoint ({type(err).__name__}: {err})") from None
+        reason = str(err).strip().split("\n")[0].split(". ")[0]  # torch's zip errors run to a paragraph
+        raise LatentzooError(f"{path}: not a readable latentzoo checkpoint ({type(err).__name__}: {reason})") from None
 
 
 def weights_record(model: nn.Module, model_name: str, model_config: dict, image_shape, epoch: int) -> dict:

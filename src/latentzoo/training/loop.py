@@ -25,10 +25,12 @@ import torch.distributed as dist
 from torch import nn
 
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
+from latentzoo.errors import LatentzooError
 from latentzoo.models import build_model
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state
+from latentzoo.training.storage import readable_checkpoints
 
 
 class InjectedFailure(RuntimeError):
@@ -122,9 +124,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
     adversary = Adversary.of(model, betas)
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_state(Path(d) / CHECKPOINT_FILE)
+    state = resume_state(checkpoint, job.tag if rank == 0 else None) if checkpoint else None
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if adversary:
@@ -216,6 +217,25 @@ def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
     return lr
 
 
+def resume_state(checkpoint, tag: str | None) -> dict | None:
+    """The state in Ray's last checkpoint; if that file is unreadable (corrupt, cut short), the newest readable
+    checkpoint before it in the run's folder, with a warning (`tag`: the rank that prints). Every rank reads the
+    same folders in the same order, so all resume from the same epoch. None: nothing readable, start afresh."""
+    try:
+        with checkpoint.as_directory() as d:
+            return load_state(Path(d) / CHECKPOINT_FILE)
+    except LatentzooError as err:
+        warning = f"warning: the last checkpoint is unusable ({err})"
+    run_path, _, latest = str(checkpoint.path).rstrip("/").rpartition("/")
+    for folder, state in readable_checkpoints(checkpoint.filesystem, run_path, CHECKPOINT_FILE, before=latest):
+        if tag:
+            say(f"[{tag}] {warning}; resuming from the previous one, {folder}")
+        return state
+    if tag:
+        say(f"[{tag}] {warning}; no earlier checkpoint is readable: training from the start")
+    return None
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -232,13 +252,9 @@ def log_epoch(job: TrainJob, row: dict, step: int) -> None:
 def log_missing_epochs(job: TrainJob, history: list[dict]) -> None:
     """On resume: log the checkpointed epochs MLflow has not seen (a worker died between checkpoint and log)."""
     try:
-        logged = mlflow_runs.last_step(job.mlflow_uri, job.mlflow_run_id, "val_loss")
+        mlflow_runs.log_missing_epochs(job.mlflow_uri, job.mlflow_run_id, history)
     except Exception as err:
-        say(f"[{job.tag}] warning: could not read the MLflow run ({type(err).__name__}: {err})")
-        return
-    for row in history:
-        if row["epoch"] > logged:
-            log_epoch(job, row, row["epoch"])
+        say(f"[{job.tag}] warning: could not bring the MLflow run up to date ({type(err).__name__}: {err})")
 
 
 def count_nodes() -> int:

@@ -64,20 +64,26 @@ class RunFolder:
 
     def checkpoint_states(self, file: str) -> list[dict]:
         """The `file` state of each of Ray's checkpoint_* folders, newest first; unreadable ones left out."""
-        from pyarrow import fs
-
-        filesystem, path = self._fs()
         if not self.exists():
             return []
-        found = filesystem.get_file_info(fs.FileSelector(path, recursive=False))
-        folders = sorted((info.path for info in found
-                          if info.type == fs.FileType.Directory and info.base_name.startswith("checkpoint_")),
-                         reverse=True)
-        states = []
-        for folder in folders:
-            try:
-                with filesystem.open_input_stream(f"{folder}/{file}") as f:
-                    states.append(torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True))
-            except Exception:  # unreadable or missing: the next one may do
-                continue
-        return states
+        filesystem, path = self._fs()
+        return [state for _, state in readable_checkpoints(filesystem, path, file)]
+
+
+def readable_checkpoints(filesystem, run_path: str, file: str, before: str | None = None):
+    """(folder, state) of the `file` in each of Ray's checkpoint_* folders under `run_path` (a pyarrow filesystem
+    path), newest first, read lazily; only folders whose name sorts before `before` with it; unreadable files are
+    skipped (a checkpoint cut short by a full disk or a crash mid-upload)."""
+    from pyarrow import fs
+
+    found = filesystem.get_file_info(fs.FileSelector(run_path, recursive=False))
+    folders = sorted((info.path for info in found if info.type == fs.FileType.Directory
+                      and info.base_name.startswith("checkpoint_") and (before is None or info.base_name < before)),
+                     reverse=True)
+    for folder in folders:
+        try:
+            with filesystem.open_input_stream(f"{folder}/{file}") as f:
+                state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except Exception:  # unreadable or missing: the next one may do
+            continue
+        yield folder, state

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,12 +24,12 @@ import yaml
 from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
-from latentzoo.errors import ConfigError, ShardError, TrainingError
+from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.models import build_model
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_model, load_state, save_state, weights_record
-from latentzoo.training.loop import TrainJob, train_loop_per_worker
+from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
 from latentzoo.training.storage import RunFolder, storage_location
 
 WEIGHTS_FILE = "model.pt"
@@ -93,10 +94,12 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
         "runtime_env": {"env_vars": env_vars},
     }
     address = os.environ.get("RAY_ADDRESS")
+    sigterm = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, **options)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+    restore_sigterm(sigterm)
 
 
 def run_name(model_name: str, params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
@@ -179,8 +182,6 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
 
     A `phase` trains one step of a multi-run recipe (see `Phase`) as its own Ray run and MLflow run.
     """
-    from ray.train import TrainingFailedError
-
     root = Path(root or Path.cwd()).resolve()
     data = training_data(params, model_name, shard_dir)
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
@@ -195,6 +196,25 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         folder.remove()  # a finished run with identical inputs: train again from scratch
 
     uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
+    state = finished_state(folder, params.train.epochs)  # an earlier attempt trained to the end, then failed
+    if state is None:
+        state, fit_seconds = fit(params, model_name, data, name, storage, uri, run_id, phase)
+    else:
+        fit_seconds = sum(row["epoch_time_s"] for row in state["history"])
+        say(f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: "
+            f"writing the outputs")
+    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri,
+                          run_id, phase)
+    if run_id:
+        finish_mlflow_run(params, uri, run_id, model_name, data.image_shape, outputs, phase, state["history"])
+    folder.write_text(DONE_MARKER, "done\n")
+    return final
+
+
+def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, phase) -> tuple[dict, float]:
+    """Run (or resume) the Ray Train run `name`; return its last checkpoint's state and the fit's seconds."""
+    from ray.train import TrainingFailedError
+
     job = data.job(params, model_name, uri, run_id)
     if phase:
         job = phase_job(job, phase, params.seed)
@@ -215,17 +235,29 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
     if result.checkpoint is None:
         raise TrainingError(f"training {model_name} reported no checkpoint (see {storage}/{name})")
     with result.checkpoint.as_directory() as d:
-        state = load_state(Path(d) / CHECKPOINT_FILE)
+        return load_state(Path(d) / CHECKPOINT_FILE), fit_seconds
 
-    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri,
-                          run_id, phase)
-    if run_id:
+
+def finish_mlflow_run(params, uri: str, run_id: str, model_name: str, image_shape, outputs, phase,
+                      history: list[dict]) -> None:
+    """Epochs the run lacks (logged while the server was down), images, weights, config and curves to the run, the
+    model registered, the run FINISHED. A server lost at this point is a clear error: the checkpoints stay, and the
+    next attempt only does this part."""
+    try:
+        missing = mlflow_runs.log_missing_epochs(uri, run_id, history)
+        if missing:
+            say(f"[{model_name}] logged {missing} epoch(s) MLflow had missed")
         log_run_artifacts(params, uri, run_id, outputs)
         if params.tracking.log_models and phase is None:
-            register_model(uri, run_id, model_name, data.image_shape, outputs.model_dir)
+            register_model(uri, run_id, model_name, image_shape, outputs.model_dir)
         mlflow_runs.end_run(uri, run_id)
-    folder.write_text(DONE_MARKER, "done\n")
-    return final
+    except Exception as err:
+        reason = str(err).splitlines()[0][:300] if str(err) else ""
+        raise TrainingError(
+            f"training {model_name} finished, but logging it to MLflow at {uri} failed ({type(err).__name__}: "
+            f"{reason}); every epoch is checkpointed, so run the stage again once the server answers (it only "
+            f"logs), or set tracking.enabled: false"
+        ) from None
 
 
 def finished_state(folder: RunFolder, epochs: int) -> dict | None:

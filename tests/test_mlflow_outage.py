@@ -1,0 +1,83 @@
+"""A tracking server that is down when a stage starts (one clear line, before Ray starts, in seconds rather than
+MLflow's minutes of retries) or lost during training (training goes on, the epochs it missed and the model are
+logged by the next attempt, which does not train again)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+from conftest import start_mlflow_server, stop_mlflow_server
+
+from latentzoo.errors import LatentzooError, TrainingError
+from latentzoo.local_cluster import free_port
+from latentzoo.tracking import mlflow_runs
+from latentzoo.training import trainer
+from latentzoo.training.trainer import TrainOutputs, train_model
+
+
+def outputs(tmp_path) -> TrainOutputs:
+    return TrainOutputs(tmp_path / "models/vae", tmp_path / "metrics/vae.json", tmp_path / "plots/vae.csv")
+
+
+def test_a_server_that_is_down_at_start_is_one_clear_line_before_ray_starts(digits_shards, tiny_params, tmp_path,
+                                                                            monkeypatch):
+    uri = f"http://127.0.0.1:{free_port()}"  # nobody listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = tiny_params(**{"train.num_workers": 1, "ray.storage_path": str(tmp_path / "ray")})
+    started = time.monotonic()
+    with pytest.raises(LatentzooError, match=rf"MLflow tracking server {uri} does not answer \(ConnectionError\); "
+                                             r"start it .* or run untracked with tracking\.enabled: false"):
+        train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
+    assert time.monotonic() - started < 30  # MLflow's own client retries for about four minutes
+    assert list(tmp_path.iterdir()) == []  # no Ray run, model, metrics or plots
+
+
+def test_a_server_that_accepts_but_never_answers_times_out():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes connections; nobody reads or replies
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(LatentzooError, match=r"does not answer \(no answer in 0\.5 s\)"):
+            mlflow_runs.check_reachable(uri, timeout_s=0.5)
+
+
+@pytest.mark.ray
+def test_a_server_lost_during_training_costs_nothing(ray_cluster, digits_shards, tiny_params, tmp_path, monkeypatch,
+                                                    capfd):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast once the server is gone
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    server = start_mlflow_server(tmp_path, port)
+    real_fit = trainer.fit
+
+    def fit_after_the_server_dies(*args, **kwargs):
+        stop_mlflow_server(server)  # the run is open; every epoch of the training now fails to log
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit", fit_after_the_server_dies)
+    params = tiny_params(**{"train.num_workers": 1, "ray.storage_path": str(tmp_path / "ray")})
+    out = outputs(tmp_path)
+    try:
+        with pytest.raises(TrainingError, match=rf"training vae finished, but logging it to MLflow at {uri} failed"
+                                                r".*run the stage again once the server answers"):
+            train_model(params, "vae", digits_shards, out, root=tmp_path)
+        assert "warning: MLflow logging of epoch 2 failed" in capfd.readouterr().out  # training went on
+        run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
+
+        server = start_mlflow_server(tmp_path, port)  # back, with the same store
+        monkeypatch.setattr(trainer, "fit", lambda *a, **k: pytest.fail("trained again"))
+        final = train_model(params, "vae", digits_shards, out, root=tmp_path)
+        assert final["epochs"] == 2
+        assert "logged 2 epoch(s) MLflow had missed" in capfd.readouterr().out
+        run = MlflowClient(uri).get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "val_loss")] == [1, 2]
+        assert json.loads((out.model_dir / "mlflow_run.json").read_text())["model_version"] == "1"
+    finally:
+        stop_mlflow_server(server)
