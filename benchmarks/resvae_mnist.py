@@ -36,6 +36,7 @@ VARIANTS = {
     "dense_16": ("resvae_gan", {"latent_dim": 16}),  # a dense 16-d latent, as the plain VAE's
     "dense_16_full": ("resvae_gan", {"latent_dim": 16, "moments": "full"}),
     "dense_16_no_gan": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_weight": 0.0}),
+    "dense_32_full": ("resvae_gan", {"latent_dim": 32, "moments": "full"}),
 }
 REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
             "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")

@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from latentzoo.errors import LatentzooError, cli_errors
+from latentzoo.training.storage import read_file, write_file
 
 EXCLUDES = [".venv", ".git", ".dvc/cache", ".dvc/tmp", "mlflow.db", "mlruns", "mlartifacts", ".ray_results",
             "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"]
@@ -37,28 +38,14 @@ EXCLUDES = [".venv", ".git", ".dvc/cache", ".dvc/tmp", "mlflow.db", "mlruns", "m
 # ---------------------------------------------------------------- storage (local path or URI)
 
 
-def open_fs(location: str):
-    """(pyarrow filesystem, path) of a local folder or a URI (s3://, gs://, file://, hdfs://)."""
-    from pyarrow import fs
-
-    if "://" in location:
-        return fs.FileSystem.from_uri(location)
-    return fs.LocalFileSystem(), str(Path(location).resolve())
-
-
 def write_bytes(location: str, name: str, data: bytes) -> str:
-    filesystem, base = open_fs(location)
-    filesystem.create_dir(base, recursive=True)
-    with filesystem.open_output_stream(f"{base}/{name}") as f:
-        f.write(data)
+    write_file(location, name, data)
     return f"{location.rstrip('/')}/{name}"
 
 
 def read_bytes(location: str, name: str) -> bytes:
-    filesystem, base = open_fs(location)
     try:
-        with filesystem.open_input_stream(f"{base}/{name}") as f:
-            return f.read()
+        return read_file(location, name)
     except (FileNotFoundError, OSError) as err:
         raise LatentzooError(f"{location}/{name}: the job's outputs are not there ({err}); is --results a "
                              "location both the cluster and this machine reach?") from None

@@ -12,14 +12,36 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 
 def storage_location(storage_path: str | None, root: Path) -> str:
     """`ray.storage_path` as Ray gets it: a URI as given, a local path made absolute (default <root>/.ray_results)."""
     if storage_path and "://" in storage_path:
         return storage_path.rstrip("/")
     return str(Path(storage_path or Path(root) / ".ray_results").resolve())
+
+
+def open_location(location: str):
+    """(pyarrow filesystem, path) of a local folder or a URI (s3://, gs://, file://, hdfs://)."""
+    from pyarrow import fs
+
+    if "://" in location:
+        return fs.FileSystem.from_uri(location)
+    return fs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def write_file(location: str, name: str, data: bytes) -> None:
+    """`location/name` := data, creating the folder (a local path or a URI)."""
+    filesystem, base = open_location(location)
+    filesystem.create_dir(base, recursive=True)
+    with filesystem.open_output_stream(f"{base}/{name}") as f:
+        f.write(data)
+
+
+def read_file(location: str, name: str) -> bytes:
+    """The bytes of `location/name`; FileNotFoundError or OSError when it cannot be read."""
+    filesystem, base = open_location(location)
+    with filesystem.open_input_stream(f"{base}/{name}") as f:
+        return f.read()
 
 
 @dataclass(frozen=True)
@@ -29,13 +51,12 @@ class RunFolder:
     storage: str  # what RunConfig(storage_path=...) gets
     name: str
 
-    def _fs(self):
-        from pyarrow import fs
+    @property
+    def location(self) -> str:
+        return f"{self.storage}/{self.name}"
 
-        if "://" in self.storage:
-            filesystem, base = fs.FileSystem.from_uri(self.storage)
-            return filesystem, f"{base}/{self.name}"
-        return fs.LocalFileSystem(), f"{self.storage}/{self.name}"
+    def _fs(self):
+        return open_location(self.location)
 
     def exists(self, file: str = "") -> bool:
         from pyarrow import fs
@@ -44,18 +65,13 @@ class RunFolder:
         return filesystem.get_file_info(f"{path}/{file}".rstrip("/")).type != fs.FileType.NotFound
 
     def read_text(self, file: str) -> str | None:
-        filesystem, path = self._fs()
         try:
-            with filesystem.open_input_stream(f"{path}/{file}") as f:
-                return f.read().decode()
+            return read_file(self.location, file).decode()
         except (FileNotFoundError, OSError):
             return None
 
     def write_text(self, file: str, text: str) -> None:
-        filesystem, path = self._fs()
-        filesystem.create_dir(path, recursive=True)
-        with filesystem.open_output_stream(f"{path}/{file}") as f:
-            f.write(text.encode())
+        write_file(self.location, file, text.encode())
 
     def remove(self) -> None:
         filesystem, path = self._fs()
@@ -74,6 +90,7 @@ def readable_checkpoints(filesystem, run_path: str, file: str, before: str | Non
     """(folder, state) of the `file` in each of Ray's checkpoint_* folders under `run_path` (a pyarrow filesystem
     path), newest first, read lazily; only folders whose name sorts before `before` with it; unreadable files are
     skipped (a checkpoint cut short by a full disk or a crash mid-upload)."""
+    import torch
     from pyarrow import fs
 
     found = filesystem.get_file_info(fs.FileSelector(run_path, recursive=False))
