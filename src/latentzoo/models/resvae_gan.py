@@ -1,15 +1,20 @@
 """Residual VAE with a mixture-of-Gaussians aggregate posterior and a PatchGAN critic, after M. Rivera,
 "How to Train Your VAE", arXiv 2309.13160.
 
-Encoder and decoder are ResNetV2 pre-activation stacks (`models.resnet`); the latent is a (c, H/2^L, W/2^L) map
+Encoder and decoder are ResNetV2 pre-activation stacks (`models.resnet`) around a (c, H/2^L, W/2^L) feature map;
+the latent z is that map itself (`latent_dim: 0`) or a dense vector in R^latent_dim, linear from and to the map,
 with q(z|x) = N(mu(x), diag sigma^2(x)) and z = mu + sigma * eps. Instead of pulling every sample's posterior to
 N(0, I), the paper regularises the *aggregate* posterior q(z) = (1/N) sum_i N(mu_i, sigma_i^2), a mixture of the
-batch's Gaussians: its moments per latent dim, m = mean of mu and v = Var(mu) + mean of sigma^2 (the mixture's
-variance), are pulled to N(0, I), so that samples of the prior land where the decoder was trained,
+batch's Gaussians: its mean and covariance,
 
-    L_agg = KL(N(m, v) || N(0, 1)) = 0.5 * sum_d (m_d^2 + v_d - 1 - log v_d),
+    m = mean_i mu_i,    S = Cov_i(mu_i) + diag(mean_i sigma_i^2),
 
-and a per-sample term keeps every sigma away from collapse (no mu^2 term: the means stay free to spread out),
+are pulled to those of N(0, I), so that samples of the prior land where the decoder was trained:
+
+    L_agg = KL(N(m, S) || N(0, I)) = 0.5 * (tr S + m^T m - D - log det S)          (moments: "full")
+    L_agg = 0.5 * sum_d (m_d^2 + S_dd - 1 - log S_dd)                                  (moments: "diagonal").
+
+A per-sample term keeps every sigma away from collapse (no mu^2 term: the means stay free to spread out),
 
     L_var = -sum_d (1 + log sigma_d^2 - sigma_d^2)   (>= 0, smallest at sigma = 1; its gradient pushes a small
                                                        sigma up),
@@ -17,8 +22,8 @@ and a per-sample term keeps every sigma away from collapse (no mu^2 term: the me
     loss = E[-log p(x|z)] + w_agg * L_agg + lambda * L_var (+ w_adv * lambda_adapt * L_G)      ("mixture")
     loss = E[-log p(x|z)] + w_kl * KL(q(z|x) || N(0, I))   (+ the same adversarial term)          ("standard").
 
-Under DDP, m and v are over the *global* batch: the per-rank sums of mu and mu^2 are all-reduced with a
-differentiable all-reduce, so each rank's gradient is that of the global statistic (`batch_moments`).
+Under DDP, m and S are over the *global* batch: the per-rank sums of mu, mu mu^T and sigma^2 are all-reduced with
+a differentiable all-reduce, so each rank's gradient is that of the global statistic (`batch_covariance`).
 
 The adversarial term (`models.patchgan`) starts at step `disc_start`; the discriminator is trained by the
 training loop with its own optimizer (`discriminator_losses`), the generator's step never builds a graph into it.
