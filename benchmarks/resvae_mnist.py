@@ -39,6 +39,9 @@ VARIANTS = {
     "dense_32_full": ("resvae_gan", {"latent_dim": 32, "moments": "full"}),
     "dense_16_adv_002": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_weight": 0.02}),
     "dense_16_critic_100": ("resvae_gan", {"latent_dim": 16, "moments": "full", "disc_start": 100}),
+    "dense_16_gan_samples": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_samples": True}),
+    "dense_16_gan_samples_100": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_samples": True,
+                                                "disc_start": 100}),
 }
 REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
             "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")

@@ -19,7 +19,7 @@ from conftest import ROOT, TINY, make_params
 
 pytestmark = pytest.mark.ray
 
-EPOCHS = 6
+EPOCHS = 4
 
 
 def stage(script: str, *args: str) -> list[str]:

@@ -118,6 +118,19 @@ def test_dense_and_spatial_latents(latent_dim, shape):
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("discriminator"))
 
 
+def test_the_critic_can_judge_prior_samples_too():
+    cfg = ResVAEGANConfig(width=8, latent_channels=2, latent_dim=4, disc_width=8, disc_start=0,
+                          adversarial_samples=True)
+    model = ResVAEGAN(cfg, (1, 8, 8))
+    x = torch.rand(6, 1, 8, 8)
+    out = model(x)
+    assert out.fakes.shape == (12, 1, 8, 8) and torch.equal(out.fakes[:6], out.recon)  # reconstructions + samples
+    out.losses["adversarial"].backward()
+    assert model.decoder[-1].weight.grad.abs().sum() > 0 and model.discriminator.net[0].weight.grad is None
+    disc = model.discriminator_losses(x, out.fakes)
+    assert disc.total > 0 and disc.total.requires_grad
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -19,6 +19,8 @@ class ModelOutput:
     codes:   discrete latent indices (B, ...) of families with a codebook (their module has `codebook_size`);
              the training loop and evaluation count them into codebook utilisation and perplexity.
     logits:  class scores (B, classes) of a family with a classifier head.
+    fakes:   the generated images a family with a critic wants it to reject this step (reconstructions, and prior
+             samples); None: the critic sees `recon`.
     """
 
     recon: Tensor | None
@@ -26,6 +28,7 @@ class ModelOutput:
     metrics: dict[str, Tensor] = field(default_factory=dict)
     codes: Tensor | None = None
     logits: Tensor | None = None
+    fakes: Tensor | None = None
 
     @property
     def total(self) -> Tensor:

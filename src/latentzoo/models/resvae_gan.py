@@ -68,6 +68,7 @@ class ResVAEGANConfig(Section):
     gan_loss: Literal["hinge", "bce"] = "hinge"
     adversarial_weight: float = Field(0.1, ge=0)  # w_adv (0: no discriminator is trained)
     adaptive_weight: bool = True  # scale L_G by lambda_adapt = |grad L_rec| / |grad L_G| at the last layer
+    adversarial_samples: bool = False  # the critic also judges decoded prior samples z ~ N(0, I) (as VAE-GAN)
     disc_start: int = Field(200, ge=0)  # optimizer steps before the adversarial term and D's training start
     disc_width: int = Field(32, ge=1)
     disc_layers: int = Field(2, ge=1, le=5)
@@ -176,11 +177,11 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
     def adversarial_active(self) -> bool:
         return self.cfg.adversarial_weight > 0 and int(self.step) >= self.cfg.disc_start
 
-    def discriminator_losses(self, x: Tensor, recon: Tensor, discriminate: nn.Module | None = None) -> ModelOutput:
-        """L_D on real images x and (detached) reconstructions, one forward of `discriminate` (the DDP-wrapped D
-        in training) over both halves."""
-        logits = (discriminate or self.discriminator)(torch.cat([x, recon.detach()]))
-        real, fake = logits.chunk(2)
+    def discriminator_losses(self, x: Tensor, fakes: Tensor, discriminate: nn.Module | None = None) -> ModelOutput:
+        """L_D on real images x and (detached) generated ones (reconstructions, and prior samples), one forward
+        of `discriminate` (the DDP-wrapped D in training) over both."""
+        logits = (discriminate or self.discriminator)(torch.cat([x, fakes.detach()]))
+        real, fake = logits[: len(x)], logits[len(x):]
         return ModelOutput(None, {"gan": discriminator_loss(real, fake, self.cfg.gan_loss)},
                            {"logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()})
 
@@ -214,12 +215,16 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
                                                                              global_batch=self.training)
             losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
         recon = self._mean(logits)
-        losses["adversarial"] = self._adversarial(recon, losses["recon"])
+        fakes = recon
+        if self.adversarial_active and self.cfg.adversarial_samples:  # decoded z ~ N(0, I): what sample() makes
+            fakes = torch.cat([recon, self._mean(self.decode_logits(torch.randn_like(mu)))])
+        losses["adversarial"] = self._adversarial(fakes, losses["recon"])
         if self.training and torch.is_grad_enabled():
             self.step += 1
         sigma = (0.5 * logvar).exp().detach()
         return ModelOutput(
             recon=recon,
+            fakes=fakes,
             losses=losses,
             metrics={
                 "neg_elbo": (nll + kl).mean().detach(),  # the ELBO of this encoder/decoder, whatever the objective
@@ -230,12 +235,12 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
             },
         )
 
-    def _adversarial(self, recon: Tensor, rec_loss: Tensor) -> Tensor:
-        """w_adv * lambda_adapt * L_G(D(x̂)) once active, else 0; D's weights get no gradient from it."""
+    def _adversarial(self, fakes: Tensor, rec_loss: Tensor) -> Tensor:
+        """w_adv * lambda_adapt * L_G(D(fakes)) once active, else 0; D's weights get no gradient from it."""
         if not self.adversarial_active:
-            return recon.new_zeros(())
+            return fakes.new_zeros(())
         with frozen(self.discriminator):
-            gan = generator_loss(self.discriminator(recon), self.cfg.gan_loss)
+            gan = generator_loss(self.discriminator(fakes), self.cfg.gan_loss)
         if self.cfg.adaptive_weight and self.training and torch.is_grad_enabled():
             self.gan_lambda.copy_(adaptive_weight(rec_loss, gan, self.decoder[-1].weight))
         weight = self.gan_lambda if self.cfg.adaptive_weight else 1.0

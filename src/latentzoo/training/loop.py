@@ -198,11 +198,12 @@ class Adversary:
             return None
         return cls(disc, torch.optim.Adam(disc.parameters(), lr=model.disc_lr, betas=betas))
 
-    def step(self, model: nn.Module, x: torch.Tensor, recon: torch.Tensor):
-        """One discriminator step on real x and detached reconstructions, once the model's schedule starts it."""
+    def step(self, model: nn.Module, x: torch.Tensor, fakes: torch.Tensor):
+        """One discriminator step on real x and the (detached) generated images, once the model's schedule starts
+        it."""
         if not model.adversarial_active:
             return None
-        out = model.discriminator_losses(x, recon.detach(), self.module)
+        out = model.discriminator_losses(x, fakes.detach(), self.module)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         self.optimizer.step()
@@ -304,7 +305,8 @@ def train_epoch(model, optimizer, batches, device, grad_clip, adversary: Adversa
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
         optimizer.step()
         accumulate(sums, "train", out, len(x))
-        disc_out = adversary.step(unwrap(model), x, out.recon) if adversary else None
+        fakes = out.recon if out.fakes is None else out.fakes
+        disc_out = adversary.step(unwrap(model), x, fakes) if adversary else None
         if disc_out:
             accumulate(sums, "train_disc", disc_out, len(x))
         if codes:
