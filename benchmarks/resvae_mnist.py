@@ -24,24 +24,27 @@ from results_io import RESULTS, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# variant → (family, overrides of its params.yaml section)
+# variant → (family, overrides of its params.yaml section). The defaults: a dense 16-d latent, the mixture's mean
+# and whole covariance pulled to N(0, I), the critic judging reconstructions and decoded prior samples.
+SPATIAL = {"latent_dim": 0, "moments": "diagonal", "adversarial_samples": False}  # the first design: 4x7x7 latent
 VARIANTS = {
     "vae": ("vae", {}),
     "resvae_gan": ("resvae_gan", {}),
     "no_gan": ("resvae_gan", {"adversarial_weight": 0.0}),
     "no_variance_reg": ("resvae_gan", {"variance_weight": 0.0}),
     "standard_kl": ("resvae_gan", {"posterior": "standard"}),
-    "latent_49": ("resvae_gan", {"latent_channels": 1}),  # a 1x7x7 latent map instead of 4x7x7
-    "full_cov": ("resvae_gan", {"moments": "full"}),  # the mixture's whole covariance pulled to I
-    "dense_16": ("resvae_gan", {"latent_dim": 16}),  # a dense 16-d latent, as the plain VAE's
-    "dense_16_full": ("resvae_gan", {"latent_dim": 16, "moments": "full"}),
-    "dense_16_no_gan": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_weight": 0.0}),
-    "dense_32_full": ("resvae_gan", {"latent_dim": 32, "moments": "full"}),
-    "dense_16_adv_002": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_weight": 0.02}),
-    "dense_16_critic_100": ("resvae_gan", {"latent_dim": 16, "moments": "full", "disc_start": 100}),
-    "dense_16_gan_samples": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_samples": True}),
-    "dense_16_gan_samples_100": ("resvae_gan", {"latent_dim": 16, "moments": "full", "adversarial_samples": True,
-                                                "disc_start": 100}),
+    # what led to the defaults
+    "critic_on_recon_only": ("resvae_gan", {"adversarial_samples": False}),
+    "critic_on_recon_only_start_100": ("resvae_gan", {"adversarial_samples": False, "disc_start": 100}),
+    "critic_on_recon_only_adv_002": ("resvae_gan", {"adversarial_samples": False, "adversarial_weight": 0.02}),
+    "critic_start_100": ("resvae_gan", {"disc_start": 100}),
+    "diagonal_moments_recon_only": ("resvae_gan", {"moments": "diagonal", "adversarial_samples": False}),
+    "latent_32_recon_only": ("resvae_gan", {"latent_dim": 32, "adversarial_samples": False}),
+    "spatial": ("resvae_gan", SPATIAL),
+    "spatial_no_gan": ("resvae_gan", SPATIAL | {"adversarial_weight": 0.0}),
+    "spatial_no_variance_reg": ("resvae_gan", SPATIAL | {"variance_weight": 0.0}),
+    "spatial_standard_kl": ("resvae_gan", SPATIAL | {"posterior": "standard"}),
+    "spatial_1x7x7": ("resvae_gan", SPATIAL | {"latent_channels": 1}),
 }
 REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
             "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")

@@ -57,9 +57,9 @@ class ResVAEGANConfig(Section):
     levels: int = Field(2, ge=1, le=5)  # strided blocks: the latent map is H/2^levels x W/2^levels
     blocks: int = Field(1, ge=0)  # identity blocks per level (depth)
     latent_channels: int = Field(4, ge=1)
-    latent_dim: int = Field(0, ge=0)  # > 0: a dense z in R^latent_dim, linear from/to the map; 0: z is the map
+    latent_dim: int = Field(16, ge=0)  # > 0: a dense z in R^latent_dim, linear from/to the map; 0: z is the map
     posterior: Literal["mixture", "standard"] = "mixture"
-    moments: Literal["diagonal", "full"] = "diagonal"  # mixture: match per-dim variances, or the whole covariance
+    moments: Literal["diagonal", "full"] = "full"  # mixture: match per-dim variances, or the whole covariance
     aggregate_weight: float = Field(1.0, ge=0)  # w_agg: KL of the batch mixture's moments to N(0, 1)
     variance_weight: float = Field(0.5, ge=0)  # lambda: 0.5 is the sigma part of the standard KL
     kl_weight: float = Field(1.0, ge=0)  # w_kl, for posterior: standard
@@ -68,7 +68,7 @@ class ResVAEGANConfig(Section):
     gan_loss: Literal["hinge", "bce"] = "hinge"
     adversarial_weight: float = Field(0.1, ge=0)  # w_adv (0: no discriminator is trained)
     adaptive_weight: bool = True  # scale L_G by lambda_adapt = |grad L_rec| / |grad L_G| at the last layer
-    adversarial_samples: bool = False  # the critic also judges decoded prior samples z ~ N(0, I) (as VAE-GAN)
+    adversarial_samples: bool = True  # the critic also judges decoded prior samples z ~ N(0, I) (as VAE-GAN)
     disc_start: int = Field(200, ge=0)  # optimizer steps before the adversarial term and D's training start
     disc_width: int = Field(32, ge=1)
     disc_layers: int = Field(2, ge=1, le=5)
