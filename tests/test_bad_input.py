@@ -359,10 +359,17 @@ main()
 """
 
 
+def interactive_signals() -> None:
+    """In the child, before exec: SIGINT as a terminal gives it. A shell running the suite as a background job
+    ignores SIGINT, children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_mid_write(out: Path, sig: int) -> subprocess.CompletedProcess:
     """Run DRIVER writing `out`, send `sig` once it is writing; its exit status and stderr."""
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTZOO_DEBUG": ""})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTZOO_DEBUG": ""},
+                            preexec_fn=interactive_signals)
     try:
         assert proc.stdout.readline() == "writing\n", proc.stderr.read()
         proc.send_signal(sig)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, TINY, make_params
+from test_bad_input import interactive_signals
 
 pytestmark = pytest.mark.ray
 
@@ -47,7 +48,8 @@ def workspace(ray_cluster, digits_shards, tmp_path, mlflow_uri):
 
 def interrupt_when(cmd, cwd: Path, env: dict, ready, sig: int, timeout_s: float = 180) -> tuple[int, str]:
     """Start `cmd`, send `sig` once `ready()` holds; its exit status and output."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=interactive_signals)
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():

@@ -15,7 +15,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.ray
 
 DVC = str(Path(os.sys.executable).with_name("dvc"))
-FAMILIES = ("vae", "vqvae", "resvae_gan")
+FAMILIES = ("vae", "resvae_gan")
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -34,15 +34,14 @@ def project(tmp_path: Path) -> Path:
     (tmp_path / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc/config", tmp_path / ".dvc/config")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = list(FAMILIES)  # simvq is vqvae's code path with another codebook: left to test_training
+    params["models"] = list(FAMILIES)  # vqvae and simvq through train and evaluate: test_training, test_evaluate
     params["train"].update(epochs=2, batch_size=32)
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
-    params["vqvae"].update(hidden_channels=8, codebook_dim=8, codebook_size=64)
     params["resvae_gan"].update(width=8, blocks=0, latent_channels=2, disc_width=8, disc_start=10)
     params["classifier"].update(epochs=2, width=8, feature_dim=16, num_samples=200)
     params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}})
     params["stacked_ae"].update(layers=[32], pretrain_epochs=1)  # several layers: test_layerwise
-    params["finetune"].update(epochs=2)
+    params["finetune"].update(epochs=2, baseline=False, probe=False)  # those two runs: test_layerwise
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
@@ -74,23 +73,18 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     report = (project / "reports/report.md").read_text()
     assert all(report.count(f"| {family} |") == 2 for family in families)  # metrics row, grids row
     assert (project / "plots/evaluate/vae/reconstructions.png").exists()
-    test = json.loads((project / "metrics/evaluate/vqvae.json").read_text())
-    assert 0 < test["test_utilisation"] <= 1 and test["test_perplexity"] >= 1 and test["test_psnr"] > 5
-    assert (project / "plots/evaluate/vqvae/codebook_usage.png").exists()
-    assert "images/vqvae-codebook_usage.png" in report
     gan = json.loads((project / "metrics/evaluate/resvae_gan.json").read_text())
     assert gan["test_fcd_samples"] > 0 and gan["test_sharpness_samples"] > 0 and gan["test_mean_sigma"] > 0
-    assert "test_fcd_recon" in test and "test_fcd_samples" not in test  # a VQ-VAE has no prior to sample
     assert json.loads((project / "metrics/classifier.json").read_text())["test_accuracy"] > 0.1
     assert "FCD samples" in report and "images/resvae_gan-samples.png" in report
 
     stacked = json.loads((project / "metrics/finetune/stacked_ae.json").read_text())
-    assert stacked["test_accuracy"] > 0.2 and {"test_accuracy_random", "test_accuracy_probe"} <= set(stacked)
-    assert "## stacked_ae: classification" in report and "| linear probe" in report
+    assert stacked["test_accuracy"] > 0.2
+    assert "## stacked_ae: classification" in report
     assert (project / "models/stacked_ae/pretrained/layer-1/model.pt").exists()
 
     shown = run([DVC, "metrics", "show", "--json"], project, env).stdout
-    assert "test_neg_elbo" in shown and "test_accuracy_probe" in shown
+    assert "test_neg_elbo" in shown and "test_accuracy" in shown
 
     second = run([DVC, "repro"], project, env)
     assert "Running stage" not in second.stdout
@@ -105,9 +99,6 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     registered = json.loads((project / "models/vae/mlflow_run.json").read_text())
     version = client.get_model_version(registered["registered_model"], registered["model_version"])
     assert version.run_id == run_id and "test_neg_elbo" in version.tags  # the registry carries test metrics
-    vq_run = json.loads((project / "models/vqvae/mlflow_run.json").read_text())["run_id"]
-    assert "val_utilisation" in client.get_run(vq_run).data.metrics
-    assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(vq_run, "evaluation")}
     assert client.get_experiment_by_name("latentzoo-report") is not None
 
     git = ["git", "-c", "user.email=ci@latentzoo", "-c", "user.name=ci"]
@@ -116,7 +107,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
 
     # Fine-tuning params feed only the finetune stage: pretraining is not run again.
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["finetune"].update(label_fraction=0.5, baseline=False, probe=False)
+    params["finetune"].update(label_fraction=0.5)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run([DVC, "repro"], project, env)
     assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout

@@ -72,6 +72,17 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
     assert meta["model_name"] == "vqvae" and bool(model.quantizer.initted)
     assert model(torch.rand(2, 1, 8, 8)).codes.shape == (2, 2, 2)
 
+    from mlflow.tracking import MlflowClient
+
+    from latentzoo.stages import evaluate_stage
+
+    test = evaluate_stage(params, out.model_dir, digits_shards, tmp_path / "test.json", tmp_path / "plots/vqvae")
+    assert 0 < test["test_utilisation"] <= 1 and test["test_perplexity"] >= 1 and test["test_psnr"] > 5
+    assert (tmp_path / "plots/vqvae/codebook_usage.png").exists()
+    run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
+    assert "val_utilisation" in MlflowClient().get_run(run_id).data.metrics
+    assert "evaluation/codebook_usage.png" in {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
+
 
 def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,
                                                       mlflow_uri):
