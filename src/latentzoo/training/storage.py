@@ -85,6 +85,13 @@ class RunFolder:
         filesystem, path = self._fs()
         return [state for _, state in readable_checkpoints(filesystem, path, file)]
 
+    def newest_checkpoint_state(self, file: str) -> dict | None:
+        """The `file` state of the newest readable checkpoint_* folder (only that one is read), or None."""
+        if not self.exists():
+            return None
+        filesystem, path = self._fs()
+        return next((state for _, state in readable_checkpoints(filesystem, path, file)), None)
+
 
 def readable_checkpoints(filesystem, run_path: str, file: str, before: str | None = None):
     """(folder, state) of the `file` in each of Ray's checkpoint_* folders under `run_path` (a pyarrow filesystem

@@ -262,7 +262,8 @@ def finish_mlflow_run(params, uri: str, run_id: str, model_name: str, image_shap
 
 def finished_state(folder: RunFolder, epochs: int) -> dict | None:
     """The final-epoch checkpoint state of a finished run (Ray's checkpoint_* folders), if kept."""
-    return next((s for s in folder.checkpoint_states(CHECKPOINT_FILE) if s["epoch"] + 1 == epochs), None)
+    state = folder.newest_checkpoint_state(CHECKPOINT_FILE)  # read once per stage start: only the newest
+    return state if state is not None and state["epoch"] + 1 == epochs else None
 
 
 def saved_run(folder: RunFolder) -> tuple[str | None, str | None]:
