@@ -25,7 +25,7 @@ $(STAMP): requirements.txt pyproject.toml
 repro: $(STAMP)
 	$(BIN)/python -m latentzoo.local_cluster -- $(BIN)/dvc repro
 
-# The test suite (.ci/run calls exactly this).
+# The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=600
 

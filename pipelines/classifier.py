@@ -1,5 +1,7 @@
 """DVC stage `classifier`: the small classifier whose features every evaluation's Fréchet distance uses."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

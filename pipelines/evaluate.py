@@ -1,5 +1,7 @@
 """DVC stage `evaluate@<model>`: test-split metrics (DVC metrics) and image grids (DVC plots)."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """DVC stage `finetune`: supervised fine-tuning of the pretrained stack, its random-init baseline and a linear probe."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """DVC stage `prepare`: read the image source, validate it, split it deterministically."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

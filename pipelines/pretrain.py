@@ -1,5 +1,7 @@
 """DVC stage `pretrain`: greedy layer-wise pretraining of the stacked autoencoder, one Ray Train run per layer."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

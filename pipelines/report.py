@@ -1,5 +1,7 @@
 """DVC stage `report`: one cross-model report (reports/report.md), also logged to MLflow."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

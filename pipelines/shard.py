@@ -1,5 +1,7 @@
 """DVC stage `shard`: write WebDataset .tar shards and manifest.json (counts, sha256) for every split."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

@@ -1,5 +1,7 @@
 """DVC stage `train@<model>`: Ray Train DDP over the shards; final weights, metrics and per-epoch plots."""
 
+import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
+
 import argparse
 from pathlib import Path
 

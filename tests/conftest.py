@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
+
+from latentzoo.local_cluster import auth_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,6 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def fresh_machine() -> None:
+    """Run the session as on a fresh machine: an empty home (no ~/.ray token, no DVC, MLflow or git user config),
+    Ray's temp files in a folder of its own (not /tmp/ray), and one random Ray token for the session's Ray and
+    every stage it starts, handed over in the environment (nothing written to a home)."""
+    home = tempfile.mkdtemp(prefix="lz-home-")
+    ray_tmp = tempfile.mkdtemp(prefix="lz-tmp-", dir="/tmp")  # short: Ray's socket paths live under it
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    atexit.register(shutil.rmtree, ray_tmp, ignore_errors=True)
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "RAY_AUTH_TOKEN_PATH", "MLFLOW_CONFIG_DIR"):
+        os.environ.pop(name, None)
+    os.environ.update({"HOME": home, "RAY_TMPDIR": ray_tmp, **auth_env()})
+
+
+fresh_machine()
 
 
 def make_params(**overrides):

@@ -17,19 +17,19 @@ import pytest
 import yaml
 from conftest import ROOT, TINY, make_params
 
-from latentzoo.local_cluster import AUTH, local_head, stop
+from latentzoo.local_cluster import Head, local_head, stop
 
 pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 
 @contextmanager
-def worker_node(address: str, num_cpus: int = 1):
-    """`ray start --address` joining the head as a second node (its own process group, stopped on exit)."""
+def worker_node(head: Head, num_cpus: int = 1):
+    """`ray start --address` joining `head` as a second node, with its token (own process group, stopped on exit)."""
     temp_dir = tempfile.mkdtemp(prefix="lz-ray-worker-", dir="/tmp")
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", f"--address={address}", "--block",
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", f"--address={head.address}", "--block",
            f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     node = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, **AUTH})
+                            env={**os.environ, **head.auth})
     try:
         yield node
     finally:
@@ -58,8 +58,8 @@ def test_ddp_across_two_nodes_resumes_after_a_worker_is_killed(digits_shards, tm
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--params", "params.yaml", "--model", "vae",
            "--shards", str(digits_shards), "--out", "models/vae", "--metrics", "train.json", "--plots", "train.csv"]
-    with local_head(num_cpus=1) as address, worker_node(address):
-        env = {**os.environ, **AUTH, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": mlflow_server}
+    with local_head(num_cpus=1) as head, worker_node(head):
+        env = head.client_env(MLFLOW_TRACKING_URI=mlflow_server)
         train = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,47 @@ def test_the_exit_status_of_the_command_is_kept(monkeypatch):
 def test_no_command_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "latentzoo.local_cluster", "--"], capture_output=True, text=True)
     assert proc.returncode == 2 and "no command given" in proc.stderr
+
+
+TOKEN_CHECK = """
+import os, subprocess, sys, ray
+from ray._raylet import AuthenticationMode, get_authentication_mode
+ray.init(address=os.environ["RAY_ADDRESS"], logging_level="ERROR")
+print("token auth", get_authentication_mode() == AuthenticationMode.TOKEN, "cpus", int(ray.cluster_resources()["CPU"]))
+no_token = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+probe = "import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR')"
+refused = subprocess.run([sys.executable, "-c", probe], env=no_token, capture_output=True, text=True, timeout=120)
+print("without the token:", "refused" if refused.returncode else "connected")
+"""
+
+
+def test_a_fresh_home_gets_a_head_with_token_authentication(tmp_path):
+    """The bug of a fresh machine: no ~/.ray/auth_token, so `ray start --head` in token mode failed. Now the head
+    makes its own token, the command reaches it with that token, a client without it is refused, and the home
+    stays empty."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "params.yaml").write_text("ray: {num_cpus: 1}\n")  # read for ray.num_cpus only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(home)
+    proc = subprocess.run([sys.executable, "-m", "latentzoo.local_cluster", "--", sys.executable, "-c", TOKEN_CHECK],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "token auth True cpus 1" in proc.stdout and "without the token: refused" in proc.stdout
+    assert list(home.iterdir()) == [], "nothing is read from or written to the home directory"
+
+
+def test_a_failing_ray_start_is_one_line(tmp_path, monkeypatch, capsys):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "ray").write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+                                  "echo '  File x, line 1' >&2\necho 'RuntimeError: no room for a head' >&2\nexit 1\n")
+    (fake_bin / "ray").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        local_cluster.main(["--params", str(tmp_path / "none.yaml"), "--", "true"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ray start --head failed: ")
+    assert "RuntimeError: no room for a head" in err

@@ -14,7 +14,8 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.ray
 
-DVC = str(Path(os.sys.executable).with_name("dvc"))
+VENV = Path(os.sys.executable).parents[1]  # the venv running the tests (.venv under `make test`)
+DVC = str(VENV / "bin" / "dvc")
 FAMILIES = ("vae", "resvae_gan")
 
 
@@ -43,14 +44,20 @@ def project(tmp_path: Path) -> Path:
     params["stacked_ae"].update(layers=[32], pretrain_epochs=1)  # several layers: test_layerwise
     params["finetune"].update(epochs=2, baseline=False, probe=False)  # those two runs: test_layerwise
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / ".venv").symlink_to(VENV)  # as in a clone after `make install`
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     return tmp_path
+
+
+def without_venv(path: str) -> str:
+    """PATH without the venv's bin: the README's `.venv/bin/...` commands must work from a plain shell."""
+    return os.pathsep.join(p for p in path.split(os.pathsep) if Path(p).resolve() != (VENV / "bin").resolve())
 
 
 def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     import ray
 
-    env = {**os.environ, "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}",  # stages run `python`
+    env = {**os.environ, "PATH": without_venv(os.environ["PATH"]),  # stages' `python` is not the venv's
            "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     first = run([DVC, "repro"], project, env)
@@ -85,6 +92,8 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
 
     shown = run([DVC, "metrics", "show", "--json"], project, env).stdout
     assert "test_neg_elbo" in shown and "test_accuracy" in shown
+    run([DVC, "plots", "show"], project, env)
+    assert "reconstructions.png" in (project / "dvc_plots/index.html").read_text()
 
     second = run([DVC, "repro"], project, env)
     assert "Running stage" not in second.stdout
@@ -105,15 +114,12 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     run([*git, "add", "params.yaml", "dvc.yaml", "dvc.lock", "metrics"], project, env)
     run([*git, "commit", "-qm", "first run"], project, env)
 
-    # Fine-tuning params feed only the finetune stage: pretraining is not run again.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["finetune"].update(label_fraction=0.5)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = run([DVC, "repro"], project, env)
+    # An experiment as the README runs one. Fine-tuning params feed only the finetune stage: no pretraining again.
+    third = run([DVC, "exp", "run", "-S", "finetune.label_fraction=0.5"], project, env)
     assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
     assert "Running stage 'pretrain'" not in third.stdout and "Running stage 'train@" not in third.stdout
 
     # What changed since the committed run, through dvc params/metrics diff.
-    diff = run([str(Path(os.sys.executable).with_name("latentzoo")), "compare"], project, env).stdout
+    diff = run([str(VENV / "bin" / "latentzoo"), "compare"], project, env).stdout
     assert "HEAD → workspace" in diff and "finetune.label_fraction: 1 → 0.5" in diff
     assert "metrics/finetune/stacked_ae.json  labelled_images: 1258 →" in diff

@@ -85,7 +85,7 @@ def wait_for(url: str, timeout_s: float = 120) -> None:
 @pytest.mark.ray
 @pytest.mark.cluster
 def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path, monkeypatch):
-    from latentzoo.local_cluster import AUTH, free_port, local_head
+    from latentzoo.local_cluster import free_port, local_head
 
     project = tmp_path / "project"
     for name in ("src", "pipelines"):
@@ -97,11 +97,11 @@ def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path,
     monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")  # the job's `python` and `dvc`
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port = free_port()
-    with local_head(num_cpus=1, dashboard_port=port):
+    with local_head(num_cpus=1, dashboard_port=port) as head:
         wait_for(f"http://127.0.0.1:{port}/api/version")
         done = subprocess.run([str(BIN / "latentzoo"), "submit", "--address", f"http://127.0.0.1:{port}",
                                "--results", str(tmp_path / "results"), "--", "dvc", "repro", "shard"],
-                              cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, **AUTH})
+                              cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, **head.auth})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage 'shard'" in done.stdout  # the job's logs streamed here
     assert (project / "data/shards/manifest.json").exists() and (project / "data/prepared").is_dir()

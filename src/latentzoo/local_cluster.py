@@ -7,15 +7,16 @@ RAY_ADDRESS set, a stage connects to that cluster instead (`latentzoo.training.t
 
 The head is `ray start --head --block` in its own process group, on a free port, with `ray.num_cpus` CPUs from
 params.yaml; it is stopped (the whole group) when the command ends, however it ends. Ray's token authentication
-is on for the head and the command (RAY_AUTH_MODE=token, the token in ~/.ray/auth_token, made if missing): a
-client left to Ray's default would not send the token the head asks for. With RAY_ADDRESS already set, the
-command simply runs against that cluster.
+is on: each head gets a fresh random token, handed to the head and to the command through the environment
+(RAY_AUTH_MODE=token, RAY_AUTH_TOKEN), so nothing is read from or written to ~/.ray and a fresh machine works.
+With RAY_ADDRESS already set, the command simply runs against that cluster (with the caller's own token).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -24,12 +25,28 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from latentzoo.errors import LatentzooError
+from latentzoo.errors import LatentzooError, Terminated, cli_errors
 
-AUTH = {"RAY_AUTH_MODE": "token"}
+
+def auth_env() -> dict[str, str]:
+    """Token authentication with a fresh random token (256 bits, as `ray get-auth-token --generate` makes)."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+
+
+@dataclass(frozen=True)
+class Head:
+    """A running local head: its address ('127.0.0.1:<port>') and the environment a client needs to reach it."""
+
+    address: str
+    auth: dict[str, str] = field(repr=False)
+
+    def client_env(self, **extra: str) -> dict[str, str]:
+        """os.environ plus the head's token and RAY_ADDRESS (and `extra`): for a command that connects to it."""
+        return {**os.environ, **self.auth, "RAY_ADDRESS": self.address, **extra}
 
 
 def free_port() -> int:
@@ -46,8 +63,8 @@ def listening(port: int) -> bool:
 
 @contextmanager
 def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_port: int | None = None
-               ) -> Iterator[str]:
-    """Start a Ray head on a free loopback port; yield its address ('127.0.0.1:<port>'); stop it on exit.
+               ) -> Iterator[Head]:
+    """Start a Ray head on a free loopback port with a fresh token; yield it; stop it on exit.
     With `dashboard_port`, the dashboard (and its job server, for `ray job submit`) listens there too."""
     ray = Path(sys.executable).with_name("ray")
     port = free_port()
@@ -62,20 +79,28 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_
            f"--temp-dir={temp_dir}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
+    auth = auth_env()
     head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, **AUTH})
+                            env={**os.environ, **auth})
     try:
         deadline = time.monotonic() + timeout_s
         while not listening(port):
             if head.poll() is not None:
-                raise LatentzooError(f"ray start --head failed: {head.stderr.read().decode(errors='replace')[-500:]}")
+                raise LatentzooError(f"ray start --head failed: {last_lines(head.stderr.read())}")
             if time.monotonic() > deadline:
                 raise LatentzooError(f"the local Ray head did not listen on port {port} within {timeout_s:.0f}s")
             time.sleep(0.5)
-        yield f"127.0.0.1:{port}"
+        yield Head(f"127.0.0.1:{port}", auth)
     finally:
         stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def last_lines(stderr: bytes, n: int = 3, limit: int = 400) -> str:
+    """The last `n` non-empty lines of a command's stderr as one line (at most `limit` characters)."""
+    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
+    text = " | ".join(lines[-n:]) or "(nothing on stderr)"
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def stop(head: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -98,11 +123,24 @@ def run(command: list[str], num_cpus: int | None = None) -> int:
     """Run `command` with RAY_ADDRESS pointing at a shared local head (or the cluster already set)."""
     if os.environ.get("RAY_ADDRESS"):
         return subprocess.call(command)
-    with local_head(num_cpus) as address:
-        print(f"local_cluster: one Ray head for every stage at {address}", flush=True)
-        return subprocess.call(command, env={**os.environ, **AUTH, "RAY_ADDRESS": address})
+    with local_head(num_cpus) as head:
+        print(f"local_cluster: one Ray head for every stage at {head.address}", flush=True)
+        return wait_for(subprocess.Popen(command, env=head.client_env()))
 
 
+def wait_for(command: subprocess.Popen) -> int:
+    """The command's exit status. Interrupted, let it clean up first (its stages remove their temporary outputs
+    and need the head meanwhile): Ctrl-C reached it already (same process group), SIGTERM is passed on."""
+    try:
+        return command.wait()
+    except KeyboardInterrupt as err:
+        if isinstance(err, Terminated):
+            command.terminate()
+        command.wait()
+        raise
+
+
+@cli_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=Path, default=Path("params.yaml"), help="for ray.num_cpus")
