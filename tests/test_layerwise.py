@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from latentzoo import faults
 from latentzoo.training.checkpoint import load_model, load_state
 from latentzoo.training.layerwise import finetune_stack, pretrain_stack
 
@@ -68,9 +69,10 @@ def test_fine_tuning_beats_chance_beside_baseline_and_probe(pretrained, digits_s
 def test_fine_tuning_with_a_label_budget_resumes_after_a_failure(pretrained, digits_shards, tmp_path, monkeypatch):
     work, params, _ = pretrained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv(faults.ENV, "train.epoch=1")
     params = params.model_copy(update={
         "finetune": params.finetune.model_copy(update={"label_fraction": 0.3, "baseline": False, "probe": False}),
-        "train": params.train.model_copy(update={"fail_at_epoch": 1, "max_failures": 1}),
+        "train": params.train.model_copy(update={"max_failures": 1}),
     })
     done = finetune_stack(params, work / "pretrained", digits_shards, tmp_path / "finetuned", root=tmp_path)
     rows = (tmp_path / "finetuned/pretrained.csv").read_text().splitlines()[1:]

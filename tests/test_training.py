@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from latentzoo import faults
 from latentzoo.errors import ShardError
 from latentzoo.training.checkpoint import load_model
 from latentzoo.training.trainer import TrainOutputs, run_name, train_model
@@ -85,9 +86,10 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
 
 
 def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,
-                                                      mlflow_uri):
-    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "train.fail_at_epoch": 1,
-                            "train.max_failures": 1, "ray.storage_path": f"file://{tmp_path}/ray"})  # a URI
+                                                      mlflow_uri, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "train.epoch=1")
+    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "train.max_failures": 1,
+                            "ray.storage_path": f"file://{tmp_path}/ray"})  # a URI
     out = outputs(tmp_path)
     final = train_model(params, "vae", digits_shards, out, root=tmp_path)
 
@@ -103,11 +105,12 @@ def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards
     assert len(kept) == 2  # checkpoints_to_keep, written through the file:// URI
 
 
-def test_failures_past_the_limit_are_a_clear_error(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
+def test_failures_past_the_limit_are_a_clear_error(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri,
+                                                    monkeypatch):
     from latentzoo.errors import TrainingError
 
-    params = tiny_params(**{"train.num_workers": 1, "train.fail_at_epoch": 1, "train.max_failures": 0,
-                            "ray.storage_path": str(tmp_path / "ray")})
+    monkeypatch.setenv(faults.ENV, "train.epoch=1")
+    params = tiny_params(**{"train.num_workers": 1, "train.max_failures": 0, "ray.storage_path": str(tmp_path / "ray")})
     with pytest.raises(TrainingError, match="failed after 0 retries.*run the stage again to resume"):
         train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
     assert not (tmp_path / "models/vae").exists()  # nothing half-written under the final name
@@ -119,9 +122,9 @@ def test_shard_problems_are_caught_before_ray_starts(digits_shards, tiny_params,
         train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
 
 
-def test_run_name_changes_with_params_not_with_fault_injection(tiny_params):
+def test_run_name_changes_with_params_not_with_retries(tiny_params):
     a = run_name("vae", tiny_params(), "sha")
-    assert a == run_name("vae", tiny_params(**{"train.fail_at_epoch": 1}), "sha")
+    assert a == run_name("vae", tiny_params(**{"train.max_failures": 5}), "sha")
     assert a != run_name("vae", tiny_params(**{"train.lr": 0.1}), "sha")
     assert a != run_name("vae", tiny_params(), "other-data")
 

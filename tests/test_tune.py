@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from latentzoo import faults
 from latentzoo.tuning.search import tune_model
 
 pytestmark = pytest.mark.ray
@@ -22,8 +23,9 @@ SEARCH = {"tune.num_samples": 3, "tune.epochs": 2, "tune.searcher": "optuna", "t
 
 
 def test_search_survives_an_errored_trial_and_records_the_best(ray_cluster, digits_shards, tiny_params, tmp_path,
-                                                               mlflow_uri):
-    params = tiny_params(**SEARCH, **{"tune.fail_trial": 2, "ray.storage_path": str(tmp_path / "ray")})
+                                                               mlflow_uri, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "tune.trial=2")
+    params = tiny_params(**SEARCH, **{"ray.storage_path": str(tmp_path / "ray")})
     out = tmp_path / "tune/vae/best.yaml"
     best = tune_model(params, "vae", digits_shards, out, root=tmp_path)
 

@@ -69,7 +69,6 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=0)  # samples, when streaming shards
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
-    fail_at_epoch: int | None = Field(default=None, ge=1)  # tests only: raise once before epoch index N (0-based)
 
 
 class FinetuneConfig(Section):
@@ -148,7 +147,6 @@ class TuneConfig(Section):
     cpus_per_trial: int = Field(default=1, ge=1)  # each trial trains in one process with this many threads
     max_concurrent_trials: int | None = Field(default=None, ge=1)  # None: cluster CPUs // cpus_per_trial
     space: dict[str, dict[str, SearchRange]] = Field(default_factory=dict)  # {model: {loss weight: range}}
-    fail_trial: int | None = Field(default=None, ge=1)  # tests only: trial number N (1, 2, ...) raises
 
 
 class _ParamsBase(Section):

@@ -26,15 +26,12 @@ from torch import nn
 
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.errors import LatentzooError
+from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state
 from latentzoo.training.storage import readable_checkpoints
-
-
-class InjectedFailure(RuntimeError):
-    """Raised once by `train.fail_at_epoch` (tests of fault tolerance only)."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +51,7 @@ class TrainJob:
     phase_name: str = ""  # e.g. "layer-2": names the phase in progress lines and MLflow
     init_weights: str | None = None  # a weights file the run starts from (when it has no checkpoint yet)
     label_fraction: float = 1.0  # train on the samples in the label budget only (num_train counts those)
+    fail_at_epoch: int | None = None  # tests only (latentzoo.faults): raise at this epoch unless resumed
 
     def to_config(self) -> dict:
         return asdict(self)
@@ -150,8 +148,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
             f"{steps} steps of {train.batch_size} per worker per epoch")
 
     for epoch in range(start_epoch, train.epochs):
-        if train.fail_at_epoch == epoch and checkpoint is None:
-            raise InjectedFailure(f"train.fail_at_epoch={epoch}: injected failure (tests only)")
+        if checkpoint is None:
+            fail_if_planned("train.epoch", job.fail_at_epoch, epoch)
         started = time.perf_counter()
         set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
         batches = train_batches(

@@ -25,6 +25,7 @@ from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
+from latentzoo.faults import planned
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.models import build_model
 from latentzoo.tracking import mlflow_runs
@@ -111,12 +112,12 @@ def run_name(model_name: str, params, manifest_sha: str, prefix: str = "", phase
     defining = {
         "model": model_name,
         "seed": params.seed,
-        "train": params.train.model_dump(exclude={"fail_at_epoch", "max_failures"}),
+        "train": params.train.model_dump(exclude={"max_failures"}),
         "model_config": params.model_config_for(model_name).model_dump(),
         "data": manifest_sha,
     }
     if prefix:
-        defining["tune"] = params.tune.model_dump(exclude={"fail_trial"})
+        defining["tune"] = params.tune.model_dump()
     if phase:
         defining["phase"] = phase.identity()
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
@@ -215,7 +216,7 @@ def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, pha
     """Run (or resume) the Ray Train run `name`; return its last checkpoint's state and the fit's seconds."""
     from ray.train import TrainingFailedError
 
-    job = data.job(params, model_name, uri, run_id)
+    job = replace(data.job(params, model_name, uri, run_id), fail_at_epoch=planned("train.epoch"))
     if phase:
         job = phase_job(job, phase, params.seed)
     connect_ray(params.ray.num_cpus, params.ray.log_level)

@@ -24,8 +24,9 @@ import yaml
 
 from latentzoo.atomic import atomic_write_text
 from latentzoo.errors import TrainingError
+from latentzoo.faults import fail_if_planned, planned
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.loop import InjectedFailure, run_loop, tune_session
+from latentzoo.training.loop import run_loop, tune_session
 from latentzoo.training.storage import RunFolder, storage_location
 from latentzoo.training.trainer import DONE_MARKER, RUN_RECORD, TrainingData, connect_ray, run_name, training_data
 
@@ -106,8 +107,7 @@ def run_trial(config: dict, ctx: dict) -> None:
 
     status = "FINISHED"
     try:
-        if params.tune.fail_trial == number:
-            raise InjectedFailure(f"tune.fail_trial={params.tune.fail_trial}: injected failure (tests only)")
+        fail_if_planned("tune.trial", ctx["fail_trial"], number)
         run_loop(job, replace(session, report=report))
     except SystemExit:  # Tune ends a trial it stops (ASHA, or its last epoch) with sys.exit inside report
         if reached[0] < params.train.epochs:
@@ -170,7 +170,8 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
     uri, parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
     ctx = {"params": params.model_dump(), "model": model_name, "data": asdict(data), "mlflow_uri": uri,
-           "parent_run_id": parent, "root": str(root), "experiment": experiment}
+           "parent_run_id": parent, "root": str(root), "experiment": experiment,
+           "fail_trial": planned("tune.trial")}
     results = make_tuner(params, space, metric, ctx, folder).fit()
 
     best_record = summarise(results, model_name, metric, params)
@@ -268,7 +269,7 @@ def open_search_run(params, model_name, name, folder: RunFolder, root: Path) -> 
             "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
     run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{model_name}", f"tune-{model_name}",
                                    tags, root)
-    mlflow_runs.log_params(uri, run_id, {"tune": params.tune.model_dump(exclude={"space", "fail_trial"}),
+    mlflow_runs.log_params(uri, run_id, {"tune": params.tune.model_dump(exclude={"space"}),
                                          "space": params.tune.space.get(model_name, {})})
     folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
