@@ -27,6 +27,8 @@ repro: $(STAMP)
 
 # The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`).
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --timeout=600
 
 # Browse runs: http://127.0.0.1:5000/#/experiments

@@ -51,13 +51,28 @@ def main() -> int:
             start = time.perf_counter()
             final = train_model(params, model, work / "shards", out, root=work)
             wall = time.perf_counter() - start
-            test = evaluate_stage(params, out.model_dir, work / "shards", work / f"{model}-test.json",
-                                  work / f"plots/{model}")
-            shown = {k: v for k, v in test.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",
-                                                           "test_utilisation", "test_perplexity")}
-            print(json.dumps({"model": model, "train_wall_s": wall, "epochs": final["epochs"],
-                              "val_loss": final["val_loss"], "replicas_in_sync": final["replicas_in_sync"],
-                              "steps": [final["steps_min"], final["steps_max"]], **shown}, indent=2))
+            test = evaluate_stage(
+                params, out.model_dir, work / "shards", work / f"{model}-test.json", work / f"plots/{model}"
+            )
+            shown = {
+                k: v
+                for k, v in test.items()
+                if k in ("test_neg_elbo", "test_mse", "test_psnr", "test_utilisation", "test_perplexity")
+            }
+            print(
+                json.dumps(
+                    {
+                        "model": model,
+                        "train_wall_s": wall,
+                        "epochs": final["epochs"],
+                        "val_loss": final["val_loss"],
+                        "replicas_in_sync": final["replicas_in_sync"],
+                        "steps": [final["steps_min"], final["steps_max"]],
+                        **shown,
+                    },
+                    indent=2,
+                )
+            )
     return 0
 
 

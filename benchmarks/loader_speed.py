@@ -68,8 +68,13 @@ def tensor_loader(prepared: Path, batch_size: int, seed: int) -> torch.utils.dat
     train = load_split(prepared, "train")
     x = torch.from_numpy(train.images).permute(0, 3, 1, 2).float().div_(255).contiguous()
     y = torch.from_numpy(train.labels.astype("int64"))
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True,
-                                       drop_last=True, generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float) -> dict:
@@ -82,8 +87,17 @@ def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float)
     steps = steps_per_epoch(len(baseline.dataset), 1, params.train.batch_size)
 
     def pipeline(cached: bool, epoch: int):
-        return train_batches(urls, steps=steps, batch_size=params.train.batch_size, rank=0, world_size=1,
-                             seed=params.seed, epoch=epoch, shuffle_buffer=params.train.shuffle_buffer, cached=cached)
+        return train_batches(
+            urls,
+            steps=steps,
+            batch_size=params.train.batch_size,
+            rank=0,
+            world_size=1,
+            seed=params.seed,
+            epoch=epoch,
+            shuffle_buffer=params.train.shuffle_buffer,
+            cached=cached,
+        )
 
     cache_fill_s, _ = timed_epoch(pipeline(True, epoch=rounds))  # decodes every shard into CACHE once
     times: dict[str, list[float]] = {"tensordataset": [], "streamed": [], "cached": []}
@@ -91,18 +105,33 @@ def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float)
     for epoch in range(rounds):
         wait_idle(idle_s)
         ticks = cpu_ticks()
-        for name, batches in (("tensordataset", baseline), ("streamed", pipeline(False, epoch)),
-                              ("cached", pipeline(True, epoch))):
+        for name, batches in (
+            ("tensordataset", baseline),
+            ("streamed", pipeline(False, epoch)),
+            ("cached", pipeline(True, epoch)),
+        ):
             seconds, images[name] = timed_epoch(batches)
             times[name].append(seconds)
             print(f"round {epoch + 1}/{rounds}: {name:13s} {images[name] / seconds:10,.0f} images/s", flush=True)
         busy.append(others_busy(ticks, cpu_ticks()))  # other processes skew the timings: recorded, not hidden
-    rows = {name: {"epoch_s": statistics.median(t), "epoch_s_all": t, "images_per_epoch": images[name],
-                   "images_per_s": images[name] / statistics.median(t)} for name, t in times.items()}
+    rows = {
+        name: {
+            "epoch_s": statistics.median(t),
+            "epoch_s_all": t,
+            "images_per_epoch": images[name],
+            "images_per_s": images[name] / statistics.median(t),
+        }
+        for name, t in times.items()
+    }
     rows["cached"]["first_epoch_s"] = cache_fill_s
     rows["cached"]["first_epoch_images_per_s"] = images["cached"] / cache_fill_s
-    return {"split_images": len(baseline.dataset), "urls": len(urls), "steps_per_epoch": steps, "rows": rows,
-            "others_cpu_busy": max(busy)}
+    return {
+        "split_images": len(baseline.dataset),
+        "urls": len(urls),
+        "steps_per_epoch": steps,
+        "rows": rows,
+        "others_cpu_busy": max(busy),
+    }
 
 
 def main() -> int:
@@ -114,8 +143,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (one rank: all cores)")
     ap.add_argument("--wait-idle", type=float, default=120, help="seconds to wait for idle CPUs before each round")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 images, 1 round, marked smoke")
-    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/loader_speed.json; "
-                                            "none with --quick)")
+    ap.add_argument(
+        "--out", type=Path, help="JSON file (default benchmarks/results/loader_speed.json; none with --quick)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.train_images, args.rounds, args.wait_idle = args.train_images or 2000, 1, 0
@@ -156,11 +186,15 @@ def main() -> int:
     }
     print(json.dumps(result, indent=2))
     for name in ("streamed", "cached"):
-        print(f"{rows[name]['target']}  {name} loader {rows[name]['ratio_vs_tensordataset']:.2f}x TensorDataset "
-              f"(target >= {TARGET}x)")
+        print(
+            f"{rows[name]['target']}  {name} loader {rows[name]['ratio_vs_tensordataset']:.2f}x TensorDataset "
+            f"(target >= {TARGET}x)"
+        )
     if measured["others_cpu_busy"] > 0.1:
-        print(f"note: other processes kept {100 * measured['others_cpu_busy']:.0f}% of the CPUs busy: "
-              "the timings are disturbed")
+        print(
+            f"note: other processes kept {100 * measured['others_cpu_busy']:.0f}% of the CPUs busy: "
+            "the timings are disturbed"
+        )
     if args.out or not args.quick:
         write_result("loader_speed", result, args.out)
     return 0

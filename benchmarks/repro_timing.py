@@ -38,13 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 600.0
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # The test suite's tiny pipeline (tests/test_pipeline.py's `project` fixture), for --quick.
-TINY = {"train": {"epochs": 2, "batch_size": 32}, "vae": {"latent_dim": 4, "hidden_channels": 8, "fc_hidden": 32},
-        "vqvae": {"hidden_channels": 8, "codebook_dim": 8, "codebook_size": 64},
-        "simvq": {"hidden_channels": 8, "codebook_dim": 8, "codebook_size": 64},
-        "resvae_gan": {"width": 8, "blocks": 0, "latent_channels": 2, "disc_width": 8, "disc_start": 10},
-        "classifier": {"epochs": 2, "width": 8, "feature_dim": 16, "num_samples": 200},
-        "tune": {"num_samples": 2, "epochs": 1}, "stacked_ae": {"layers": [32, 16], "pretrain_epochs": 1},
-        "finetune": {"epochs": 2}}
+TINY = {
+    "train": {"epochs": 2, "batch_size": 32},
+    "vae": {"latent_dim": 4, "hidden_channels": 8, "fc_hidden": 32},
+    "vqvae": {"hidden_channels": 8, "codebook_dim": 8, "codebook_size": 64},
+    "simvq": {"hidden_channels": 8, "codebook_dim": 8, "codebook_size": 64},
+    "resvae_gan": {"width": 8, "blocks": 0, "latent_channels": 2, "disc_width": 8, "disc_start": 10},
+    "classifier": {"epochs": 2, "width": 8, "feature_dim": 16, "num_samples": 200},
+    "tune": {"num_samples": 2, "epochs": 1},
+    "stacked_ae": {"layers": [32, 16], "pretrain_epochs": 1},
+    "finetune": {"epochs": 2},
+}
 
 
 def copy_project(dest: Path, quick: bool) -> dict:
@@ -66,16 +70,28 @@ def copy_project(dest: Path, quick: bool) -> dict:
 
 def timed_repro(project: Path, bin_dir: Path) -> dict:
     """Run `local_cluster -- dvc repro` in `project`, echoing its output with timestamps; wall and stage seconds."""
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # stages run `python`
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # stages run `python`
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("RAY_ADDRESS", None)  # local_cluster would otherwise use that cluster instead of its own head
     cmd = [str(bin_dir / "python"), "-m", "latentzoo.local_cluster", "--", str(bin_dir / "dvc"), "repro"]
     starts: list[tuple[str, float]] = []
     head_s, tail = None, []
     start = time.monotonic()
     # Its own process group, so an interrupt reaches local_cluster, which then stops its Ray head.
-    proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            bufsize=1, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             now = time.monotonic() - start
@@ -95,10 +111,15 @@ def timed_repro(project: Path, bin_dir: Path) -> dict:
         raise
     wall = time.monotonic() - start
     ends = [t for _, t in starts[1:]] + [wall]
-    return {"wall_s": wall, "returncode": rc, "ray_head_ready_s": head_s, "stages_run": len(starts),
-            "stage_s": {name: end - t for (name, t), end in zip(starts, ends)},
-            "up_to_date": any("up to date" in line for line in tail),
-            **({"output_tail": tail} if rc else {})}
+    return {
+        "wall_s": wall,
+        "returncode": rc,
+        "ray_head_ready_s": head_s,
+        "stages_run": len(starts),
+        "stage_s": {name: end - t for (name, t), end in zip(starts, ends)},
+        "up_to_date": any("up to date" in line for line in tail),
+        **({"output_tail": tail} if rc else {}),
+    }
 
 
 def main() -> int:
@@ -106,18 +127,27 @@ def main() -> int:
     ap.add_argument("--bin", type=Path, default=ROOT / ".venv/bin", help="the venv's bin (python, dvc)")
     ap.add_argument("--quick", action="store_true", help="tiny params (the test suite's), marked smoke")
     ap.add_argument("--keep", type=Path, default=None, help="run in this (new) directory and keep it")
-    ap.add_argument("--out", type=Path, help="JSON file (default benchmarks/results/repro_timing.json; "
-                                            "none with --quick)")
+    ap.add_argument(
+        "--out", type=Path, help="JSON file (default benchmarks/results/repro_timing.json; none with --quick)"
+    )
     args = ap.parse_args()
 
-    result = {**provenance(), "smoke": args.quick, "params": "tiny (tests/test_pipeline.py)" if args.quick
-              else "params.yaml", "target_s": TARGET_S}
+    result = {
+        **provenance(),
+        "smoke": args.quick,
+        "params": "tiny (tests/test_pipeline.py)" if args.quick else "params.yaml",
+        "target_s": TARGET_S,
+    }
     with tempfile.TemporaryDirectory(prefix="lz-repro-") as d:
         project = args.keep.resolve() if args.keep else Path(d)
         project.mkdir(parents=True, exist_ok=True)
         params = copy_project(project, args.quick)
-        result |= {"models": params["models"], "epochs": params["train"]["epochs"],
-                   "train_workers": params["train"]["num_workers"], "data_source": params["data"]["source"]}
+        result |= {
+            "models": params["models"],
+            "epochs": params["train"]["epochs"],
+            "train_workers": params["train"]["num_workers"],
+            "data_source": params["data"]["source"],
+        }
         result["clean"] = clean = timed_repro(project, args.bin.resolve())
         if clean["returncode"] == 0:
             result["noop"] = noop = timed_repro(project, args.bin.resolve())
@@ -129,8 +159,10 @@ def main() -> int:
     for name in ("clean", "noop"):
         if name in result:
             run = result[name]
-            print(f"{name:6s} dvc repro: {run['wall_s']:7.1f} s, {run['stages_run']} stage(s) run, "
-                  f"exit {run['returncode']}")
+            print(
+                f"{name:6s} dvc repro: {run['wall_s']:7.1f} s, {run['stages_run']} stage(s) run, "
+                f"exit {run['returncode']}"
+            )
     for stage, seconds in sorted(clean["stage_s"].items(), key=lambda kv: -kv[1]):
         print(f"  {stage:24s} {seconds:7.1f} s")
     print(f"{result['target']}  clean repro {clean['wall_s']:.0f} s (target <= {TARGET_S:.0f} s)")

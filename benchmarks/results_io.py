@@ -23,5 +23,8 @@ def write_result(name: str, result: dict, out_file: Path | str | None = None) ->
 
 def provenance() -> dict:
     """What produced a result: the command line (relative to the repo), when, and on how many CPUs."""
-    return {"command": shlex.join(["python", *sys.argv]), "date": dt.datetime.now().isoformat(timespec="seconds"),
-            "cpus": os.cpu_count()}
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+    }

@@ -46,8 +46,17 @@ VARIANTS = {
     "spatial_standard_kl": ("resvae_gan", SPATIAL | {"posterior": "standard"}),
     "spatial_1x7x7": ("resvae_gan", SPATIAL | {"latent_channels": 1}),
 }
-REPORTED = ("test_fcd_samples", "test_fcd_recon", "test_sharpness_samples", "test_sharpness_recon", "test_mse",
-            "test_neg_elbo", "test_mean_sigma", "test_collapsed_dims", "test_active_units")
+REPORTED = (
+    "test_fcd_samples",
+    "test_fcd_recon",
+    "test_sharpness_samples",
+    "test_sharpness_recon",
+    "test_mse",
+    "test_neg_elbo",
+    "test_mean_sigma",
+    "test_collapsed_dims",
+    "test_active_units",
+)
 
 
 def params_for(args, workdir: Path, family: str, overrides: dict):
@@ -57,8 +66,13 @@ def params_for(args, workdir: Path, family: str, overrides: dict):
     raw["models"] = [family]
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()), limit=args.train_images)
     raw["shard"]["maxcount"] = 5000
-    raw["train"].update(num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size // args.workers,
-                        lr=args.lr, use_gpu=args.gpu)
+    raw["train"].update(
+        num_workers=args.workers,
+        epochs=args.epochs,
+        batch_size=args.batch_size // args.workers,
+        lr=args.lr,
+        use_gpu=args.gpu,
+    )
     raw["resvae_gan"].update(width=args.width, disc_width=args.width, disc_start=args.disc_start)
     raw[family].update(overrides)
     raw["classifier"].update(epochs=args.classifier_epochs, num_samples=args.samples)
@@ -103,8 +117,14 @@ def main() -> int:
             start = time.perf_counter()
             final = train_model(params, family, work / "shards", out, root=work)
             wall = time.perf_counter() - start
-            test = evaluate_stage(params, out.model_dir, work / "shards", work / f"{name}-test.json",
-                                  work / f"{name}-plots", classifier=work / "classifier/model.pt")
+            test = evaluate_stage(
+                params,
+                out.model_dir,
+                work / "shards",
+                work / f"{name}-test.json",
+                work / f"{name}-plots",
+                classifier=work / "classifier/model.pt",
+            )
             row = {k: test[k] for k in REPORTED if k in test}
             row |= {"train_wall_s": wall, "fit_time_s": final["fit_time_s"], "overrides": overrides}
             result["variants"][name] = row

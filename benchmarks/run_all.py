@@ -51,8 +51,12 @@ def suite(data: str, quick_data: str | None) -> list[Step]:
     return [
         Step("loader_speed", ["--data", data], ["--data", data, "--quick"]),
         # The README's run: the speed ratios and the 10-epoch test -ELBO it quotes.
-        Step("vae_mnist", ["--data", data, "--epochs", "10", "--workers", "2"],
-             ["--data", str(quick_data), "--epochs", "2", "--workers", "2", "--baseline-epochs", "1"], has_out=False),
+        Step(
+            "vae_mnist",
+            ["--data", data, "--epochs", "10", "--workers", "2"],
+            ["--data", str(quick_data), "--epochs", "2", "--workers", "2", "--baseline-epochs", "1"],
+            has_out=False,
+        ),
         Step("vq_speed", [], ["--quick"]),
         Step("repro_timing", [], ["--quick"]),
     ]
@@ -159,18 +163,36 @@ def source_line(name: str, result: dict, settings: tuple[str, ...] = ()) -> str:
 def loader_section(name: str, r: dict) -> list[str]:
     rows = r["rows"]
     target = r.get("target_ratio", 0.8)
-    lines = table(["loader (1 worker rank)", "vs TensorDataset", "images/s", f"target ≥ {target}×"], [
-        ["TensorDataset + DataLoader (shuffle; baseline)", ratio(1.0), fmt(rows["tensordataset"]["images_per_s"],
-                                                                            ",.0f"), "–"],
-        *[[f"`train_batches`, {kind}" + (" (the pipeline's)" if r.get("pipeline_uses") == kind else ""),
-           ratio(rows[kind]["ratio_vs_tensordataset"]), fmt(rows[kind]["images_per_s"], ",.0f"),
-           rows[kind]["target"]] for kind in ("streamed", "cached") if kind in rows],
-    ])
-    notes = [f"{fmt(r.get('train_images'), ',')} training images, batch {r.get('batch_size')}, {r.get('shards')} "
-             f"shards, median of {r.get('rounds')} epoch(s) each."]
+    lines = table(
+        ["loader (1 worker rank)", "vs TensorDataset", "images/s", f"target ≥ {target}×"],
+        [
+            [
+                "TensorDataset + DataLoader (shuffle; baseline)",
+                ratio(1.0),
+                fmt(rows["tensordataset"]["images_per_s"], ",.0f"),
+                "–",
+            ],
+            *[
+                [
+                    f"`train_batches`, {kind}" + (" (the pipeline's)" if r.get("pipeline_uses") == kind else ""),
+                    ratio(rows[kind]["ratio_vs_tensordataset"]),
+                    fmt(rows[kind]["images_per_s"], ",.0f"),
+                    rows[kind]["target"],
+                ]
+                for kind in ("streamed", "cached")
+                if kind in rows
+            ],
+        ],
+    )
+    notes = [
+        f"{fmt(r.get('train_images'), ',')} training images, batch {r.get('batch_size')}, {r.get('shards')} "
+        f"shards, median of {r.get('rounds')} epoch(s) each."
+    ]
     if "first_epoch_images_per_s" in rows.get("cached", {}):
-        notes.append(f"The cached loader's first epoch (decoding every shard) ran at "
-                     f"{rows['cached']['first_epoch_images_per_s']:,.0f} images/s.")
+        notes.append(
+            f"The cached loader's first epoch (decoding every shard) ran at "
+            f"{rows['cached']['first_epoch_images_per_s']:,.0f} images/s."
+        )
     if (r.get("others_cpu_busy") or 0) > 0.1:
         notes.append(f"Other processes kept {100 * r['others_cpu_busy']:.0f}% of the CPUs busy: timings disturbed.")
     return [*lines, "", " ".join(notes)]
@@ -180,21 +202,35 @@ def vae_speed_section(name: str, r: dict) -> list[str]:
     workers, per_worker = r.get("workers", 1), r.get("torch_threads_per_worker")
     cpus = r.get("cpus") or (per_worker * workers if per_worker else None)
     plain = r["plain_pytorch_epoch_s"]
-    lines = table(["training loop (VAE, same global batch)", "vs plain PyTorch (epoch time)", "s / epoch"], [
-        ["plain PyTorch loop, in-memory tensors (baseline)", ratio(1.0), fmt(plain, ".1f")],
-        ["Ray Train, 1 worker", ratio(r.get("ray_1worker_over_plain_epoch_ratio")),
-         fmt(r.get("ray_1worker_train_epoch_s"), ".1f")],
-    ])
-    lines += ["", f"Optimisation time per epoch after the first; below 1× is faster. Ray start-up and per-run overhead "
-                  f"outside the epochs, reported apart: {fmt(r.get('ray_startup_and_overhead_s'), '.1f')} s "
-                  f"(the {workers}-worker run)."]
+    lines = table(
+        ["training loop (VAE, same global batch)", "vs plain PyTorch (epoch time)", "s / epoch"],
+        [
+            ["plain PyTorch loop, in-memory tensors (baseline)", ratio(1.0), fmt(plain, ".1f")],
+            [
+                "Ray Train, 1 worker",
+                ratio(r.get("ray_1worker_over_plain_epoch_ratio")),
+                fmt(r.get("ray_1worker_train_epoch_s"), ".1f"),
+            ],
+        ],
+    )
+    lines += [
+        "",
+        f"Optimisation time per epoch after the first; below 1× is faster. Ray start-up and per-run overhead "
+        f"outside the epochs, reported apart: {fmt(r.get('ray_startup_and_overhead_s'), '.1f')} s "
+        f"(the {workers}-worker run).",
+    ]
     if workers > 1 and r.get("ray_1worker_train_epoch_s"):
         one, many = r["ray_1worker_train_epoch_s"], r["ray_train_epoch_s_steady"]
-        lines += ["", *table(["Ray Train workers (DDP)", "vs 1 worker (epoch time)", "s / epoch",
-                              "torch threads per worker"], [
-            ["1 (baseline)", ratio(1.0), fmt(one, ".1f"), cpus or "all cores"],
-            [str(workers), ratio(many / one), fmt(many, ".1f"), fmt(per_worker, "d")],
-        ])]
+        lines += [
+            "",
+            *table(
+                ["Ray Train workers (DDP)", "vs 1 worker (epoch time)", "s / epoch", "torch threads per worker"],
+                [
+                    ["1 (baseline)", ratio(1.0), fmt(one, ".1f"), cpus or "all cores"],
+                    [str(workers), ratio(many / one), fmt(many, ".1f"), fmt(per_worker, "d")],
+                ],
+            ),
+        ]
         if cpus:
             lines += ["", f"On {cpus} CPU core(s)."]
     return lines
@@ -202,51 +238,118 @@ def vae_speed_section(name: str, r: dict) -> list[str]:
 
 def vq_speed_section(name: str, r: dict) -> list[str]:
     chunk = (r.get("settings") or {}).get("chunk_size")
-    step = {(run["impl"], run["codebook_size"]): run for run in r.get("runs", [])
-            if run["impl"].startswith("theirs") or run.get("chunk_size") == chunk}
+    step = {
+        (run["impl"], run["codebook_size"]): run
+        for run in r.get("runs", [])
+        if run["impl"].startswith("theirs") or run.get("chunk_size") == chunk
+    }
     rows = []
     for s in r["speedups"]:
         k = s["codebook_size"]
         ours, theirs = step.get((s["ours"], k), {}), step.get((s["theirs"], k), {})
         ms = [run["step_s"] * 1000 if "step_s" in run else None for run in (ours, theirs)]
-        rows.append([f"{k:,}", f"{s['ours']} vs {s['theirs']}", ratio(s["speedup"]), fmt(ms[0], ",.1f"),
-                     fmt(ms[1], ",.1f"), fmt(s["ours_extra_mib"], ",.0f"), fmt(s["theirs_extra_mib"], ",.0f")])
-    lines = table(["K", "layer", "speed-up vs vector_quantize_pytorch", "ours ms/step", "theirs ms/step",
-                   "ours +MiB", "theirs +MiB"], rows)
+        rows.append(
+            [
+                f"{k:,}",
+                f"{s['ours']} vs {s['theirs']}",
+                ratio(s["speedup"]),
+                fmt(ms[0], ",.1f"),
+                fmt(ms[1], ",.1f"),
+                fmt(s["ours_extra_mib"], ",.0f"),
+                fmt(s["theirs_extra_mib"], ",.0f"),
+            ]
+        )
+    lines = table(
+        [
+            "K",
+            "layer",
+            "speed-up vs vector_quantize_pytorch",
+            "ours ms/step",
+            "theirs ms/step",
+            "ours +MiB",
+            "theirs +MiB",
+        ],
+        rows,
+    )
     checks = r.get("checks", [])
     failed = [c["check"] for c in checks if not c["pass"]]
     settings = r.get("settings") or {}
-    lines += ["", f"{settings.get('n', '?')} vectors of dim {settings.get('dim', '?')}, forward + backward, "
-                  f"{settings.get('threads', '?')} torch threads; speed-up = their step time / ours. Targets: "
-                  f"{len(checks) - len(failed)}/{len(checks)} PASS" + (f"; FAIL: {'; '.join(failed)}" if failed else "")
-              + f"; runs disturbed by other processes: {r.get('runs_disturbed', '?')}."]
+    lines += [
+        "",
+        f"{settings.get('n', '?')} vectors of dim {settings.get('dim', '?')}, forward + backward, "
+        f"{settings.get('threads', '?')} torch threads; speed-up = their step time / ours. Targets: "
+        f"{len(checks) - len(failed)}/{len(checks)} PASS"
+        + (f"; FAIL: {'; '.join(failed)}" if failed else "")
+        + f"; runs disturbed by other processes: {r.get('runs_disturbed', '?')}.",
+    ]
     return lines
 
 
 def repro_section(name: str, r: dict) -> list[str]:
     target = r.get("target_s", 600)
     clean, noop = r["clean"], r.get("noop")
-    rows = [["clean workspace", ratio(1.0), ratio(clean["wall_s"] / target), fmt(clean["wall_s"], ".0f"),
-             clean["stages_run"], r.get("target", "–")]]
+    rows = [
+        [
+            "clean workspace",
+            ratio(1.0),
+            ratio(clean["wall_s"] / target),
+            fmt(clean["wall_s"], ".0f"),
+            clean["stages_run"],
+            r.get("target", "–"),
+        ]
+    ]
     if noop:
-        rows.append(["no-op, right after", ratio(r.get("noop_over_clean")), ratio(noop["wall_s"] / target),
-                     fmt(noop["wall_s"], ".0f"), noop["stages_run"], "up to date" if noop.get("up_to_date") else "–"])
-    lines = table(["`make repro` (local_cluster + dvc repro)", "vs clean", f"vs {target:.0f} s target", "wall s",
-                   "stages run", f"≤ {target:.0f} s"], rows)
+        rows.append(
+            [
+                "no-op, right after",
+                ratio(r.get("noop_over_clean")),
+                ratio(noop["wall_s"] / target),
+                fmt(noop["wall_s"], ".0f"),
+                noop["stages_run"],
+                "up to date" if noop.get("up_to_date") else "–",
+            ]
+        )
+    lines = table(
+        [
+            "`make repro` (local_cluster + dvc repro)",
+            "vs clean",
+            f"vs {target:.0f} s target",
+            "wall s",
+            "stages run",
+            f"≤ {target:.0f} s",
+        ],
+        rows,
+    )
     notes = []
     if clean.get("ray_head_ready_s") is not None:
         notes.append(f"The local Ray head was up after {clean['ray_head_ready_s']:.0f} s (each run starts one).")
     stages = sorted(clean.get("stage_s", {}).items(), key=lambda kv: -kv[1])
     if stages:
-        notes.append("Per stage (s, from its `Running stage` line to the next): "
-                     + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in stages) + ".")
+        notes.append(
+            "Per stage (s, from its `Running stage` line to the next): "
+            + ", ".join(f"{stage} {seconds:.0f}" for stage, seconds in stages)
+            + "."
+        )
     return lines + (["", " ".join(notes)] if notes else [])
 
 
 def vae_quality_section(name: str, r: dict) -> list[str]:
-    return table(["epochs", "workers", "test −ELBO (nats)", "test PSNR (dB)", "train wall s"], [
-        [r.get("epochs"), r.get("workers"), fmt(r.get("test_neg_elbo_nats"), ".1f"), fmt(r.get("test_psnr_db"), ".2f"),
-         fmt(r.get("train_wall_s"), ".0f")]])
+    return table(
+        ["epochs", "workers", "test −ELBO (nats)", "test PSNR (dB)", "train wall s"],
+        [
+            [
+                r.get("epochs"),
+                r.get("workers"),
+                fmt(r.get("test_neg_elbo_nats"), ".1f"),
+                fmt(r.get("test_psnr_db"), ".2f"),
+                fmt(r.get("train_wall_s"), ".0f"),
+            ]
+        ],
+    )
+
+
+def utilisation_ratio(util: dict, a: str, b: str) -> str:
+    return ratio(util[a] / util[b]) if util.get(a) is not None and util.get(b) else "–"
 
 
 def vq_mnist_section(name: str, r: dict) -> list[str]:
@@ -255,14 +358,16 @@ def vq_mnist_section(name: str, r: dict) -> list[str]:
     rows = []
     for k in sorted({row["codebook_size"] for row in r["rows"]}):
         util = {v: by[(v, k)]["utilisation"] for v in variants if (v, k) in by}
-
-        def rel(a, b):
-            return ratio(util[a] / util[b]) if util.get(a) is not None and util.get(b) else "–"
-
         first = next(by[(v, k)] for v in variants if (v, k) in by)
-        rows.append([f"{k:,}", rel("simvq", "vq"), rel("simvq", "vqtorch-simvq"),
-                     *[fmt(100 * util[v], ".1f", "%") if v in util else "–" for v in variants],
-                     f"{first.get('train_images', '?')} × {first.get('epochs', '?')}"])
+        rows.append(
+            [
+                f"{k:,}",
+                utilisation_ratio(util, "simvq", "vq"),
+                utilisation_ratio(util, "simvq", "vqtorch-simvq"),
+                *[fmt(100 * util[v], ".1f", "%") if v in util else "–" for v in variants],
+                f"{first.get('train_images', '?')} × {first.get('epochs', '?')}",
+            ]
+        )
     lines = table(["K", "simvq vs vq (utilisation)", "simvq vs vqtorch-simvq", *variants, "images × epochs"], rows)
     targets = r.get("targets", [])
     passed = sum(t.startswith("PASS") for t in targets)
@@ -273,12 +378,31 @@ def tune_section(name: str, r: dict) -> list[str]:
     rows = []
     for model, m in r["models"].items():
         weights = ", ".join(f"{k} {m['default_weights'][k]:.3g} → {v:.3g}" for k, v in m["tuned_weights"].items())
-        rows.append([model, ratio(m.get("test_tuned_over_default")), m.get("metric"), weights,
-                     fmt(m.get("test_default"), ".4g"), fmt(m.get("test_tuned"), ".4g"),
-                     fmt(m.get("trials_per_hour"), ".0f"), fmt(m.get("seconds_per_trial"), ".0f")])
-    return table(["model", "test tuned vs default", "tuned on", "weights", "test default", "test tuned",
-                  "trials / hour", "s / trial"], rows) + ["", "Test objective (VAE −ELBO, VQ-VAE MSE): below 1× is "
-                                                                "better."]
+        rows.append(
+            [
+                model,
+                ratio(m.get("test_tuned_over_default")),
+                m.get("metric"),
+                weights,
+                fmt(m.get("test_default"), ".4g"),
+                fmt(m.get("test_tuned"), ".4g"),
+                fmt(m.get("trials_per_hour"), ".0f"),
+                fmt(m.get("seconds_per_trial"), ".0f"),
+            ]
+        )
+    return table(
+        [
+            "model",
+            "test tuned vs default",
+            "tuned on",
+            "weights",
+            "test default",
+            "test tuned",
+            "trials / hour",
+            "s / trial",
+        ],
+        rows,
+    ) + ["", "Test objective (VAE −ELBO, VQ-VAE MSE): below 1× is better."]
 
 
 def stacked_section(name: str, r: dict) -> list[str]:
@@ -286,11 +410,18 @@ def stacked_section(name: str, r: dict) -> list[str]:
     for fraction, f in sorted(r["by_fraction"].items(), key=lambda kv: float(kv[0])):
         acc, rnd = f.get("test_accuracy"), f.get("test_accuracy_random")
         err = ratio((1 - acc) / (1 - rnd)) if acc is not None and rnd not in (None, 1) else "–"
-        rows.append([f"{float(fraction):.0%}" + (f" ({f['labelled_images']:,})" if "labelled_images" in f else ""),
-                     err, fmt(acc and 100 * acc, ".1f", "%"), fmt(rnd and 100 * rnd, ".1f", "%"),
-                     fmt(f.get("test_accuracy_probe") and 100 * f["test_accuracy_probe"], ".1f", "%")])
-    lines = table(["labels", "test error vs random init", "pretrained + fine-tuned", "random init", "linear probe"],
-                  rows)
+        rows.append(
+            [
+                f"{float(fraction):.0%}" + (f" ({f['labelled_images']:,})" if "labelled_images" in f else ""),
+                err,
+                fmt(acc and 100 * acc, ".1f", "%"),
+                fmt(rnd and 100 * rnd, ".1f", "%"),
+                fmt(f.get("test_accuracy_probe") and 100 * f["test_accuracy_probe"], ".1f", "%"),
+            ]
+        )
+    lines = table(
+        ["labels", "test error vs random init", "pretrained + fine-tuned", "random init", "linear probe"], rows
+    )
     if "target_all_labels_98_3" in r:
         lines += ["", f"Target ≥ 98.3% with all labels: {r['target_all_labels_98_3']}."]
     return lines
@@ -301,29 +432,60 @@ def resvae_section(name: str, r: dict) -> list[str]:
     rows = []
     for variant, v in r["variants"].items():
         fcd = v.get("test_fcd_samples")
-        rows.append([variant, ratio(fcd / vae) if fcd is not None and vae else "–", fmt(fcd, ".2f"),
-                     fmt(v.get("test_fcd_recon"), ".2f"), fmt(v.get("test_sharpness_samples"), ".2f"),
-                     fmt(v.get("test_neg_elbo"), ".1f"), fmt(v.get("test_mse"), ".4f"),
-                     fmt(v.get("test_collapsed_dims"), ".0f")])
-    return table(["variant", "FCD samples vs vae", "FCD samples", "FCD recon", "sharpness (data = 1)", "−ELBO",
-                  "MSE", "collapsed dims"], rows)
+        rows.append(
+            [
+                variant,
+                ratio(fcd / vae) if fcd is not None and vae else "–",
+                fmt(fcd, ".2f"),
+                fmt(v.get("test_fcd_recon"), ".2f"),
+                fmt(v.get("test_sharpness_samples"), ".2f"),
+                fmt(v.get("test_neg_elbo"), ".1f"),
+                fmt(v.get("test_mse"), ".4f"),
+                fmt(v.get("test_collapsed_dims"), ".0f"),
+            ]
+        )
+    return table(
+        [
+            "variant",
+            "FCD samples vs vae",
+            "FCD samples",
+            "FCD recon",
+            "sharpness (data = 1)",
+            "−ELBO",
+            "MSE",
+            "collapsed dims",
+        ],
+        rows,
+    )
 
 
 # (JSON name, title, renderer, settings worth printing); a name also matches <name>_<suffix>.json.
 SPEED = [
     ("loader_speed", "Loader: WebDataset `train_batches` vs TensorDataset", loader_section, ()),
-    ("vae_mnist", "Ray Train vs plain PyTorch, and 2 vs 1 workers", vae_speed_section,
-     ("epochs", "workers", "global_batch_size")),
+    (
+        "vae_mnist",
+        "Ray Train vs plain PyTorch, and 2 vs 1 workers",
+        vae_speed_section,
+        ("epochs", "workers", "global_batch_size"),
+    ),
     ("vq_speed", "Quantizer layer vs vector_quantize_pytorch", vq_speed_section, ()),
     ("repro_timing", "`make repro`: clean and no-op", repro_section, ("params", "models", "epochs")),
 ]
 QUALITY = [
     ("vae_mnist", "VAE on MNIST", vae_quality_section, ("epochs", "workers", "global_batch_size")),
     ("vq_mnist", "VQ codebook utilisation on MNIST", vq_mnist_section, ("device", "torch")),
-    ("tune_mnist", "Tuned vs default loss weights", tune_section,
-     ("train_images", "trials", "epochs_per_trial", "final_epochs", "cpus")),
-    ("stacked_mnist", "Stacked autoencoder: pretrained vs random init", stacked_section,
-     ("pretrain_epochs", "finetune_epochs", "workers", "cpus", "device")),
+    (
+        "tune_mnist",
+        "Tuned vs default loss weights",
+        tune_section,
+        ("train_images", "trials", "epochs_per_trial", "final_epochs", "cpus"),
+    ),
+    (
+        "stacked_mnist",
+        "Stacked autoencoder: pretrained vs random init",
+        stacked_section,
+        ("pretrain_epochs", "finetune_epochs", "workers", "cpus", "device"),
+    ),
     ("resvae_mnist", "Residual VAE + PatchGAN vs VAE", resvae_section, ("train_images", "epochs", "workers", "cpus")),
 ]
 
@@ -336,23 +498,35 @@ def render_report(results_dir: Path) -> str:
             results[path.stem] = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             unreadable.append(f"`{path.name}` ({err})")
-    lines = ["# Benchmark results", "",
-             f"Written by `python benchmarks/run_all.py` from the JSON files in `{shown(results_dir)}/` (re-render "
-             "with `--report-only`). Each speed figure is a ratio against a baseline measured in the same run, on "
-             "the machine and date its source line gives. Details per benchmark: `benchmarks/README.md`."]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run_all.py` from the JSON files in `{shown(results_dir)}/` (re-render "
+        "with `--report-only`). Each speed figure is a ratio against a baseline measured in the same run, on "
+        "the machine and date its source line gives. Details per benchmark: `benchmarks/README.md`.",
+    ]
     used = set()
     for heading, sections in (("Speed", SPEED), ("Quality", QUALITY)):
         lines += ["", f"## {heading}"]
         for prefix, title, render, settings in sections:
             found = sorted(n for n in results if n == prefix or n.startswith(prefix + "_"))
             if not found and heading == "Speed":
-                lines += ["", f"### {title}", "", f"Not measured yet (no `{prefix}.json`): "
-                          f"`python benchmarks/run_all.py` runs it."]
+                lines += [
+                    "",
+                    f"### {title}",
+                    "",
+                    f"Not measured yet (no `{prefix}.json`): `python benchmarks/run_all.py` runs it.",
+                ]
             for name in found:
                 used.add(name)
                 suffix = name[len(prefix) + 1 :]
-                lines += ["", f"### {title}" + (f" ({suffix})" if suffix else ""), "",
-                          source_line(name, results[name], settings), ""]
+                lines += [
+                    "",
+                    f"### {title}" + (f" ({suffix})" if suffix else ""),
+                    "",
+                    source_line(name, results[name], settings),
+                    "",
+                ]
                 try:
                     lines += render(name, results[name])
                 except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
@@ -376,16 +550,31 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"), help="MNIST IDX folder")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, into a temp dir")
-    ap.add_argument("--skip", action="append", default=[], choices=names, metavar="NAME",
-                    help=f"leave a benchmark out (repeatable): {', '.join(names)}")
+    ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=names,
+        metavar="NAME",
+        help=f"leave a benchmark out (repeatable): {', '.join(names)}",
+    )
     ap.add_argument("--report-only", action="store_true", help="only re-render the report from the JSON files")
-    ap.add_argument("--results-dir", type=Path, default=None,
-                    help="JSON files (default benchmarks/results/; with --quick a new temp dir)")
-    ap.add_argument("--report", type=Path, default=None,
-                    help="markdown file (default benchmarks/results.md; <results-dir>/results.md for another dir)")
+    ap.add_argument(
+        "--results-dir",
+        type=Path,
+        default=None,
+        help="JSON files (default benchmarks/results/; with --quick a new temp dir)",
+    )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="markdown file (default benchmarks/results.md; <results-dir>/results.md for another dir)",
+    )
     args = ap.parse_args()
-    results_dir = args.results_dir or (Path(tempfile.mkdtemp(prefix="lz-bench-quick-"))
-                                       if args.quick and not args.report_only else RESULTS)
+    results_dir = args.results_dir or (
+        Path(tempfile.mkdtemp(prefix="lz-bench-quick-")) if args.quick and not args.report_only else RESULTS
+    )
     report = args.report or (REPORT if results_dir.resolve() == RESULTS.resolve() else results_dir / "results.md")
     if args.report_only:
         write_report(results_dir, report)

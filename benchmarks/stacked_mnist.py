@@ -31,8 +31,13 @@ def params_for(args, workdir: Path, fraction: float):
     raw["shard"]["maxcount"] = 5000
     raw["train"].update(num_workers=args.workers, batch_size=args.batch_size // args.workers, use_gpu=args.gpu)
     raw["stacked_ae"].update(layers=args.layers, pretrain_epochs=args.pretrain_epochs, corruption=args.corruption)
-    raw["finetune"].update(epochs=args.finetune_epochs, label_fraction=fraction, lr=args.lr, dropout=args.dropout,
-                           probe=fraction == max(args.fractions))
+    raw["finetune"].update(
+        epochs=args.finetune_epochs,
+        label_fraction=fraction,
+        lr=args.lr,
+        dropout=args.dropout,
+        probe=fraction == max(args.fractions),
+    )
     raw["tracking"]["enabled"] = False
     raw["ray"].update(storage_path=str(workdir / "ray"), num_cpus=os.cpu_count())
     return validate_params(raw)
@@ -52,8 +57,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
-    ap.add_argument("--workdir", type=Path, default=None,
-                    help="keep data and Ray runs here (default: a temp dir); a rerun reuses finished layers")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep data and Ray runs here (default: a temp dir); a rerun reuses finished layers",
+    )
     args = ap.parse_args()
 
     from latentzoo.stages import finetune_stage, prepare_stage, pretrain_stage, shard_stage
@@ -66,14 +75,21 @@ def main() -> int:
         prepare_stage(params, work / "prepared")
         shard_stage(params, work / "prepared", work / "shards")
         start = time.perf_counter()
-        result["pretrain"] = pretrain_stage(params, work / "shards", work / "pretrained", work / "pretrain.json",
-                                            work / "pretrain.csv")
+        result["pretrain"] = pretrain_stage(
+            params, work / "shards", work / "pretrained", work / "pretrain.json", work / "pretrain.csv"
+        )
         result["pretrain_wall_s"] = time.perf_counter() - start
         for fraction in args.fractions:
             params = params_for(args, work, fraction)
             start = time.perf_counter()
-            metrics = finetune_stage(params, work / "pretrained", work / "shards", work / f"ft-{fraction}",
-                                     work / f"ft-{fraction}.json", work / f"ft-{fraction}.csv")
+            metrics = finetune_stage(
+                params,
+                work / "pretrained",
+                work / "shards",
+                work / f"ft-{fraction}",
+                work / f"ft-{fraction}.json",
+                work / f"ft-{fraction}.csv",
+            )
             result["by_fraction"][str(fraction)] = metrics | {"wall_s": time.perf_counter() - start}
             print(json.dumps({fraction: result["by_fraction"][str(fraction)]}, indent=2), flush=True)
 

@@ -106,8 +106,14 @@ def main() -> int:
 
     from latentzoo.stages import prepare_stage, shard_stage
 
-    result = {"train_images": args.train_images, "trials": args.trials, "epochs_per_trial": args.epochs,
-              "final_epochs": args.final_epochs, "cpus": os.cpu_count(), "models": {}}
+    result = {
+        "train_images": args.train_images,
+        "trials": args.trials,
+        "epochs_per_trial": args.epochs,
+        "final_epochs": args.final_epochs,
+        "cpus": os.cpu_count(),
+        "models": {},
+    }
     with tempfile.TemporaryDirectory(prefix="lz-tune-") as d:
         work = Path(d)
         params = params_for(args, work)

@@ -28,8 +28,9 @@ def params_for(args, workdir: Path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()))
     raw["shard"]["maxcount"] = 5000
-    raw["train"].update(num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size // args.workers,
-                        lr=args.lr)
+    raw["train"].update(
+        num_workers=args.workers, epochs=args.epochs, batch_size=args.batch_size // args.workers, lr=args.lr
+    )
     raw["vae"].update(latent_dim=32, hidden_channels=32, fc_hidden=256)
     raw["ray"]["storage_path"] = str(workdir / "ray")
     return validate_params(raw)

@@ -65,18 +65,33 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
     if variant == "vq":
         return VectorQuantizer(size, dim, chunk_size=args.chunk_size)
     if variant == "ema-restart":
-        return VectorQuantizer(size, dim, ema=True, decay=0.99, kmeans_init=True, restart_after=args.restart_after,
-                               chunk_size=args.chunk_size)
+        return VectorQuantizer(
+            size,
+            dim,
+            ema=True,
+            decay=0.99,
+            kmeans_init=True,
+            restart_after=args.restart_after,
+            chunk_size=args.chunk_size,
+        )
     if variant == "simvq":
         return SimVQ(size, dim, chunk_size=args.chunk_size)
     import vector_quantize_pytorch as vqp
 
     if variant == "vqtorch-vq":
-        layer = vqp.VectorQuantize(dim, size, commitment_weight=0.25, learnable_codebook=True, ema_update=False,
-                                   accept_image_fmap=True)
+        layer = vqp.VectorQuantize(
+            dim, size, commitment_weight=0.25, learnable_codebook=True, ema_update=False, accept_image_fmap=True
+        )
     elif variant == "vqtorch-ema-restart":
-        layer = vqp.VectorQuantize(dim, size, commitment_weight=0.25, decay=0.99, kmeans_init=True,
-                                   threshold_ema_dead_code=2, accept_image_fmap=True)
+        layer = vqp.VectorQuantize(
+            dim,
+            size,
+            commitment_weight=0.25,
+            decay=0.99,
+            kmeans_init=True,
+            threshold_ema_dead_code=2,
+            accept_image_fmap=True,
+        )
     elif variant == "vqtorch-simvq":
         layer = vqp.SimVQ(dim, size, channel_first=True)
     else:
@@ -124,10 +139,18 @@ def run(variant: str, size: int, train_images: Tensor, test_images: Tensor, args
     model = build(variant, size, args)
     seconds = train(model, train_images, args)
     budget = {"train_images": len(train_images), "epochs": args.epochs, "batch_size": args.batch_size}
-    result = {"variant": variant, "codebook_size": size, **budget, "train_s": round(seconds, 1),
-              **evaluate(model, test_images, args)}
-    print(f"{variant:>20} K={size:>6}  used {result['utilisation']:7.2%}  perplexity {result['perplexity']:8.1f}  "
-          f"PSNR {result['psnr']:5.2f} dB  ({seconds:.0f}s)", flush=True)
+    result = {
+        "variant": variant,
+        "codebook_size": size,
+        **budget,
+        "train_s": round(seconds, 1),
+        **evaluate(model, test_images, args),
+    }
+    print(
+        f"{variant:>20} K={size:>6}  used {result['utilisation']:7.2%}  perplexity {result['perplexity']:8.1f}  "
+        f"PSNR {result['psnr']:5.2f} dB  ({seconds:.0f}s)",
+        flush=True,
+    )
     return result
 
 
@@ -149,8 +172,10 @@ def check_targets(rows: list[dict]) -> list[str]:
     for ours, theirs in (("simvq", "vqtorch-simvq"), ("ema-restart", "vqtorch-ema-restart")):
         for (variant, size), row in get.items():
             if variant == ours and (theirs, size) in get:
-                check(f"{ours} utilisation >= {theirs}'s at K={size}",
-                      row["utilisation"] >= get[theirs, size]["utilisation"])
+                check(
+                    f"{ours} utilisation >= {theirs}'s at K={size}",
+                    row["utilisation"] >= get[theirs, size]["utilisation"],
+                )
     return lines
 
 
@@ -171,15 +196,17 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/vq_mnist.json"))
-    ap.add_argument("--append", action="store_true",
-                    help="keep the rows already in --out (other sizes or budgets), replacing those rerun")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the rows already in --out (other sizes or budgets), replacing those rerun",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     data = Path(args.data)
-    train_images, test_images = load_mnist(data, "train", args.train_images), load_mnist(data, "test",
-                                                                                           args.test_images)
+    train_images, test_images = load_mnist(data, "train", args.train_images), load_mnist(data, "test", args.test_images)
     out = Path(args.out)
     rows = json.loads(out.read_text())["rows"] if args.append and out.exists() else []
     for size in args.sizes:
@@ -194,11 +221,19 @@ def main() -> int:
 def save(out: Path, rows: list[dict], args) -> None:
     cpu = f"cpu, {torch.get_num_threads()} threads"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "data", "append", "sizes", "variants",
-                                                                 "train_images", "epochs")}
+    settings = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("out", "data", "append", "sizes", "variants", "train_images", "epochs")
+    }
     rows = sorted(rows, key=lambda r: (r["codebook_size"], [*OURS, *THEIRS].index(r["variant"])))
-    result = {"settings": settings, "device": device, "torch": torch.__version__, "rows": rows,
-              "targets": check_targets(rows)}
+    result = {
+        "settings": settings,
+        "device": device,
+        "torch": torch.__version__,
+        "rows": rows,
+        "targets": check_targets(rows),
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -147,10 +147,18 @@ def measure(cfg: dict) -> dict:
     times = timed(step, cfg["repeats"], cfg["min_time"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     others = others_busy(ticks, cpu_ticks())
-    out = {**cfg, "step_s": statistics.median(times), "step_s_min": min(times), "steps_timed": len(times),
-           "rss_before_kib": rss0, "peak_rss_kib": peak, "extra_peak_mib": (peak - rss0) / 1024,
-           "peak_reset": peak_reset, "flops": 2 * n * k * d,
-           "others_cpu_busy_during": others}
+    out = {
+        **cfg,
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "steps_timed": len(times),
+        "rss_before_kib": rss0,
+        "peak_rss_kib": peak,
+        "extra_peak_mib": (peak - rss0) / 1024,
+        "peak_reset": peak_reset,
+        "flops": 2 * n * k * d,
+        "others_cpu_busy_during": others,
+    }
     if cfg["impl"].startswith("ours"):
         out.update(search_only(module, z.detach(), cfg["chunk_size"], cfg["repeats"], cfg["min_time"]))
     return out
@@ -193,22 +201,41 @@ def wait_idle(limit_s: float, threshold: float = 0.1) -> float:
 def run_one(args, impl: str, k: int, chunk: int) -> dict:
     """measure() in a fresh interpreter (its last stdout line is the JSON result), after waiting for an idle
     machine; measured again (up to --retries times) when other processes took CPU time during it."""
-    cfg = {"impl": impl, "codebook_size": k, "n": args.n, "dim": args.dim, "chunk_size": chunk,
-           "threads": args.threads, "repeats": args.repeats, "min_time": args.min_time}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    cfg = {
+        "impl": impl,
+        "codebook_size": k,
+        "n": args.n,
+        "dim": args.dim,
+        "chunk_size": chunk,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "min_time": args.min_time,
+    }
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])),
+    }
     for attempt in range(args.retries + 1):
         before = wait_idle(args.wait_idle)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(cfg)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{impl} K={k} chunk={chunk} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         res.update(gflops=res["flops"] / res["step_s"] / 1e9, others_cpu_busy_before=before, attempt=attempt)
         busy = max(before, res["others_cpu_busy_during"])
         note = f"  (other processes busy: {100 * busy:.0f}%)" if busy > 0.1 else ""
-        print(f"  {impl:13s} K={k:6d} chunk={chunk:5d}  {res['step_s'] * 1e3:9.2f} ms  "
-              f"+{res['extra_peak_mib']:8.1f} MiB{note}", flush=True)
+        print(
+            f"  {impl:13s} K={k:6d} chunk={chunk:5d}  {res['step_s'] * 1e3:9.2f} ms  "
+            f"+{res['extra_peak_mib']:8.1f} MiB{note}",
+            flush=True,
+        )
         if busy <= 0.1:
             break
     return res
@@ -216,25 +243,50 @@ def run_one(args, impl: str, k: int, chunk: int) -> dict:
 
 def compare(rows: list[dict], args) -> tuple[list[dict], list[dict]]:
     """Speedups (theirs / ours, ours at --chunk-size) per size and pair, and the PASS/FAIL checks."""
-    main = {(r["impl"], r["codebook_size"]): r for r in rows if r["chunk_size"] == args.chunk_size
-            or r["impl"].startswith("theirs")}
+    main = {
+        (r["impl"], r["codebook_size"]): r
+        for r in rows
+        if r["chunk_size"] == args.chunk_size or r["impl"].startswith("theirs")
+    }
     ratios, checks = [], []
     for k in args.sizes:
         for ours, theirs in PAIRS:
             o, t = main[(ours, k)], main[(theirs, k)]
-            ratios.append({"codebook_size": k, "ours": ours, "theirs": theirs, "speedup": t["step_s"] / o["step_s"],
-                           "ours_extra_mib": o["extra_peak_mib"], "theirs_extra_mib": t["extra_peak_mib"]})
+            ratios.append(
+                {
+                    "codebook_size": k,
+                    "ours": ours,
+                    "theirs": theirs,
+                    "speedup": t["step_s"] / o["step_s"],
+                    "ours_extra_mib": o["extra_peak_mib"],
+                    "theirs_extra_mib": t["extra_peak_mib"],
+                }
+            )
     big, small = max(args.sizes), min(args.sizes)
     for r in ratios:
         if r["codebook_size"] == big:
-            checks.append({"check": f"K={big} {r['ours']} >= 2x faster than {r['theirs']}",
-                           "value": r["speedup"], "pass": r["speedup"] >= 2.0})
-            checks.append({"check": f"K={big} {r['ours']} extra peak <= 1024 MiB",
-                           "value": r["ours_extra_mib"], "pass": r["ours_extra_mib"] <= 1024})
+            checks.append(
+                {
+                    "check": f"K={big} {r['ours']} >= 2x faster than {r['theirs']}",
+                    "value": r["speedup"],
+                    "pass": r["speedup"] >= 2.0,
+                }
+            )
+            checks.append(
+                {
+                    "check": f"K={big} {r['ours']} extra peak <= 1024 MiB",
+                    "value": r["ours_extra_mib"],
+                    "pass": r["ours_extra_mib"] <= 1024,
+                }
+            )
         if r["codebook_size"] == small and small != big:
-            checks.append({"check": f"K={small} {r['ours']} no slower than {r['theirs']} (speedup >= "
-                                    f"{args.noise_floor})", "value": r["speedup"],
-                           "pass": r["speedup"] >= args.noise_floor})
+            checks.append(
+                {
+                    "check": f"K={small} {r['ours']} no slower than {r['theirs']} (speedup >= {args.noise_floor})",
+                    "value": r["speedup"],
+                    "pass": r["speedup"] >= args.noise_floor,
+                }
+            )
     return ratios, checks
 
 
@@ -247,19 +299,28 @@ def best_chunk(rows: list[dict], k: int) -> dict:
 
 
 def print_table(rows: list[dict], ratios: list[dict], checks: list[dict], chunks: dict) -> None:
-    print(f"\n{'impl':13s} {'K':>6s} {'chunk':>6s} {'step ms':>9s} {'GFLOP/s':>8s} {'search ms':>10s} "
-          f"{'mm-only ms':>10s} {'extra MiB':>10s} {'others%':>7s}")
+    print(
+        f"\n{'impl':13s} {'K':>6s} {'chunk':>6s} {'step ms':>9s} {'GFLOP/s':>8s} {'search ms':>10s} "
+        f"{'mm-only ms':>10s} {'extra MiB':>10s} {'others%':>7s}"
+    )
     for r in rows:
-        s = f"{r['search_s'] * 1e3:10.2f} {r['search_matmul_only_s'] * 1e3:10.2f}" if "search_s" in r else \
-            f"{'-':>10s} {'-':>10s}"
+        s = (
+            f"{r['search_s'] * 1e3:10.2f} {r['search_matmul_only_s'] * 1e3:10.2f}"
+            if "search_s" in r
+            else f"{'-':>10s} {'-':>10s}"
+        )
         chunk = str(r["chunk_size"]) if r["impl"].startswith("ours") else "-"
         others = 100 * max(r["others_cpu_busy_before"], r["others_cpu_busy_during"])
-        print(f"{r['impl']:13s} {r['codebook_size']:6d} {chunk:>6s} {r['step_s'] * 1e3:9.2f} {r['gflops']:8.1f} "
-              f"{s} {r['extra_peak_mib']:10.1f} {others:7.0f}")
+        print(
+            f"{r['impl']:13s} {r['codebook_size']:6d} {chunk:>6s} {r['step_s'] * 1e3:9.2f} {r['gflops']:8.1f} "
+            f"{s} {r['extra_peak_mib']:10.1f} {others:7.0f}"
+        )
     print(f"\n{'K':>6s} {'pair':28s} {'speedup':>8s} {'ours MiB':>9s} {'theirs MiB':>10s}")
     for r in ratios:
-        print(f"{r['codebook_size']:6d} {r['ours'] + ' / ' + r['theirs']:28s} {r['speedup']:8.2f} "
-              f"{r['ours_extra_mib']:9.1f} {r['theirs_extra_mib']:10.1f}")
+        print(
+            f"{r['codebook_size']:6d} {r['ours'] + ' / ' + r['theirs']:28s} {r['speedup']:8.2f} "
+            f"{r['ours_extra_mib']:9.1f} {r['theirs_extra_mib']:10.1f}"
+        )
     print()
     for impl, c in chunks.items():
         times = ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in c["step_s"].items())
@@ -283,11 +344,16 @@ def machine_info(args) -> dict:
 
     from latentzoo.models.quantizer import VectorQuantizer
 
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
-            "cpu": cpu_model(), "python": platform.python_version(),
-            "torch": torch.__version__, "vector_quantize_pytorch": md.version("vector-quantize-pytorch"),
-            "threads": args.threads,
-            "latentzoo_default_chunk_size": inspect.signature(VectorQuantizer).parameters["chunk_size"].default}
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "vector_quantize_pytorch": md.version("vector-quantize-pytorch"),
+        "threads": args.threads,
+        "latentzoo_default_chunk_size": inspect.signature(VectorQuantizer).parameters["chunk_size"].default,
+    }
 
 
 def main() -> int:
@@ -296,8 +362,12 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=4096, help="vectors per step")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=1024, help="ours, in the main comparison (the models' default)")
-    ap.add_argument("--chunk-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[512, 2048, 4096],
-                    help="ours at the largest size")
+    ap.add_argument(
+        "--chunk-sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[512, 2048, 4096],
+        help="ours at the largest size",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps at least")
     ap.add_argument("--min-time", type=float, default=1.0, help="timed seconds at least (up to 200 steps)")
@@ -331,11 +401,20 @@ def main() -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "out")}
     disturbed = [r for r in rows if max(r["others_cpu_busy_before"], r["others_cpu_busy_during"]) > 0.1]
     if disturbed:
-        print(f"\nWARNING: other processes used the CPUs during {len(disturbed)} of {len(rows)} runs: timings are "
-              "unreliable (see others%)")
-    result = {"machine": machine_info(args), "settings": settings, "runs_disturbed": len(disturbed), "runs": rows,
-              "speedups": ratios, "best_chunk_at_largest_size": chunks, "checks": checks,
-              "wall_s": time.perf_counter() - t0}
+        print(
+            f"\nWARNING: other processes used the CPUs during {len(disturbed)} of {len(rows)} runs: timings are "
+            "unreliable (see others%)"
+        )
+    result = {
+        "machine": machine_info(args),
+        "settings": settings,
+        "runs_disturbed": len(disturbed),
+        "runs": rows,
+        "speedups": ratios,
+        "best_chunk_at_largest_size": chunks,
+        "checks": checks,
+        "wall_s": time.perf_counter() - t0,
+    }
     out = args.out or (None if args.quick else ROOT / "benchmarks/results/vq_speed.json")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """DVC stage `classifier`: the small classifier whose features every evaluation's Fréchet distance uses."""
 
-import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
-
 import argparse
 from pathlib import Path
+
+import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv/bin/python if need be)
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors

@@ -1,9 +1,9 @@
 """DVC stage `evaluate@<model>`: test-split metrics (DVC metrics) and image grids (DVC plots)."""
 
-import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
-
 import argparse
 from pathlib import Path
+
+import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv/bin/python if need be)
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors
@@ -18,11 +18,16 @@ def main(argv=None) -> None:
     ap.add_argument("--shards", type=Path, required=True)
     ap.add_argument("--metrics", type=Path, required=True)
     ap.add_argument("--plots", type=Path, required=True, help="folder for the image grids")
-    ap.add_argument("--classifier", type=Path, default=None,
-                    help="the classifier stage's weights (models/classifier/model.pt): adds FCD and sharpness")
+    ap.add_argument(
+        "--classifier",
+        type=Path,
+        default=None,
+        help="the classifier stage's weights (models/classifier/model.pt): adds FCD and sharpness",
+    )
     args = ap.parse_args(argv)
-    evaluate_stage(load_params(args.params), args.model_dir, args.shards, args.metrics, args.plots,
-                   classifier=args.classifier)
+    evaluate_stage(
+        load_params(args.params), args.model_dir, args.shards, args.metrics, args.plots, classifier=args.classifier
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """DVC stage `pretrain`: greedy layer-wise pretraining of the stacked autoencoder, one Ray Train run per layer."""
 
-import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
-
 import argparse
 from pathlib import Path
+
+import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv/bin/python if need be)
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors

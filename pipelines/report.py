@@ -1,9 +1,9 @@
 """DVC stage `report`: one cross-model report (reports/report.md), also logged to MLflow."""
 
-import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
-
 import argparse
 from pathlib import Path
+
+import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv/bin/python if need be)
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors
@@ -22,9 +22,16 @@ def main(argv=None) -> None:
     ap.add_argument("--curves", type=Path, default=None, help="folder of train-stage per-epoch CSVs (plots/train)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    report_stage(load_params(args.params), args.eval_metrics, args.train_metrics, args.plots, args.out,
-                 pretrain_metrics=args.pretrain_metrics, finetune_metrics=args.finetune_metrics,
-                 curves_dir=args.curves)
+    report_stage(
+        load_params(args.params),
+        args.eval_metrics,
+        args.train_metrics,
+        args.plots,
+        args.out,
+        pretrain_metrics=args.pretrain_metrics,
+        finetune_metrics=args.finetune_metrics,
+        curves_dir=args.curves,
+    )
 
 
 if __name__ == "__main__":

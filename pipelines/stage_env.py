@@ -2,7 +2,7 @@
 
 DVC runs each stage's `cmd` with the first `python` on PATH. That is `.venv/bin/python` inside `make` or an
 activated venv, but not for `.venv/bin/dvc repro` typed in a plain shell, where it is the system's. Every stage
-script imports this module first: if latentzoo is importable (the venv, a cluster image, any environment that
+script imports this module before latentzoo: if latentzoo is importable (the venv, a cluster image, any environment that
 installed it) nothing happens; otherwise the script starts again under `.venv/bin/python`, or stops with one
 line saying how to install it.
 """
@@ -18,6 +18,8 @@ try:
 except ModuleNotFoundError:
     python = VENV / "bin" / "python"
     if not python.exists() or Path(sys.prefix).resolve() == VENV.resolve():  # no venv, or in it already
-        sys.exit(f"error: {sys.executable} cannot import latentzoo and {python} is missing or lacks it too: "
-                 "run `make install` (or install the project into this interpreter: pip install -e .)")
+        sys.exit(
+            f"error: {sys.executable} cannot import latentzoo and {python} is missing or lacks it too: "
+            "run `make install` (or install the project into this interpreter: pip install -e .)"
+        )
     os.execv(python, [str(python), *sys.argv])

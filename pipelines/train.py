@@ -1,9 +1,9 @@
 """DVC stage `train@<model>`: Ray Train DDP over the shards; final weights, metrics and per-epoch plots."""
 
-import stage_env  # noqa: F401  (first: re-runs this stage under .venv/bin/python if `python` lacks latentzoo)
-
 import argparse
 from pathlib import Path
+
+import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv/bin/python if need be)
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors

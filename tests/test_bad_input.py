@@ -117,8 +117,9 @@ def test_a_gzip_bomb_is_not_inflated(tmp_path):
     import tracemalloc
 
     bomb = tmp_path / "train-images-idx3-ubyte.gz"  # a 10 x 4 x 4 header followed by 512 MB of zeros
-    bomb.write_bytes(_gzip(IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 4, 4)),
-                           512 * 2**20))
+    bomb.write_bytes(
+        _gzip(IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 4, 4)), 512 * 2**20)
+    )
     assert bomb.stat().st_size < 2**20
     tracemalloc.start()
     with pytest.raises(DataError, match=r"idx3-ubyte\.gz: unexpected bytes after the \(10, 4, 4\) data"):
@@ -133,8 +134,11 @@ def test_a_header_declaring_too_much_data_is_refused_before_reading(tmp_path):
     header = IDX_IMAGES_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2**20, 100, 100))
     (idx / "train-images-idx3-ubyte.gz").write_bytes(_gzip(header, 2**20))  # declares 10 GB
     (idx / "train-labels-idx1-ubyte").write_bytes(b"")
-    with pytest.raises(DataError, match=r"header declares \(1048576, 100, 100\) = 10485760000 bytes, more than "
-                                        r"data\.max_idx_mb = 8192 MB \(a damaged header or a gzip bomb\?\)"):
+    with pytest.raises(
+        DataError,
+        match=r"header declares \(1048576, 100, 100\) = 10485760000 bytes, more than "
+        r"data\.max_idx_mb = 8192 MB \(a damaged header or a gzip bomb\?\)",
+    ):
         load_source(DataConfig(source="idx", path=str(idx)))
     with pytest.raises(DataError, match=r"more than data\.max_idx_mb = 1 MB"):
         read_idx(idx / "train-images-idx3-ubyte.gz", IDX_IMAGES_MAGIC, max_bytes=2**20)
@@ -150,17 +154,24 @@ def test_idx_images_larger_than_max_pixels_are_refused(tmp_path):
         load_source(DataConfig(source="idx", path=str(idx), max_pixels=29))
 
 
-@pytest.mark.parametrize("files, message", [
-    (None, r"idx: data.path is not a directory"),
-    ([], r"idx: no train-images-idx3-ubyte\[\.gz\] and train-labels-idx1-ubyte\[\.gz\] found"),
-    (["train-images-idx3-ubyte"], r"idx: train-labels-idx1-ubyte\[\.gz\] is missing"),
-    (["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz"],
-     r"idx: t10k-images-idx3-ubyte\[\.gz\] is missing"),
-])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (None, r"idx: data.path is not a directory"),
+        ([], r"idx: no train-images-idx3-ubyte\[\.gz\] and train-labels-idx1-ubyte\[\.gz\] found"),
+        (["train-images-idx3-ubyte"], r"idx: train-labels-idx1-ubyte\[\.gz\] is missing"),
+        (
+            ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte.gz"],
+            r"idx: t10k-images-idx3-ubyte\[\.gz\] is missing",
+        ),
+    ],
+)
 def test_idx_folder_without_its_files(tmp_path, files, message):
     folder = tmp_path / "idx"
-    valid = {"train-images-idx3-ubyte": bytes([0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 7]),
-             "train-labels-idx1-ubyte": bytes([0, 0, 8, 1, 0, 0, 0, 1, 3])}  # one 1x1 image, label 3
+    valid = {
+        "train-images-idx3-ubyte": bytes([0, 0, 8, 3, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 7]),
+        "train-labels-idx1-ubyte": bytes([0, 0, 8, 1, 0, 0, 0, 1, 3]),
+    }  # one 1x1 image, label 3
     if files is not None:
         folder.mkdir()
         for name in files:
@@ -225,8 +236,14 @@ def weights_file(tmp_path, tiny_params) -> Path:
 @pytest.mark.parametrize("damage", ["zero-byte", "truncated", "random bytes", "json"])
 def test_corrupt_checkpoint_is_a_clear_error(weights_file, damage):
     data = weights_file.read_bytes()
-    weights_file.write_bytes({"zero-byte": b"", "truncated": data[: len(data) // 2],
-                              "random bytes": bytes(range(256)) * 4, "json": b'{"epoch": 3}'}[damage])
+    weights_file.write_bytes(
+        {
+            "zero-byte": b"",
+            "truncated": data[: len(data) // 2],
+            "random bytes": bytes(range(256)) * 4,
+            "json": b'{"epoch": 3}',
+        }[damage]
+    )
     with pytest.raises(LatentzooError, match=r"model\.pt: not a readable latentzoo checkpoint"):
         load_model(weights_file)
 
@@ -268,8 +285,15 @@ def _vae_job(shards: Path, tiny_params, epochs: int):
 
     manifest = load_manifest(shards)
     params = tiny_params(**{"train.epochs": epochs, "train.num_workers": 1})
-    return TrainJob("vae", params.model_dump(), shard_urls(shards, manifest, "train"),
-                    shard_urls(shards, manifest, "val"), manifest["splits"]["train"]["count"], (1, 8, 8), cached=True)
+    return TrainJob(
+        "vae",
+        params.model_dump(),
+        shard_urls(shards, manifest, "train"),
+        shard_urls(shards, manifest, "val"),
+        manifest["splits"]["train"]["count"],
+        (1, 8, 8),
+        cached=True,
+    )
 
 
 def _session(run_dir: Path, resume=None):
@@ -316,8 +340,9 @@ def test_no_readable_checkpoint_trains_from_the_start(digits_shards, tiny_params
     run = tmp_path / "run"
     (run / "checkpoint_000001").mkdir(parents=True)
     (run / "checkpoint_000001" / CHECKPOINT_FILE).write_bytes(b"")
-    run_loop(_vae_job(digits_shards, tiny_params, epochs=1),
-             _session(run, ray.train.Checkpoint(run / "checkpoint_000001")))
+    run_loop(
+        _vae_job(digits_shards, tiny_params, epochs=1), _session(run, ray.train.Checkpoint(run / "checkpoint_000001"))
+    )
     assert "no earlier checkpoint is readable: training from the start" in capsys.readouterr().out
     assert [row["epoch"] for row in load_state(run / "checkpoint_000001" / CHECKPOINT_FILE)["history"]] == [1]
 
@@ -367,9 +392,14 @@ def interactive_signals() -> None:
 
 def interrupt_mid_write(out: Path, sig: int) -> subprocess.CompletedProcess:
     """Run DRIVER writing `out`, send `sig` once it is writing; its exit status and stderr."""
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "LATENTZOO_DEBUG": ""},
-                            preexec_fn=interactive_signals)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "LATENTZOO_DEBUG": ""},
+        preexec_fn=interactive_signals,
+    )
     try:
         assert proc.stdout.readline() == "writing\n", proc.stderr.read()
         proc.send_signal(sig)

@@ -12,21 +12,45 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 LOADER = {
-    "command": "python benchmarks/loader_speed.py --quick", "date": "2026-01-02T03:04:05", "smoke": True,
-    "train_images": 1800, "batch_size": 64, "shards": 4, "rounds": 1, "pipeline_uses": "cached", "target_ratio": 0.8,
+    "command": "python benchmarks/loader_speed.py --quick",
+    "date": "2026-01-02T03:04:05",
+    "smoke": True,
+    "train_images": 1800,
+    "batch_size": 64,
+    "shards": 4,
+    "rounds": 1,
+    "pipeline_uses": "cached",
+    "target_ratio": 0.8,
     "rows": {
         "tensordataset": {"images_per_s": 100000.0},
         "streamed": {"images_per_s": 20000.0, "ratio_vs_tensordataset": 0.2, "target": "FAIL"},
-        "cached": {"images_per_s": 90000.0, "ratio_vs_tensordataset": 0.9, "target": "PASS",
-                   "first_epoch_images_per_s": 5000.0},
+        "cached": {
+            "images_per_s": 90000.0,
+            "ratio_vs_tensordataset": 0.9,
+            "target": "PASS",
+            "first_epoch_images_per_s": 5000.0,
+        },
     },
 }
-VAE = {"epochs": 3, "workers": 2, "global_batch_size": 128, "test_neg_elbo_nats": 99.5, "plain_pytorch_epoch_s": 20.0,
-       "ray_train_epoch_s_steady": 31.5, "ray_startup_and_overhead_s": 24.0, "ray_1worker_train_epoch_s": 21.0,
-       "ray_1worker_over_plain_epoch_ratio": 1.05, "torch_threads_per_worker": 1}
-REPRO = {"target_s": 600.0, "target": "PASS", "noop_over_clean": 0.05,
-         "clean": {"wall_s": 300.0, "returncode": 0, "stages_run": 3, "stage_s": {"prepare": 10.0, "train@vae": 250.0}},
-         "noop": {"wall_s": 15.0, "returncode": 0, "stages_run": 0, "stage_s": {}, "up_to_date": True}}
+VAE = {
+    "epochs": 3,
+    "workers": 2,
+    "global_batch_size": 128,
+    "test_neg_elbo_nats": 99.5,
+    "plain_pytorch_epoch_s": 20.0,
+    "ray_train_epoch_s_steady": 31.5,
+    "ray_startup_and_overhead_s": 24.0,
+    "ray_1worker_train_epoch_s": 21.0,
+    "ray_1worker_over_plain_epoch_ratio": 1.05,
+    "torch_threads_per_worker": 1,
+}
+REPRO = {
+    "target_s": 600.0,
+    "target": "PASS",
+    "noop_over_clean": 0.05,
+    "clean": {"wall_s": 300.0, "returncode": 0, "stages_run": 3, "stage_s": {"prepare": 10.0, "train@vae": 250.0}},
+    "noop": {"wall_s": 15.0, "returncode": 0, "stages_run": 0, "stage_s": {}, "up_to_date": True},
+}
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,19 @@ pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 def worker_node(head: Head, num_cpus: int = 1):
     """`ray start --address` joining `head` as a second node, with its token (own process group, stopped on exit)."""
     temp_dir = tempfile.mkdtemp(prefix="lz-ray-worker-", dir="/tmp")
-    cmd = [str(Path(sys.executable).with_name("ray")), "start", f"--address={head.address}", "--block",
-           f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    node = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, **head.auth})
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start",
+        f"--address={head.address}",
+        "--block",
+        f"--num-cpus={num_cpus}",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
+    node = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **head.auth}
+    )
     try:
         yield node
     finally:
@@ -52,16 +61,39 @@ def test_ddp_across_two_nodes_resumes_after_a_worker_is_killed(digits_shards, tm
     from mlflow.tracking import MlflowClient
 
     epochs = 12
-    params = make_params(**{**TINY, "train.num_workers": 2, "train.placement_strategy": "STRICT_SPREAD",
-                            "train.epochs": epochs, "train.max_failures": 2, "tracking.log_models": False,
-                            "ray.storage_path": str(tmp_path / "ray")})
+    params = make_params(
+        **{
+            **TINY,
+            "train.num_workers": 2,
+            "train.placement_strategy": "STRICT_SPREAD",
+            "train.epochs": epochs,
+            "train.max_failures": 2,
+            "tracking.log_models": False,
+            "ray.storage_path": str(tmp_path / "ray"),
+        }
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--params", "params.yaml", "--model", "vae",
-           "--shards", str(digits_shards), "--out", "models/vae", "--metrics", "train.json", "--plots", "train.csv"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "pipelines/train.py"),
+        "--params",
+        "params.yaml",
+        "--model",
+        "vae",
+        "--shards",
+        str(digits_shards),
+        "--out",
+        "models/vae",
+        "--metrics",
+        "train.json",
+        "--plots",
+        "train.csv",
+    ]
     with local_head(num_cpus=1) as head, worker_node(head):
         env = head.client_env(MLFLOW_TRACKING_URI=mlflow_server)
-        train = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
+        train = subprocess.Popen(
+            cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         try:
             kill_one_training_worker(tmp_path / "ray", after_checkpoints=2)
             output, _ = train.communicate(timeout=600)

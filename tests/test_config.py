@@ -105,8 +105,22 @@ def test_stage_script_exits_nonzero_with_one_line(tmp_path: Path):
     raw["train"]["lr"] = -1
     bad = tmp_path / "params.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), "--params", str(bad), "--model", "vae",
-           "--shards", "x", "--out", "y", "--metrics", "m.json", "--plots", "p.csv"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "pipelines/train.py"),
+        "--params",
+        str(bad),
+        "--model",
+        "vae",
+        "--shards",
+        "x",
+        "--out",
+        "y",
+        "--metrics",
+        "m.json",
+        "--plots",
+        "p.csv",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: train.lr must be > 0, got -1"
@@ -127,8 +141,14 @@ def test_search_space_parses_into_ray_domains():
 
     from latentzoo.tuning.search import search_space
 
-    params = validate_params(with_space({"vae": {"beta": {"low": 0.5, "high": 2.0, "log": True}},
-                                         "vqvae": {"commitment_weight": {"low": 0.1, "high": 1.0}}}))
+    params = validate_params(
+        with_space(
+            {
+                "vae": {"beta": {"low": 0.5, "high": 2.0, "log": True}},
+                "vqvae": {"commitment_weight": {"low": 0.1, "high": 1.0}},
+            }
+        )
+    )
     vae, vq = search_space(params, "vae"), search_space(params, "vqvae")
     assert isinstance(vae["beta"], Float) and (vae["beta"].lower, vae["beta"].upper) == (0.5, 2.0)
     assert "LogUniform" in type(vae["beta"].sampler).__name__

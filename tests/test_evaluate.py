@@ -80,8 +80,9 @@ def test_report_table_lists_every_model(tmp_path):
     (tmp_path / "train/vae.json").write_text(json.dumps({"fit_time_s": 60.0, "epochs": 3}))
     (tmp_path / "plots/vae").mkdir(parents=True)
     (tmp_path / "plots/vae/samples.png").write_bytes(b"\x89PNG fake")
-    report = build_report(["vae", "other"], tmp_path / "eval", tmp_path / "train", tmp_path / "plots",
-                          tmp_path / "reports")
+    report = build_report(
+        ["vae", "other"], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports"
+    )
     text = report.read_text()
     assert "| vae | 25.5 | – |" in text and "| other | – |" in text
     assert (tmp_path / "reports/images/vae-samples.png").exists()
@@ -91,12 +92,25 @@ def test_report_table_lists_every_model(tmp_path):
 
 
 def test_report_shows_the_stacked_autoencoder_side_by_side(tmp_path):
-    stacked = {"finetune": {"test_accuracy": 0.981, "test_accuracy_random": 0.975, "test_accuracy_probe": 0.9,
-                            "label_fraction": 0.1, "labelled_images": 5400, "epochs": 20},
-               "pretrain": {"test_recon_mse_layer1": 0.01, "test_recon_mse_layer2": 0.2, "layers": [500, 500],
-                            "epochs_per_layer": 10}}
-    report = build_report([], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports",
-                          stacked=stacked)
+    stacked = {
+        "finetune": {
+            "test_accuracy": 0.981,
+            "test_accuracy_random": 0.975,
+            "test_accuracy_probe": 0.9,
+            "label_fraction": 0.1,
+            "labelled_images": 5400,
+            "epochs": 20,
+        },
+        "pretrain": {
+            "test_recon_mse_layer1": 0.01,
+            "test_recon_mse_layer2": 0.2,
+            "layers": [500, 500],
+            "epochs_per_layer": 10,
+        },
+    }
+    report = build_report(
+        [], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports", stacked=stacked
+    )
     text = report.read_text()
     assert "| pretrained + fine-tuned | 0.981 |" in text and "| random init | 0.975 |" in text
     assert "| linear probe (frozen pretrained features) | 0.9 |" in text and "(5400 images)" in text
@@ -108,9 +122,16 @@ def test_report_draws_the_training_curves(tmp_path):
     (tmp_path / "curves").mkdir()
     (tmp_path / "curves/vae.csv").write_text("epoch,train_loss,val_loss\n1,40,38\n2,30,29\n")
     (tmp_path / "curves/resvae_gan.csv").write_text(
-        "epoch,train_loss,val_loss,train_disc_loss\n1,50,48,\n2,45,44,1.9\n")
-    report = build_report(["vae", "resvae_gan", "absent"], tmp_path / "eval", tmp_path / "train",
-                          tmp_path / "plots", tmp_path / "reports", curves_dir=tmp_path / "curves")
+        "epoch,train_loss,val_loss,train_disc_loss\n1,50,48,\n2,45,44,1.9\n"
+    )
+    report = build_report(
+        ["vae", "resvae_gan", "absent"],
+        tmp_path / "eval",
+        tmp_path / "train",
+        tmp_path / "plots",
+        tmp_path / "reports",
+        curves_dir=tmp_path / "curves",
+    )
     png = tmp_path / "reports/images/training_curves.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and "![training curves](images/training_curves.png)" in report.read_text()
     assert report.read_text().index("## Training curves") > report.read_text().index("| model |")

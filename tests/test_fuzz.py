@@ -88,7 +88,7 @@ def idx_file(draw, ndim: int) -> bytes:
         data = magic.to_bytes(4, "big") + data[4:]
     elif edit == "dim":
         k = draw(st.integers(0, ndim - 1))
-        data = data[:4 + 4 * k] + draw(U32).to_bytes(4, "big") + data[8 + 4 * k:]
+        data = data[: 4 + 4 * k] + draw(U32).to_bytes(4, "big") + data[8 + 4 * k :]
     elif edit == "bytes":
         data = mutate(draw, data)
     return data
@@ -106,8 +106,10 @@ def stored(draw, data: st.SearchStrategy[bytes]) -> tuple[bytes, bool]:
 
 
 @FUZZ
-@given(file=stored(st.one_of(st.binary(max_size=64), idx_file(3), idx_file(1))),
-       magic=st.sampled_from([IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC]))
+@given(
+    file=stored(st.one_of(st.binary(max_size=64), idx_file(3), idx_file(1))),
+    magic=st.sampled_from([IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC]),
+)
 def test_read_idx_never_crashes(file, magic):
     data, gz = file
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,9 +123,11 @@ def test_read_idx_never_crashes(file, magic):
 
 
 @FUZZ
-@given(train=st.tuples(stored(idx_file(3)), stored(idx_file(1))),
-       t10k=st.none() | st.tuples(stored(idx_file(3)), stored(idx_file(1))),
-       keep_source_test=st.booleans())
+@given(
+    train=st.tuples(stored(idx_file(3)), stored(idx_file(1))),
+    t10k=st.none() | st.tuples(stored(idx_file(3)), stored(idx_file(1))),
+    keep_source_test=st.booleans(),
+)
 def test_idx_folder_prepares_or_names_the_problem(train, t10k, keep_source_test):
     """Through the prepare stage: clear error and nothing written, or splits of real (non-empty) images."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,11 +174,37 @@ def test_idx_images_without_pixels(tmp_path, shape):
 # Leading bytes that make PIL hand a file to one of its decoders (PNG, JPEG, GIF, BMP, PNM, TIFF, WebP, ICO, PSD,
 # DDS, ICNS, QOI, JPEG 2000, PCX, SGI, Sun raster, XBM, XPM, EPS), so random tails reach the parsers behind them.
 FORMAT_MAGICS = [
-    b"", b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb",
-    b"GIF89a", b"GIF87a", b"BM", b"P1\n", b"P2\n", b"P4\n", b"P5\n", b"P6\n", b"P7\n", b"II*\x00", b"MM\x00*",
-    b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"\x00\x00\x01\x00", b"\x00\x00\x02\x00", b"8BPS\x00\x01", b"DDS |\x00\x00\x00",
-    b"icns", b"qoif", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51", b"\x0a\x05\x01\x08", b"\x01\xda",
-    b"\x59\xa6\x6a\x95", b"#define im_width 4\n", b"/* XPM */\n", b"%!PS-Adobe-3.0",
+    b"",
+    b"\x89PNG\r\n\x1a\n",
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDR",
+    b"\xff\xd8\xff\xe0",
+    b"\xff\xd8\xff\xdb",
+    b"GIF89a",
+    b"GIF87a",
+    b"BM",
+    b"P1\n",
+    b"P2\n",
+    b"P4\n",
+    b"P5\n",
+    b"P6\n",
+    b"P7\n",
+    b"II*\x00",
+    b"MM\x00*",
+    b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+    b"\x00\x00\x01\x00",
+    b"\x00\x00\x02\x00",
+    b"8BPS\x00\x01",
+    b"DDS |\x00\x00\x00",
+    b"icns",
+    b"qoif",
+    b"\x00\x00\x00\x0cjP  \r\n\x87\n",
+    b"\xff\x4f\xff\x51",
+    b"\x0a\x05\x01\x08",
+    b"\x01\xda",
+    b"\x59\xa6\x6a\x95",
+    b"#define im_width 4\n",
+    b"/* XPM */\n",
+    b"%!PS-Adobe-3.0",
 ]
 PNG_MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "I;16"]
 JPEG_MODES = ["L", "RGB", "CMYK"]
@@ -218,14 +248,25 @@ def folder_with(root: Path, name: str, data: bytes) -> Path:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns about the corrupt metadata it skips
 @FUZZ
-@given(data=IMAGE_BYTES, name=st.sampled_from(["x.png", "x.jpg", "x.jpeg", "x.PNG"]),
-       on_error=st.sampled_from(["raise", "skip"]), channels=st.sampled_from([None, 1, 3]),
-       image_size=st.sampled_from([None, 4, 7]), max_pixels=st.sampled_from([16, 100, 16_000_000]))
+@given(
+    data=IMAGE_BYTES,
+    name=st.sampled_from(["x.png", "x.jpg", "x.jpeg", "x.PNG"]),
+    on_error=st.sampled_from(["raise", "skip"]),
+    channels=st.sampled_from([None, 1, 3]),
+    image_size=st.sampled_from([None, 4, 7]),
+    max_pixels=st.sampled_from([16, 100, 16_000_000]),
+)
 def test_image_folder_never_crashes(data, name, on_error, channels, image_size, max_pixels):
     with tempfile.TemporaryDirectory() as tmp:
         root = folder_with(Path(tmp) / "images", name, data)
-        cfg = DataConfig(source="imagefolder", path=str(root), on_error=on_error, channels=channels,
-                         image_size=image_size, max_pixels=max_pixels)
+        cfg = DataConfig(
+            source="imagefolder",
+            path=str(root),
+            on_error=on_error,
+            channels=channels,
+            image_size=image_size,
+            max_pixels=max_pixels,
+        )
         result = outcome(load_source, cfg)
     if isinstance(result, LatentzooError):
         assert isinstance(result, DataError) and str(root) in str(result)
@@ -241,16 +282,30 @@ def test_image_folder_never_crashes(data, name, on_error, channels, image_size, 
 # ---------------------------------------------------------------- params.yaml
 
 SECTIONS = sorted(Params.model_fields)
-KEYS = sorted({k for s in Params.model_fields.values() if hasattr(s.annotation, "model_fields")
-               for k in s.annotation.model_fields} | set(SECTIONS))
+KEYS = sorted(
+    {
+        k
+        for s in Params.model_fields.values()
+        if hasattr(s.annotation, "model_fields")
+        for k in s.annotation.model_fields
+    }
+    | set(SECTIONS)
+)
 MODEL_NAMES = st.one_of(st.sampled_from(sorted(REGISTRY)), st.text(max_size=8))
 SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-3, 3), st.floats(), st.floats(-2, 2), st.text(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-3, 3),
+    st.floats(),
+    st.floats(-2, 2),
+    st.text(max_size=10),
     st.sampled_from(["digits", "idx", "imagefolder", "raise", "skip", "cosine", "optuna", "1e-3", "ten"]),
 )
 KEY = st.one_of(st.sampled_from(KEYS), st.text(max_size=8), st.integers(-2, 2), st.none(), st.booleans())
-YAMLISH = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEY, inner, max_size=3),
-                       max_leaves=8)
+YAMLISH = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEY, inner, max_size=3), max_leaves=8
+)
 
 
 REPO_PARAMS = (ROOT / "params.yaml").read_text()
@@ -281,8 +336,15 @@ def mutated_params(draw) -> dict:
             ranges = st.dictionaries(st.sampled_from(["low", "high", "log", "mid"]), SCALARS, max_size=3)
             raw["tune"] = raw["tune"] if isinstance(raw.get("tune"), dict) else {}
             raw["tune"]["space"] = draw(
-                st.dictionaries(MODEL_NAMES, st.dictionaries(st.sampled_from(["beta", "decay", "latent_dim", "x"]),
-                                                             ranges | YAMLISH, max_size=2), max_size=2) | YAMLISH)
+                st.dictionaries(
+                    MODEL_NAMES,
+                    st.dictionaries(
+                        st.sampled_from(["beta", "decay", "latent_dim", "x"]), ranges | YAMLISH, max_size=2
+                    ),
+                    max_size=2,
+                )
+                | YAMLISH
+            )
         else:
             raw[section] = draw(YAMLISH)
     return raw
@@ -312,21 +374,70 @@ def test_load_params_from_mutated_yaml_never_crashes(raw, style, cut):
 
 
 YAML_TOKENS = st.sampled_from(
-    [":", " ", "\n", "  ", "- ", "[", "]", "{", "}", ",", "#", "&a ", "*a", "!!", "!!python/object:os.system ",
-     "!!binary ", "!!set ", "!!timestamp ", "? ", "|", ">", "'", '"', "\t", "%YAML 1.1\n", "---\n", "...\n", "1e3",
-     "!!int ", "!!float ", "!!bool ", ".inf", "0x1F", "0b", "~", "train", "lr", "models", "vae", "-1", "2001-12-14",
-     "2001-13-45", "\\", "\x00", "\ufeff", "é"]
+    [
+        ":",
+        " ",
+        "\n",
+        "  ",
+        "- ",
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        "#",
+        "&a ",
+        "*a",
+        "!!",
+        "!!python/object:os.system ",
+        "!!binary ",
+        "!!set ",
+        "!!timestamp ",
+        "? ",
+        "|",
+        ">",
+        "'",
+        '"',
+        "\t",
+        "%YAML 1.1\n",
+        "---\n",
+        "...\n",
+        "1e3",
+        "!!int ",
+        "!!float ",
+        "!!bool ",
+        ".inf",
+        "0x1F",
+        "0b",
+        "~",
+        "train",
+        "lr",
+        "models",
+        "vae",
+        "-1",
+        "2001-12-14",
+        "2001-13-45",
+        "\\",
+        "\x00",
+        "\ufeff",
+        "é",
+    ]
 )
 
 
 @FUZZ
-@given(data=st.one_of(
-    st.binary(max_size=64),
-    st.lists(YAML_TOKENS, max_size=40).map(lambda tokens: "".join(tokens).encode("utf-8")),
-    # nested lists, closed or not, up to deeper than the YAML parser can recurse (about 700 levels)
-    st.builds(lambda depth, close: b"train: " + b"[" * depth + b"]" * (depth if close else 0),
-              st.integers(1, 1500), st.booleans()),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=64),
+        st.lists(YAML_TOKENS, max_size=40).map(lambda tokens: "".join(tokens).encode("utf-8")),
+        # nested lists, closed or not, up to deeper than the YAML parser can recurse (about 700 levels)
+        st.builds(
+            lambda depth, close: b"train: " + b"[" * depth + b"]" * (depth if close else 0),
+            st.integers(1, 1500),
+            st.booleans(),
+        ),
+    )
+)
 def test_load_params_from_random_bytes_never_crashes(data):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "params.yaml"
@@ -334,13 +445,16 @@ def test_load_params_from_random_bytes_never_crashes(data):
         check_params(outcome(load_params, path), str(path))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"train:\n  lr: \xff\xfe\n", "not UTF-8 text"),
-    (b"train: " + b"[" * 2000 + b"]" * 2000 + b"\n", "nested too deeply"),
-    (b"seed: 2001-13-45\n", r"a value does not fit its YAML type \(ValueError: month must be in 1..12\)"),
-    (b"seed: !!int x\n", "a value does not fit its YAML type"),
-    (b"seed: !!timestamp\n", "a value does not fit its YAML type"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"train:\n  lr: \xff\xfe\n", "not UTF-8 text"),
+        (b"train: " + b"[" * 2000 + b"]" * 2000 + b"\n", "nested too deeply"),
+        (b"seed: 2001-13-45\n", r"a value does not fit its YAML type \(ValueError: month must be in 1..12\)"),
+        (b"seed: !!int x\n", "a value does not fit its YAML type"),
+        (b"seed: !!timestamp\n", "a value does not fit its YAML type"),
+    ],
+)
 def test_params_file_that_is_not_yaml_text(tmp_path, content, message):
     path = tmp_path / "params.yaml"
     path.write_bytes(content)

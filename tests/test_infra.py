@@ -114,7 +114,11 @@ def dvc_targets() -> set[str]:
 def test_every_yaml_under_infra_parses_into_mappings():
     docs = documents()
     assert {p.relative_to(INFRA).as_posix() for p in docs} >= {
-        "ray-cluster.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/runtime-env.yaml"}
+        "ray-cluster.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+        "kuberay/runtime-env.yaml",
+    }
     for path, found in docs.items():
         assert found and all(isinstance(doc, dict) for doc in found), path
         for doc in found:
@@ -186,8 +190,12 @@ def test_every_ray_pod_mounts_a_declared_shared_claim_above_the_project(name):
     claims = {doc["metadata"]["name"] for doc in of_kind("PersistentVolumeClaim")}
     for pod in pod_specs(cluster_specs()[name]):
         volumes = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
-        mounts = [m for c in pod["containers"] for m in c["volumeMounts"]
-                  if project_dir().startswith(m["mountPath"].rstrip("/") + "/")]
+        mounts = [
+            m
+            for c in pod["containers"]
+            for m in c["volumeMounts"]
+            if project_dir().startswith(m["mountPath"].rstrip("/") + "/")
+        ]
         assert mounts, f"{name}: no volume mounted above {project_dir()}"
         assert all(volumes[m["name"]] in claims for m in mounts), f"{name}: {volumes} not in {claims}"
     rwx = [doc for doc in of_kind("PersistentVolumeClaim") if "ReadWriteMany" in doc["spec"]["accessModes"]]
@@ -199,7 +207,7 @@ def test_the_rayjob_runs_a_dvc_stage_of_this_repo_and_deletes_its_cluster():
     assert spec["shutdownAfterJobFinishes"] is True and spec["rayClusterSpec"]
     args = entrypoint()
     assert not SHELL_OPERATORS & set(args), "KubeRay pastes the entrypoint unquoted into the submitter's shell"
-    targets = args[args.index("repro") + 1:]
+    targets = args[args.index("repro") + 1 :]
     assert targets and set(targets) <= dvc_targets(), f"{targets} are not stages of dvc.yaml"
     scripts = [a for a in args if a.endswith(".py")]
     assert all((ROOT / s).is_file() for s in scripts)
@@ -259,8 +267,14 @@ def run_server_script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess
     stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
     stub.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in {"HOST", "PORT", "APP_NAME", "ALLOWED_HOSTS"}}
-    return subprocess.run(["bash", str(tmp_path / "infra" / "mlflow-server.sh")], env=clean | env,
-                          capture_output=True, text=True, check=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(tmp_path / "infra" / "mlflow-server.sh")],
+        env=clean | env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
 
 
 def option(args: list[str], name: str) -> str:
@@ -277,8 +291,12 @@ def test_the_mlflow_server_defaults_to_loopback_sqlite_and_served_artifacts(tmp_
 
 
 def test_the_mlflow_server_warns_when_bound_beyond_loopback_without_auth(tmp_path):
-    done = run_server_script(tmp_path, HOST="0.0.0.0", BACKEND_STORE_URI="postgresql://u:p@db/mlflow",
-                             ARTIFACTS_DESTINATION="s3://bucket/mlflow")
+    done = run_server_script(
+        tmp_path,
+        HOST="0.0.0.0",
+        BACKEND_STORE_URI="postgresql://u:p@db/mlflow",
+        ARTIFACTS_DESTINATION="s3://bucket/mlflow",
+    )
     args = done.stdout.splitlines()
     assert option(args, "--host") == "0.0.0.0" and "WARNING" in done.stderr
     assert option(args, "--backend-store-uri") == "postgresql://u:p@db/mlflow"

@@ -27,10 +27,30 @@ def stage(script: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "pipelines" / script), "--params", "params.yaml", *args]
 
 
-TRAIN = stage("train.py", "--model", "vae", "--shards", "shards", "--out", "models/vae",
-              "--metrics", "metrics/vae.json", "--plots", "plots/vae.csv")
-EVALUATE = stage("evaluate.py", "--model-dir", "models/vae", "--shards", "shards",
-                 "--metrics", "metrics/evaluate/vae.json", "--plots", "plots/evaluate/vae")
+TRAIN = stage(
+    "train.py",
+    "--model",
+    "vae",
+    "--shards",
+    "shards",
+    "--out",
+    "models/vae",
+    "--metrics",
+    "metrics/vae.json",
+    "--plots",
+    "plots/vae.csv",
+)
+EVALUATE = stage(
+    "evaluate.py",
+    "--model-dir",
+    "models/vae",
+    "--shards",
+    "shards",
+    "--metrics",
+    "metrics/evaluate/vae.json",
+    "--plots",
+    "plots/evaluate/vae",
+)
 
 
 @pytest.fixture
@@ -41,15 +61,26 @@ def workspace(ray_cluster, digits_shards, tmp_path, mlflow_uri):
     params = make_params(**{**TINY, "train.num_workers": 1, "train.epochs": EPOCHS, "tracking.log_models": False})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     (tmp_path / "shards").symlink_to(digits_shards)
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": mlflow_uri,
-           "LATENTZOO_DEBUG": ""}
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "LATENTZOO_DEBUG": "",
+    }
     return tmp_path, env
 
 
 def interrupt_when(cmd, cwd: Path, env: dict, ready, sig: int, timeout_s: float = 180) -> tuple[int, str]:
     """Start `cmd`, send `sig` once `ready()` holds; its exit status and output."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=interactive_signals)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=interactive_signals,
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while not ready():

@@ -11,8 +11,14 @@ from latentzoo import faults
 from latentzoo.training.checkpoint import load_model, load_state
 from latentzoo.training.layerwise import finetune_stack, pretrain_stack
 
-STACK = {"stacked_ae.layers": [32, 16], "stacked_ae.pretrain_epochs": 2, "stacked_ae.pretrain_lr": 0.003,
-         "finetune.epochs": 3, "finetune.lr": 0.01, "train.num_workers": 2}
+STACK = {
+    "stacked_ae.layers": [32, 16],
+    "stacked_ae.pretrain_epochs": 2,
+    "stacked_ae.pretrain_lr": 0.003,
+    "finetune.epochs": 3,
+    "finetune.lr": 0.01,
+    "train.num_workers": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +76,12 @@ def test_fine_tuning_with_a_label_budget_resumes_after_a_failure(pretrained, dig
     work, params, _ = pretrained
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv(faults.ENV, "train.epoch=1")
-    params = params.model_copy(update={
-        "finetune": params.finetune.model_copy(update={"label_fraction": 0.3, "baseline": False, "probe": False}),
-        "train": params.train.model_copy(update={"max_failures": 1}),
-    })
+    params = params.model_copy(
+        update={
+            "finetune": params.finetune.model_copy(update={"label_fraction": 0.3, "baseline": False, "probe": False}),
+            "train": params.train.model_copy(update={"max_failures": 1}),
+        }
+    )
     done = finetune_stack(params, work / "pretrained", digits_shards, tmp_path / "finetuned", root=tmp_path)
     rows = (tmp_path / "finetuned/pretrained.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == [1, 2, 3]  # resumed from epoch 1's checkpoint, none repeated

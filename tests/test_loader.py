@@ -34,8 +34,19 @@ def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
     steps = steps_per_epoch(n, world, bs)
     for epoch in range(2):
         for rank in range(world):
-            batches = list(train_batches(urls, steps=steps, batch_size=bs, rank=rank, world_size=world,
-                                         seed=0, epoch=epoch, shuffle_buffer=100, cached=cached))
+            batches = list(
+                train_batches(
+                    urls,
+                    steps=steps,
+                    batch_size=bs,
+                    rank=rank,
+                    world_size=world,
+                    seed=0,
+                    epoch=epoch,
+                    shuffle_buffer=100,
+                    cached=cached,
+                )
+            )
             assert len(batches) == steps
             assert all(x.shape == (bs, 1, 8, 8) for x, _ in batches)
             assert all(0.0 <= x.min() and x.max() <= 1.0 for x, _ in batches)
@@ -45,8 +56,9 @@ def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
 def test_eval_batches_cover_each_sample_once_across_ranks(digits_shards, cached):
     manifest = load_manifest(digits_shards)
     urls = shard_urls(digits_shards, manifest, "train")
-    labels = [y for rank in range(2)
-              for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2, cached=cached)]
+    labels = [
+        y for rank in range(2) for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2, cached=cached)
+    ]
     assert sum(len(y) for y in labels) == manifest["splits"]["train"]["count"]
 
 

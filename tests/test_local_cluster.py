@@ -12,8 +12,10 @@ from latentzoo import local_cluster
 
 pytestmark = pytest.mark.ray
 
-CONNECT = ("import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR'); "
-           "print('cpus', int(ray.cluster_resources()['CPU']))")
+CONNECT = (
+    "import os, ray; ray.init(address=os.environ['RAY_ADDRESS'], logging_level='ERROR'); "
+    "print('cpus', int(ray.cluster_resources()['CPU']))"
+)
 
 
 def test_a_command_runs_against_one_shared_head_that_stops_afterwards(monkeypatch, capfd):
@@ -33,8 +35,9 @@ def test_a_command_runs_against_one_shared_head_that_stops_afterwards(monkeypatc
 
 def test_an_existing_cluster_is_used_as_it_is(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
-    code = local_cluster.run([sys.executable, "-c", "import os, sys; sys.exit(os.environ['RAY_ADDRESS'] != "
-                                                    "'10.0.0.1:6379')"])
+    code = local_cluster.run(
+        [sys.executable, "-c", "import os, sys; sys.exit(os.environ['RAY_ADDRESS'] != '10.0.0.1:6379')"]
+    )
     assert code == 0
 
 
@@ -69,8 +72,14 @@ def test_a_fresh_home_gets_a_head_with_token_authentication(tmp_path):
     (tmp_path / "params.yaml").write_text("ray: {num_cpus: 1}\n")  # read for ray.num_cpus only
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(home)
-    proc = subprocess.run([sys.executable, "-m", "latentzoo.local_cluster", "--", sys.executable, "-c", TOKEN_CHECK],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "latentzoo.local_cluster", "--", sys.executable, "-c", TOKEN_CHECK],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "token auth True cpus 1" in proc.stdout and "without the token: refused" in proc.stdout
     assert list(home.iterdir()) == [], "nothing is read from or written to the home directory"
@@ -79,8 +88,10 @@ def test_a_fresh_home_gets_a_head_with_token_authentication(tmp_path):
 def test_a_failing_ray_start_is_one_line(tmp_path, monkeypatch, capsys):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
-    (fake_bin / "ray").write_text("#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
-                                  "echo '  File x, line 1' >&2\necho 'RuntimeError: no room for a head' >&2\nexit 1\n")
+    (fake_bin / "ray").write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo '  File x, line 1' >&2\necho 'RuntimeError: no room for a head' >&2\nexit 1\n"
+    )
     (fake_bin / "ray").chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

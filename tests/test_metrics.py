@@ -43,7 +43,7 @@ def test_ssim_matches_a_direct_computation_on_one_window():
     """An 11x11 image with an 11x11 window has one position: SSIM from Gaussian-weighted moments by hand."""
     x, y = rand(1, 1, 11, 11), rand(1, 1, 11, 11, seed=3)
     c = torch.arange(11, dtype=torch.float64) - 5
-    g = torch.exp(-c**2 / (2 * 1.5**2))
+    g = torch.exp(-(c**2) / (2 * 1.5**2))
     w = (g[:, None] * g[None, :]) / (g.sum() ** 2)
     x, y = x[0, 0].double(), y[0, 0].double()
     mx, my = (w * x).sum(), (w * y).sum()

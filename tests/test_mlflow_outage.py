@@ -22,14 +22,18 @@ def outputs(tmp_path) -> TrainOutputs:
     return TrainOutputs(tmp_path / "models/vae", tmp_path / "metrics/vae.json", tmp_path / "plots/vae.csv")
 
 
-def test_a_server_that_is_down_at_start_is_one_clear_line_before_ray_starts(digits_shards, tiny_params, tmp_path,
-                                                                            monkeypatch):
+def test_a_server_that_is_down_at_start_is_one_clear_line_before_ray_starts(
+    digits_shards, tiny_params, tmp_path, monkeypatch
+):
     uri = f"http://127.0.0.1:{free_port()}"  # nobody listens
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = tiny_params(**{"train.num_workers": 1, "ray.storage_path": str(tmp_path / "ray")})
     started = time.monotonic()
-    with pytest.raises(LatentzooError, match=rf"MLflow tracking server {uri} does not answer \(ConnectionError\); "
-                                             r"start it .* or run untracked with tracking\.enabled: false"):
+    with pytest.raises(
+        LatentzooError,
+        match=rf"MLflow tracking server {uri} does not answer \(ConnectionError\); "
+        r"start it .* or run untracked with tracking\.enabled: false",
+    ):
         train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
     assert time.monotonic() - started < 30  # MLflow's own client retries for about four minutes
     assert list(tmp_path.iterdir()) == []  # no Ray run, model, metrics or plots
@@ -45,8 +49,9 @@ def test_a_server_that_accepts_but_never_answers_times_out():
 
 
 @pytest.mark.ray
-def test_a_server_lost_during_training_costs_nothing(ray_cluster, digits_shards, tiny_params, tmp_path, monkeypatch,
-                                                    capfd):
+def test_a_server_lost_during_training_costs_nothing(
+    ray_cluster, digits_shards, tiny_params, tmp_path, monkeypatch, capfd
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fail fast once the server is gone
@@ -64,8 +69,11 @@ def test_a_server_lost_during_training_costs_nothing(ray_cluster, digits_shards,
     params = tiny_params(**{"train.num_workers": 1, "ray.storage_path": str(tmp_path / "ray")})
     out = outputs(tmp_path)
     try:
-        with pytest.raises(TrainingError, match=rf"training vae finished, but logging it to MLflow at {uri} failed"
-                                                r".*run the stage again once the server answers"):
+        with pytest.raises(
+            TrainingError,
+            match=rf"training vae finished, but logging it to MLflow at {uri} failed"
+            r".*run the stage again once the server answers",
+        ):
             train_model(params, "vae", digits_shards, out, root=tmp_path)
         assert "warning: MLflow logging of epoch 2 failed" in capfd.readouterr().out  # training went on
         run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]

@@ -67,21 +67,46 @@ def test_the_cli_writes_what_it_promises(registry, digits_shards, tmp_path, caps
     _, _, model_dir = registry
     main(["sample", "--model", "models:/latentzoo-vae/latest", "-n", "16", "-o", str(tmp_path / "s.png")])
     assert Image.open(tmp_path / "s.png").size[0] > 8
-    main(["reconstruct", "--model", str(model_dir), "--shards", str(digits_shards), "-n", "8",
-          "-o", str(tmp_path / "r.png")])
+    main(
+        [
+            "reconstruct",
+            "--model",
+            str(model_dir),
+            "--shards",
+            str(digits_shards),
+            "-n",
+            "8",
+            "-o",
+            str(tmp_path / "r.png"),
+        ]
+    )
     assert Image.open(tmp_path / "r.png").size[1] > Image.open(tmp_path / "r.png").size[0] / 8
-    main(["encode", "--model", str(model_dir / "model.pt"), "--shards", str(digits_shards), "-n", "10",
-          "-o", str(tmp_path / "z.npy")])
+    main(
+        [
+            "encode",
+            "--model",
+            str(model_dir / "model.pt"),
+            "--shards",
+            str(digits_shards),
+            "-n",
+            "10",
+            "-o",
+            str(tmp_path / "z.npy"),
+        ]
+    )
     assert np.load(tmp_path / "z.npy").shape == (10, 4)  # TINY latent_dim
     assert "latentzoo encode: wrote" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sample", "--model", "models:/latentzoo-nope/1", "-o", "x.png"], "models:/latentzoo-nope/1: cannot load"),
-    (["sample", "--model", "no/such/dir", "-o", "x.png"], "no/such/dir: no such model"),
-    (["reconstruct", "--model", "MODEL", "--images", "BIG", "-o", "x.png"], "image is 10x12 with 3 channel"),
-    (["encode", "--model", "MODEL", "-o", "x.npy"], "give the images"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sample", "--model", "models:/latentzoo-nope/1", "-o", "x.png"], "models:/latentzoo-nope/1: cannot load"),
+        (["sample", "--model", "no/such/dir", "-o", "x.png"], "no/such/dir: no such model"),
+        (["reconstruct", "--model", "MODEL", "--images", "BIG", "-o", "x.png"], "image is 10x12 with 3 channel"),
+        (["encode", "--model", "MODEL", "-o", "x.npy"], "give the images"),
+    ],
+)
 def test_bad_inputs_are_one_clear_line(registry, tmp_path, capsys, argv, message):
     _, _, model_dir = registry
     big = tmp_path / "big.png"
@@ -109,17 +134,37 @@ def test_the_pyfunc_flavour_serves_reconstructions_over_http(registry, tmp_path)
     _, uri, model_dir = registry
     port = free_port()
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/latentzoo-vae/1", "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": uri,  # it runs uvicorn from the venv
-                                   "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    server = subprocess.Popen(
+        [
+            mlflow_cli,
+            "models",
+            "serve",
+            "-m",
+            "models:/latentzoo-vae/1",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": uri,  # it runs uvicorn from the venv
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        },
+    )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server)
         x = torch.rand(3, 1, 8, 8)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         data=json.dumps({"inputs": x.tolist()}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": x.tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
     finally:
         os.killpg(server.pid, 15)

@@ -57,9 +57,12 @@ def without_venv(path: str) -> str:
 def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     import ray
 
-    env = {**os.environ, "PATH": without_venv(os.environ["PATH"]),  # stages' `python` is not the venv's
-           "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PATH": without_venv(os.environ["PATH"]),  # stages' `python` is not the venv's
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+    }
     first = run([DVC, "repro"], project, env)
     families = FAMILIES
     stages = (f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in families)

@@ -37,8 +37,9 @@ def test_laplacian_variance_falls_with_blur():
 def classifier(digits_shards, tmp_path_factory):
     from conftest import make_params
 
-    params = make_params(**{"classifier.epochs": 5, "classifier.batch_size": 32, "classifier.width": 8,
-                            "classifier.feature_dim": 16})
+    params = make_params(
+        **{"classifier.epochs": 5, "classifier.batch_size": 32, "classifier.width": 8, "classifier.feature_dim": 16}
+    )
     out = tmp_path_factory.mktemp("classifier")
     result = classifier_stage(params, digits_shards, out / "model", out / "metrics.json")
     return out / "model" / "model.pt", result, json.loads((out / "metrics.json").read_text())

@@ -305,11 +305,14 @@ def test_codebook_usage_known_histogram():
     assert single == {"utilisation": 0.125, "perplexity": 1.0, "dead_codes": 7}
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"codebook_size": 0, "dim": 4}, "codebook_size"),
-    ({"codebook_size": 4, "dim": 0}, "dim"),
-    ({"codebook_size": 4, "dim": 4, "chunk_size": 0}, "chunk_size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"codebook_size": 0, "dim": 4}, "codebook_size"),
+        ({"codebook_size": 4, "dim": 0}, "dim"),
+        ({"codebook_size": 4, "dim": 4, "chunk_size": 0}, "chunk_size"),
+    ],
+)
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         VectorQuantizer(**kwargs)

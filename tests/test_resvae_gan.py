@@ -27,8 +27,15 @@ from latentzoo.models.resvae_gan import (
     variance_penalty,
 )
 
-TINY_GAN = {"resvae_gan.width": 8, "resvae_gan.blocks": 1, "resvae_gan.latent_channels": 2,
-            "resvae_gan.disc_width": 8, "resvae_gan.disc_start": 3, "train.batch_size": 32, "train.epochs": 1}
+TINY_GAN = {
+    "resvae_gan.width": 8,
+    "resvae_gan.blocks": 1,
+    "resvae_gan.latent_channels": 2,
+    "resvae_gan.disc_width": 8,
+    "resvae_gan.disc_start": 3,
+    "train.batch_size": 32,
+    "train.epochs": 1,
+}
 
 
 @pytest.mark.parametrize("resample, c_in, c_out, size_out", [(None, 8, 8, 8), ("down", 8, 16, 4), ("up", 16, 8, 16)])
@@ -119,8 +126,9 @@ def test_dense_and_spatial_latents(latent_dim, shape):
 
 
 def test_the_critic_can_judge_prior_samples_too():
-    cfg = ResVAEGANConfig(width=8, latent_channels=2, latent_dim=4, disc_width=8, disc_start=0,
-                          adversarial_samples=True)
+    cfg = ResVAEGANConfig(
+        width=8, latent_channels=2, latent_dim=4, disc_width=8, disc_start=0, adversarial_samples=True
+    )
     model = ResVAEGAN(cfg, (1, 8, 8))
     x = torch.rand(6, 1, 8, 8)
     out = model(x)
@@ -190,8 +198,15 @@ def gan_job(shards: Path, **overrides):
 
     manifest = load_manifest(shards)
     params = make_params(**{**TINY_GAN, **overrides})
-    return TrainJob("resvae_gan", params.model_dump(), shard_urls(shards, manifest, "train"),
-                    shard_urls(shards, manifest, "val"), manifest["splits"]["train"]["count"], (1, 8, 8), cached=True)
+    return TrainJob(
+        "resvae_gan",
+        params.model_dump(),
+        shard_urls(shards, manifest, "train"),
+        shard_urls(shards, manifest, "val"),
+        manifest["splits"]["train"]["count"],
+        (1, 8, 8),
+        cached=True,
+    )
 
 
 def _loop_worker(rank: int, world: int, port: int, job, out_dir: str) -> None:

@@ -39,8 +39,11 @@ def test_shapes_through_the_stack(stack):
 
 def test_each_phase_trains_only_its_own_parameters(stack):
     def trained(model):  # "encoders.1.0.weight" → "encoders.1", "head.bias" → "head"
-        return {".".join(name.split(".")[:2]) if name.startswith(("encoders", "decoders")) else name.split(".")[0]
-                for name, p in model.named_parameters() if p.requires_grad}
+        return {
+            ".".join(name.split(".")[:2]) if name.startswith(("encoders", "decoders")) else name.split(".")[0]
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
 
     assert trained(stack.set_phase("pretrain", layer=2)) == {"encoders.1", "decoders.1"}
     assert trained(stack.set_phase("finetune")) == {"encoders.0", "encoders.1", "encoders.2", "head"}
@@ -93,11 +96,14 @@ def test_a_phase_needs_a_valid_layer(stack):
         stack.set_phase("pretrain", layer=4)
 
 
-@pytest.mark.parametrize("layers, message", [
-    ([500, 0], "stacked_ae.layers: every layer size must be >= 1, got \\[500, 0\\]"),
-    ([], "stacked_ae.layers"),
-    ("500-500", "stacked_ae.layers"),
-])
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([500, 0], "stacked_ae.layers: every layer size must be >= 1, got \\[500, 0\\]"),
+        ([], "stacked_ae.layers"),
+        ("500-500", "stacked_ae.layers"),
+    ],
+)
 def test_a_bad_layer_spec_is_a_config_error(tiny_params, layers, message):
     with pytest.raises(ConfigError, match=message):
         tiny_params(**{"stacked_ae.layers": layers})
@@ -119,7 +125,17 @@ def test_label_budget_is_a_fixed_subset(digits_shards):
     urls = shard_urls(digits_shards, load_manifest(digits_shards), "train")
     n = count_labelled("train", 1258, 0.25, seed=0)
     for cached in (False, True):
-        batches = train_batches(urls, steps=3, batch_size=n, rank=0, world_size=1, seed=0, epoch=0,
-                                shuffle_buffer=0, cached=cached, label_fraction=0.25)
+        batches = train_batches(
+            urls,
+            steps=3,
+            batch_size=n,
+            rank=0,
+            world_size=1,
+            seed=0,
+            epoch=0,
+            shuffle_buffer=0,
+            cached=cached,
+            label_fraction=0.25,
+        )
         sizes = {tuple(torch.sort(x.flatten(1).sum(1))[0].tolist()) for x, _ in batches}
         assert len(sizes) == 1  # every pass holds exactly the same n labelled images

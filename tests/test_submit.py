@@ -25,8 +25,9 @@ BIN = Path(sys.executable).parent
 
 
 def test_only_changed_outputs_are_packed(tmp_path):
-    lock = {"stages": {"a": {"outs": [{"path": "data/a", "md5": "1"}]},
-                       "b": {"outs": [{"path": "b.json", "md5": "2"}]}}}
+    lock = {
+        "stages": {"a": {"outs": [{"path": "data/a", "md5": "1"}]}, "b": {"outs": [{"path": "b.json", "md5": "2"}]}}
+    }
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     (tmp_path / "data").mkdir()
     (tmp_path / "data/a").write_text("unchanged")
@@ -99,9 +100,25 @@ def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path,
     port = free_port()
     with local_head(num_cpus=1, dashboard_port=port) as head:
         wait_for(f"http://127.0.0.1:{port}/api/version")
-        done = subprocess.run([str(BIN / "latentzoo"), "submit", "--address", f"http://127.0.0.1:{port}",
-                               "--results", str(tmp_path / "results"), "--", "dvc", "repro", "shard"],
-                              cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, **head.auth})
+        done = subprocess.run(
+            [
+                str(BIN / "latentzoo"),
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{port}",
+                "--results",
+                str(tmp_path / "results"),
+                "--",
+                "dvc",
+                "repro",
+                "shard",
+            ],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, **head.auth},
+        )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage 'shard'" in done.stdout  # the job's logs streamed here
     assert (project / "data/shards/manifest.json").exists() and (project / "data/prepared").is_dir()

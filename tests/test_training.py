@@ -57,8 +57,16 @@ def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params,
 def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri):
     """EMA statistics, k-means init and dead-code restarts are all-reduced or broadcast: after every epoch the
     two ranks' weights and buffers hash the same, and the epoch's codebook usage is logged."""
-    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "vqvae.ema": True, "vqvae.restart_after": 2,
-                            "vqvae.kmeans_init": True, "ray.storage_path": str(tmp_path / "ray")})
+    params = tiny_params(
+        **{
+            "train.num_workers": 2,
+            "train.epochs": 3,
+            "vqvae.ema": True,
+            "vqvae.restart_after": 2,
+            "vqvae.kmeans_init": True,
+            "ray.storage_path": str(tmp_path / "ray"),
+        }
+    )
     out = outputs(tmp_path, "vqvae")
     final = train_model(params, "vqvae", digits_shards, out, root=tmp_path)
 
@@ -85,11 +93,18 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
     assert "evaluation/codebook_usage.png" in {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
 
 
-def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards, tiny_params, tmp_path,
-                                                      mlflow_uri, monkeypatch):
+def test_failure_mid_training_resumes_from_checkpoint(
+    ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri, monkeypatch
+):
     monkeypatch.setenv(faults.ENV, "train.epoch=1")
-    params = tiny_params(**{"train.num_workers": 2, "train.epochs": 3, "train.max_failures": 1,
-                            "ray.storage_path": f"file://{tmp_path}/ray"})  # a URI
+    params = tiny_params(
+        **{
+            "train.num_workers": 2,
+            "train.epochs": 3,
+            "train.max_failures": 1,
+            "ray.storage_path": f"file://{tmp_path}/ray",
+        }
+    )  # a URI
     out = outputs(tmp_path)
     final = train_model(params, "vae", digits_shards, out, root=tmp_path)
 
@@ -105,8 +120,9 @@ def test_failure_mid_training_resumes_from_checkpoint(ray_cluster, digits_shards
     assert len(kept) == 2  # checkpoints_to_keep, written through the file:// URI
 
 
-def test_failures_past_the_limit_are_a_clear_error(ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri,
-                                                    monkeypatch):
+def test_failures_past_the_limit_are_a_clear_error(
+    ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri, monkeypatch
+):
     from latentzoo.errors import TrainingError
 
     monkeypatch.setenv(faults.ENV, "train.epoch=1")
@@ -132,8 +148,16 @@ def test_run_name_changes_with_params_not_with_retries(tiny_params):
 def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
     from latentzoo.training.loop import TrainJob, log_epoch
 
-    job = TrainJob(model_name="vae", params={}, train_urls=[], val_urls=[], num_train=0, image_shape=(1, 8, 8),
-                   mlflow_uri=f"sqlite:///{tmp_path}/missing/dir/mlflow.db", mlflow_run_id="nope")
+    job = TrainJob(
+        model_name="vae",
+        params={},
+        train_urls=[],
+        val_urls=[],
+        num_train=0,
+        image_shape=(1, 8, 8),
+        mlflow_uri=f"sqlite:///{tmp_path}/missing/dir/mlflow.db",
+        mlflow_run_id="nope",
+    )
     log_epoch(job, {"train_loss": 1.0}, step=3)
     assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out
 

@@ -22,8 +22,9 @@ pytestmark = pytest.mark.ray
 SEARCH = {"tune.num_samples": 3, "tune.epochs": 2, "tune.searcher": "optuna", "train.shuffle_buffer": 0}
 
 
-def test_search_survives_an_errored_trial_and_records_the_best(ray_cluster, digits_shards, tiny_params, tmp_path,
-                                                               mlflow_uri, monkeypatch):
+def test_search_survives_an_errored_trial_and_records_the_best(
+    ray_cluster, digits_shards, tiny_params, tmp_path, mlflow_uri, monkeypatch
+):
     monkeypatch.setenv(faults.ENV, "tune.trial=2")
     params = tiny_params(**SEARCH, **{"ray.storage_path": str(tmp_path / "ray")})
     out = tmp_path / "tune/vae/best.yaml"
@@ -38,8 +39,9 @@ def test_search_survives_an_errored_trial_and_records_the_best(ray_cluster, digi
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_uri)
-    parent = client.search_runs([client.get_experiment_by_name("latentzoo-vae").experiment_id],
-                                "tags.`latentzoo.stage` = 'tune'")[0]
+    parent = client.search_runs(
+        [client.get_experiment_by_name("latentzoo-vae").experiment_id], "tags.`latentzoo.stage` = 'tune'"
+    )[0]
     assert parent.info.status == "FINISHED"
     assert float(parent.data.params["best.beta"]) == pytest.approx(best["weights"]["beta"])
     trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
@@ -76,14 +78,28 @@ def finished_trials(experiment: Path, epochs: int) -> int:
 def test_interrupted_search_resumes_with_tuner_restore(ray_cluster, digits_shards, tmp_path, mlflow_uri):
     import ray
 
-    overrides = {**SEARCH, "tune.searcher": "random", "tune.max_concurrent_trials": 1,
-                 "ray.storage_path": str(tmp_path / "ray")}
+    overrides = {
+        **SEARCH,
+        "tune.searcher": "random",
+        "tune.max_concurrent_trials": 1,
+        "ray.storage_path": str(tmp_path / "ray"),
+    }
     out = tmp_path / "best.yaml"
-    script = DRIVER.format(tests=str(Path(__file__).parent), overrides=overrides, shards=str(digits_shards),
-                           out=str(out), root=str(tmp_path))
+    script = DRIVER.format(
+        tests=str(Path(__file__).parent),
+        overrides=overrides,
+        shards=str(digits_shards),
+        out=str(out),
+        root=str(tmp_path),
+    )
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 600
     experiments = []
     while time.monotonic() < deadline and driver.poll() is None:
@@ -96,8 +112,9 @@ def test_interrupted_search_resumes_with_tuner_restore(ray_cluster, digits_shard
     driver.wait()
     assert not out.exists()
     experiment = experiments[0].parent
-    done_before = {p.parent.name for p in experiment.glob("run_trial_*/result.json")
-                   if len(p.read_text().splitlines()) >= 2}
+    done_before = {
+        p.parent.name for p in experiment.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= 2
+    }
 
     from conftest import TINY, make_params
 

@@ -14,8 +14,9 @@ from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 CONFIGS = {
     "vqvae": VQVAEConfig(hidden_channels=8, codebook_dim=4, codebook_size=32),
-    "vqvae-ema-restart-kmeans": VQVAEConfig(hidden_channels=8, codebook_dim=4, codebook_size=32, ema=True,
-                                            restart_after=5, kmeans_init=True),
+    "vqvae-ema-restart-kmeans": VQVAEConfig(
+        hidden_channels=8, codebook_dim=4, codebook_size=32, ema=True, restart_after=5, kmeans_init=True
+    ),
     "simvq": SimVQConfig(hidden_channels=8, codebook_dim=4, codebook_size=32),
 }
 

@@ -37,8 +37,10 @@ def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.T
             raise LatentzooError(f"{path}: not a readable image ({err})") from None
         array = array[..., None] if array.ndim == 2 else array
         if array.shape != (h, w, c):
-            raise LatentzooError(f"{path}: image is {array.shape[1]}x{array.shape[0]} with {array.shape[2]} "
-                                 f"channel(s); the model takes {w}x{h} with {c}")
+            raise LatentzooError(
+                f"{path}: image is {array.shape[1]}x{array.shape[0]} with {array.shape[2]} "
+                f"channel(s); the model takes {w}x{h} with {c}"
+            )
         images.append(array)
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
 
@@ -65,8 +67,9 @@ def inputs(args, model) -> torch.Tensor:
     if args.shards:
         x = read_shards(args.shards, args.split, args.n)
         if tuple(x.shape[1:]) != tuple(model.image_shape):
-            raise LatentzooError(f"{args.shards}: images are {tuple(x.shape[1:])}, the model takes "
-                                 f"{tuple(model.image_shape)}")
+            raise LatentzooError(
+                f"{args.shards}: images are {tuple(x.shape[1:])}, the model takes {tuple(model.image_shape)}"
+            )
         return x
     raise LatentzooError("give the images: --images FILE ... or --shards DIR")
 
@@ -121,8 +124,9 @@ def compare(args) -> str:
     for kind in ("params", "metrics"):
         proc = subprocess.run([dvc, kind, "diff", *revs, "--all", "--json"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise LatentzooError(f"dvc {kind} diff {' '.join(revs)} failed: "
-                                 f"{(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise LatentzooError(
+                f"dvc {kind} diff {' '.join(revs)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            )
         diffs[kind] = json.loads(proc.stdout or "{}")
     lines = [f"{args.a_rev or 'HEAD'} → {args.b_rev or 'workspace'}"]
     for kind, files in diffs.items():
@@ -139,12 +143,15 @@ def _short(value) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="latentzoo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="latentzoo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = ap.add_subparsers(dest="command", required=True)
-    for name, run, help_ in ((sample.__name__, sample, "a grid of samples from the prior (PNG)"),
-                             (reconstruct.__name__, reconstruct, "inputs above their reconstructions (PNG)"),
-                             (encode.__name__, encode, "latents or code indices (.npy)")):
+    for name, run, help_ in (
+        (sample.__name__, sample, "a grid of samples from the prior (PNG)"),
+        (reconstruct.__name__, reconstruct, "inputs above their reconstructions (PNG)"),
+        (encode.__name__, encode, "latents or code indices (.npy)"),
+    ):
         sub = commands.add_parser(name, help=help_)
         sub.add_argument("--model", required=True, help="models/<family>, runs:/<id>/model or models:/<name>/<v>")
         sub.add_argument("-n", type=int, default=64, help="images to sample, or to read from --shards")
@@ -162,8 +169,11 @@ def parser() -> argparse.ArgumentParser:
     diff.set_defaults(run=compare, n=1)
     job = commands.add_parser("submit", help="run stages on a Ray cluster as a job; bring the outputs back")
     job.add_argument("--address", default=None, help="the job server, http://<head>:8265 (default: RAY_ADDRESS)")
-    job.add_argument("--results", required=True,
-                     help="where the job packs its outputs: a path the cluster and this machine share, or a URI")
+    job.add_argument(
+        "--results",
+        required=True,
+        help="where the job packs its outputs: a path the cluster and this machine share, or a URI",
+    )
     job.add_argument("--runtime-env", type=Path, default=None, help="runtime-env YAML (e.g. pip packages)")
     job.add_argument("job_command", nargs=argparse.REMAINDER, help="-- then the command, e.g. -- dvc repro train@vae")
     job.set_defaults(run=submit_job, n=1)

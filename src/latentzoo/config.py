@@ -35,13 +35,12 @@ class DataConfig(Section):
     max_idx_mb: int = Field(default=8192, ge=1)  # idx: a file declaring more data is refused (gzip bombs)
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.source != "digits" and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
-                f"data.val_fraction + data.test_fraction must be < 1, "
-                f"got {self.val_fraction} + {self.test_fraction}"
+                f"data.val_fraction + data.test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
             )
         return self
 
@@ -127,7 +126,7 @@ class SearchRange(Section):
     log: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "SearchRange":
+    def _check(self) -> SearchRange:
         if self.high <= self.low:
             raise ValueError(f"high must be > low, got low {self.low} and high {self.high}")
         if self.log and self.low <= 0:
@@ -163,17 +162,19 @@ class _ParamsBase(Section):
     tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
-    def _known_models(self) -> "_ParamsBase":
+    def _known_models(self) -> _ParamsBase:
         for name in self.models:
             if name not in REGISTRY:
                 raise ValueError(f"models: unknown model {name!r}, known: {', '.join(sorted(REGISTRY))}")
             if getattr(REGISTRY[name].config_cls, "own_stages", False):
-                raise ValueError(f"models: {name!r} has its own stages (pretrain, finetune) in dvc.yaml; "
-                                 f"list only the families the train stage trains")
+                raise ValueError(
+                    f"models: {name!r} has its own stages (pretrain, finetune) in dvc.yaml; "
+                    f"list only the families the train stage trains"
+                )
         return self
 
     @model_validator(mode="after")
-    def _searchable_space(self) -> "_ParamsBase":
+    def _searchable_space(self) -> _ParamsBase:
         """Every searched key is a float field of its model's section, and both ends of its range are valid."""
         for model, ranges in self.tune.space.items():
             if model not in REGISTRY:
@@ -183,14 +184,16 @@ class _ParamsBase(Section):
                 field = type(section).model_fields.get(key)
                 if field is None or field.annotation is not float:
                     floats = sorted(k for k, f in type(section).model_fields.items() if f.annotation is float)
-                    raise ValueError(f"tune.space.{model}.{key} is not a float field of {model} "
-                                     f"(searchable: {', '.join(floats)})")
+                    raise ValueError(
+                        f"tune.space.{model}.{key} is not a float field of {model} (searchable: {', '.join(floats)})"
+                    )
                 for end in (bounds.low, bounds.high):
                     try:
                         type(section).model_validate({**section.model_dump(), key: end})
                     except ValidationError as err:
-                        raise ValueError(f"tune.space.{model}.{key}: {end} is not a valid {model}.{key} "
-                                         f"({err.errors()[0]['msg']})") from None
+                        raise ValueError(
+                            f"tune.space.{model}.{key}: {end} is not a valid {model}.{key} ({err.errors()[0]['msg']})"
+                        ) from None
         return self
 
     def model_config_for(self, name: str) -> Section:
@@ -241,7 +244,7 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {msg}, got {value!r}"
 
 
-def validate_params(raw: dict[str, Any], source: str = "params") -> "Params":
+def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
     """Validate a params dict; raise ConfigError listing every problem, one per line."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
@@ -252,7 +255,7 @@ def validate_params(raw: dict[str, Any], source: str = "params") -> "Params":
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 
-def load_params(path: str | Path = "params.yaml") -> "Params":
+def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml (the one place config is parsed)."""
     path = Path(path)
     try:

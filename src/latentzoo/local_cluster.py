@@ -24,10 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from latentzoo.errors import LatentzooError, Terminated, cli_errors
 
@@ -62,8 +62,9 @@ def listening(port: int) -> bool:
 
 
 @contextmanager
-def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_port: int | None = None
-               ) -> Iterator[Head]:
+def local_head(
+    num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_port: int | None = None
+) -> Iterator[Head]:
     """Start a Ray head on a free loopback port with a fresh token; yield it; stop it on exit.
     With `dashboard_port`, the dashboard (and its job server, for `ray job submit`) listens there too."""
     ray = Path(sys.executable).with_name("ray")
@@ -72,16 +73,30 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 120.0, dashboard_
     # the default /tmp/ray would send every later plain `ray.init()` on this machine to the stopped head.
     temp_dir = tempfile.mkdtemp(prefix="lz-ray-", dir="/tmp")
     # The job agent's ports are fixed by default (52365): another Ray on this machine would take them first.
-    dashboard = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}"]
-    cmd = [str(ray), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-           *(dashboard if dashboard_port else ["--include-dashboard=false"]), "--disable-usage-stats",
-           f"--temp-dir={temp_dir}"]
+    dashboard = [
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+    ]
+    cmd = [
+        str(ray),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        *(dashboard if dashboard_port else ["--include-dashboard=false"]),
+        "--disable-usage-stats",
+        f"--temp-dir={temp_dir}",
+    ]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     auth = auth_env()
-    head = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            env={**os.environ, **auth})
+    head = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env={**os.environ, **auth}
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while not listening(port):

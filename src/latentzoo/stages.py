@@ -28,8 +28,10 @@ MLFLOW_UI = (
 def prepare_stage(params, out_dir: Path) -> dict:
     info = prepare(params.data, params.seed, Path(out_dir))
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
-    print(f"prepare: {params.data.source} → {out_dir}: {counts}; image shape {info['image_shape']}; "
-          f"skipped {info['skipped']['count']}")
+    print(
+        f"prepare: {params.data.source} → {out_dir}: {counts}; image shape {info['image_shape']}; "
+        f"skipped {info['skipped']['count']}"
+    )
     return info
 
 
@@ -47,20 +49,31 @@ def tune_stage(params, model_name: str, shard_dir: Path, out_file: Path) -> dict
     else:
         weights = ", ".join(f"{k} {v:.4g}" for k, v in best["weights"].items())
         trials = best["trials"]
-        print(f"tune: {model_name}: best {best['metric']} {best['best_value']:.4g} with {weights} "
-              f"({trials['total']} trials, {trials['stopped_early']} stopped early, {trials['errored']} errored) "
-              f"→ {out_file}")
+        print(
+            f"tune: {model_name}: best {best['metric']} {best['best_value']:.4g} with {weights} "
+            f"({trials['total']} trials, {trials['stopped_early']} stopped early, {trials['errored']} errored) "
+            f"→ {out_file}"
+        )
     return best
 
 
-def train_stage(params, model_name: str, shard_dir: Path, model_dir: Path, metrics_file: Path,
-                plots_file: Path, tuned: Path | None = None) -> dict:
+def train_stage(
+    params,
+    model_name: str,
+    shard_dir: Path,
+    model_dir: Path,
+    metrics_file: Path,
+    plots_file: Path,
+    tuned: Path | None = None,
+) -> dict:
     if tuned is not None:
         params = apply_tuned(params, model_name, Path(tuned))
     outputs = TrainOutputs(Path(model_dir), Path(metrics_file), Path(plots_file))
     final = train_model(params, model_name, Path(shard_dir), outputs)
-    print(f"train: {model_name} done in {final['fit_time_s']:.1f}s: val_loss {final['val_loss']:.4g}; "
-          f"weights in {Path(model_dir) / WEIGHTS_FILE}")
+    print(
+        f"train: {model_name} done in {final['fit_time_s']:.1f}s: val_loss {final['val_loss']:.4g}; "
+        f"weights in {Path(model_dir) / WEIGHTS_FILE}"
+    )
     return final
 
 
@@ -70,20 +83,25 @@ def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, p
     Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(plots_file), history_csv(done["rows"]))
     errors = ", ".join(f"{v:.4g}" for k, v in sorted(done["metrics"].items()) if k.startswith("test_recon_mse"))
-    print(f"pretrain: stacked_ae {params.stacked_ae.layers}: test reconstruction error per layer {errors}; "
-          f"stack in {Path(out_dir) / WEIGHTS_FILE}")
+    print(
+        f"pretrain: stacked_ae {params.stacked_ae.layers}: test reconstruction error per layer {errors}; "
+        f"stack in {Path(out_dir) / WEIGHTS_FILE}"
+    )
     return done["metrics"]
 
 
-def finetune_stage(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path,
-                   plots_file: Path) -> dict:
+def finetune_stage(
+    params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path
+) -> dict:
     done = finetune_stack(params, Path(pretrained_dir), Path(shard_dir), Path(out_dir))
     write_metrics(Path(metrics_file), done["metrics"])
     Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(plots_file), curves_csv(done["curves"]))
     shown = ", ".join(f"{k} {v:.4f}" for k, v in done["metrics"].items() if k.startswith("test_accuracy"))
-    print(f"finetune: stacked_ae with {params.finetune.label_fraction:.0%} of the labels "
-          f"({done['metrics']['labelled_images']} images): {shown}")
+    print(
+        f"finetune: stacked_ae with {params.finetune.label_fraction:.0%} of the labels "
+        f"({done['metrics']['labelled_images']} images): {shown}"
+    )
     return done["metrics"]
 
 
@@ -92,30 +110,49 @@ def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path)
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
     verify_shards(shard_dir, manifest, splits=("train", "test"))
-    model, result = train_classifier(params.classifier, shard_urls(shard_dir, manifest, "train"),
-                                     shard_urls(shard_dir, manifest, "test"), params.seed)
+    model, result = train_classifier(
+        params.classifier,
+        shard_urls(shard_dir, manifest, "train"),
+        shard_urls(shard_dir, manifest, "test"),
+        params.seed,
+    )
     with atomic_dir(Path(out_dir)) as tmp:
         save_classifier(model, params.classifier, manifest["image_shape"], tmp / WEIGHTS_FILE)
     write_metrics(Path(metrics_file), result)
-    print(f"classifier: test accuracy {result['test_accuracy']:.4f} ({result['train_images']} training images, "
-          f"{result['train_time_s']:.1f}s); FCD features in {Path(out_dir) / WEIGHTS_FILE}")
+    print(
+        f"classifier: test accuracy {result['test_accuracy']:.4f} ({result['train_images']} training images, "
+        f"{result['train_time_s']:.1f}s); FCD features in {Path(out_dir) / WEIGHTS_FILE}"
+    )
     return result
 
 
-def evaluate_stage(params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path,
-                   classifier: Path | None = None) -> dict:
+def evaluate_stage(
+    params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path, classifier: Path | None = None
+) -> dict:
     """Test metrics of one trained model; with the classifier stage's `classifier` weights, FCD and sharpness."""
     model_dir, shard_dir, plots_dir = Path(model_dir), Path(shard_dir), Path(plots_dir)
     with atomic_dir(plots_dir) as figures:  # interrupted: no half of the figures under plots_dir
-        result, model = evaluate_model(params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=figures,
-                                       classifier_path=classifier)
+        result, model = evaluate_model(
+            params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=figures, classifier_path=classifier
+        )
         urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
         write_grids(model, urls, figures, params.evaluate.grid_size, params.seed)
     write_metrics(Path(metrics_file), result)
     log_to_training_run(params, model_dir, result, plots_dir)
-    shown = {k: round(v, 4) for k, v in result.items() if k in ("test_neg_elbo", "test_mse", "test_psnr",
-                                                                         "test_utilisation", "test_perplexity",
-                                                                         "test_fcd_samples", "test_fcd_recon")}
+    shown = {
+        k: round(v, 4)
+        for k, v in result.items()
+        if k
+        in (
+            "test_neg_elbo",
+            "test_mse",
+            "test_psnr",
+            "test_utilisation",
+            "test_perplexity",
+            "test_fcd_samples",
+            "test_fcd_recon",
+        )
+    }
     print(f"evaluate: {model_dir.name}: {shown}")
     return result
 
@@ -148,12 +185,26 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
         tag_version(uri, run["registered_model"], run["model_version"], result)
 
 
-def report_stage(params, eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
-                 pretrain_metrics: Path | None = None, finetune_metrics: Path | None = None,
-                 curves_dir: Path | None = None) -> Path:
-    report = build_report(list(params.models), Path(eval_dir), Path(train_dir), Path(plots_dir), Path(out_dir),
-                          mlflow_hint=MLFLOW_UI, stacked=read_stacked(pretrain_metrics, finetune_metrics),
-                          curves_dir=curves_dir)
+def report_stage(
+    params,
+    eval_dir: Path,
+    train_dir: Path,
+    plots_dir: Path,
+    out_dir: Path,
+    pretrain_metrics: Path | None = None,
+    finetune_metrics: Path | None = None,
+    curves_dir: Path | None = None,
+) -> Path:
+    report = build_report(
+        list(params.models),
+        Path(eval_dir),
+        Path(train_dir),
+        Path(plots_dir),
+        Path(out_dir),
+        mlflow_hint=MLFLOW_UI,
+        stacked=read_stacked(pretrain_metrics, finetune_metrics),
+        curves_dir=curves_dir,
+    )
     if params.tracking.enabled:
         uri = mlflow_runs.tracking_uri()
         tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}

@@ -31,8 +31,20 @@ import yaml
 from latentzoo.errors import LatentzooError, cli_errors
 from latentzoo.training.storage import read_file, write_file
 
-EXCLUDES = [".venv", ".git", ".dvc/cache", ".dvc/tmp", "mlflow.db", "mlruns", "mlartifacts", ".ray_results",
-            "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".dvc/cache",
+    ".dvc/tmp",
+    "mlflow.db",
+    "mlruns",
+    "mlartifacts",
+    ".ray_results",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".hypothesis",
+]
 
 
 # ---------------------------------------------------------------- storage (local path or URI)
@@ -47,8 +59,10 @@ def read_bytes(location: str, name: str) -> bytes:
     try:
         return read_file(location, name)
     except (FileNotFoundError, OSError) as err:
-        raise LatentzooError(f"{location}/{name}: the job's outputs are not there ({err}); is --results a "
-                             "location both the cluster and this machine reach?") from None
+        raise LatentzooError(
+            f"{location}/{name}: the job's outputs are not there ({err}); is --results a "
+            "location both the cluster and this machine reach?"
+        ) from None
 
 
 # ---------------------------------------------------------------- on the cluster: run, then pack the outputs
@@ -59,8 +73,9 @@ def locked_outputs(lock_file: Path) -> dict[str, str]:
     if not lock_file.exists():
         return {}
     lock = yaml.safe_load(lock_file.read_text()) or {}
-    return {out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values()
-            for out in stage.get("outs", [])}
+    return {
+        out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])
+    }
 
 
 def pack_changed(workdir: Path, before: dict[str, str]) -> bytes:
@@ -94,8 +109,10 @@ def job_address(address: str | None) -> str:
     """The cluster's job server (the dashboard, http://<head>:8265), from --address or RAY_ADDRESS."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address.startswith(("http://", "https://")):
-        raise LatentzooError(f"the job server address must be http(s)://<head>:8265 (the dashboard), got "
-                             f"{address or 'nothing'}: pass --address or set RAY_ADDRESS")
+        raise LatentzooError(
+            f"the job server address must be http(s)://<head>:8265 (the dashboard), got "
+            f"{address or 'nothing'}: pass --address or set RAY_ADDRESS"
+        )
     return address
 
 
@@ -120,17 +137,18 @@ async def follow(client, submission_id: str) -> None:
         sys.stdout.flush()
 
 
-def submit(command: list[str], address: str | None, results: str, extra_env: Path | None,
-           workspace: Path = Path(".")) -> str:
+def submit(
+    command: list[str], address: str | None, results: str, extra_env: Path | None, workspace: Path = Path(".")
+) -> str:
     """Submit, stream the logs, unpack the outputs and `dvc commit` them; returns the submission id."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(job_address(address))
     submission_id = f"latentzoo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    entrypoint = shlex.join(["python", "-m", "latentzoo.submit", "--pack", results, "--id", submission_id, "--",
-                             *command])
-    submit_when_ready(client, entrypoint=entrypoint, submission_id=submission_id,
-                      runtime_env=runtime_env(extra_env))
+    entrypoint = shlex.join(
+        ["python", "-m", "latentzoo.submit", "--pack", results, "--id", submission_id, "--", *command]
+    )
+    submit_when_ready(client, entrypoint=entrypoint, submission_id=submission_id, runtime_env=runtime_env(extra_env))
     print(f"submit: job {submission_id} on {job_address(address)}", flush=True)
     try:
         asyncio.run(follow(client, submission_id))
@@ -164,8 +182,9 @@ def unpack(data: bytes, workspace: Path) -> list[str]:
         tar.extractall(workspace, filter="data")
     lock = yaml.safe_load((workspace / "dvc.lock").read_text()) or {}
     stages = list(lock.get("stages", {}))  # the stages with a record; their outputs are all here now
-    done = subprocess.run(["dvc", "commit", "--force", "--quiet", *stages], cwd=workspace, capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        ["dvc", "commit", "--force", "--quiet", *stages], cwd=workspace, capture_output=True, text=True
+    )
     if done.returncode:
         raise LatentzooError(f"dvc commit of the job's outputs failed: {done.stderr.strip()[-500:]}")
     print(f"submit: {len(names)} path(s) back in the workspace and committed to the DVC cache", flush=True)

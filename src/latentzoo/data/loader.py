@@ -80,8 +80,9 @@ def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
     return (image[..., None] if image.ndim == 2 else image), label
 
 
-def iter_keyed(urls: list[str], shuffle_buffer: int = 0, seed: int = 0,
-               keep=None) -> Iterator[tuple[str, np.ndarray, int]]:
+def iter_keyed(
+    urls: list[str], shuffle_buffer: int = 0, seed: int = 0, keep=None
+) -> Iterator[tuple[str, np.ndarray, int]]:
     """One pass over `urls` in order (optionally shuffled within a buffer): (key, image, label), decoded;
     `keep(key)` selects samples before they are decoded."""
     if not urls:  # a rank with no shard of a small split (val/test) contributes nothing
@@ -95,8 +96,9 @@ def iter_keyed(urls: list[str], shuffle_buffer: int = 0, seed: int = 0,
         yield (sample["__key__"], *decode_sample(sample))
 
 
-def iter_samples(urls: list[str], shuffle_buffer: int = 0, seed: int = 0,
-                 keep=None) -> Iterator[tuple[np.ndarray, int]]:
+def iter_samples(
+    urls: list[str], shuffle_buffer: int = 0, seed: int = 0, keep=None
+) -> Iterator[tuple[np.ndarray, int]]:
     """`iter_keyed` without the keys: (image, label)."""
     for _, image, label in iter_keyed(urls, shuffle_buffer, seed, keep):
         yield image, label
@@ -219,5 +221,6 @@ def eval_batches(
     if not mine:
         return iter(())
     images, labels = CACHE.concat(mine)
-    return (array_batch(images[i : i + batch_size], labels[i : i + batch_size])
-            for i in range(0, len(images), batch_size))
+    return (
+        array_batch(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)
+    )

@@ -84,7 +84,7 @@ def load_split(prepared_dir: Path, split: str) -> ImageSet:
         raise DataError(f"{path}: unreadable prepared split ({exc}); re-run dvc repro prepare") from None
 
 
-def _split_sets(cfg: "DataConfig", seed: int) -> tuple[dict[str, ImageSet], list[str], list[dict]]:
+def _split_sets(cfg: DataConfig, seed: int) -> tuple[dict[str, ImageSet], list[str], list[dict]]:
     """Load the source and split it: ({split: ImageSet}, classes, skipped files)."""
     src = load_source(cfg)
     test_fraction = None if src.test is not None else cfg.test_fraction
@@ -98,7 +98,7 @@ def _split_sets(cfg: "DataConfig", seed: int) -> tuple[dict[str, ImageSet], list
     return sets, src.classes, src.skipped
 
 
-def prepare(cfg: "DataConfig", seed: int, out_dir: Path) -> dict:
+def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     """Write out_dir/{train,val,test}.npz (images uint8 NHWC, labels int64) and out_dir/prepare.json, atomically.
 
     Returns prepare.json's content: source, path, image_shape [C, H, W], classes, num_classes, seed, counts,
@@ -114,9 +114,7 @@ def prepare(cfg: "DataConfig", seed: int, out_dir: Path) -> dict:
         "num_classes": len(classes),
         "seed": seed,
         "counts": {name: len(s) for name, s in sets.items()},
-        "class_counts": {
-            name: np.bincount(s.labels, minlength=len(classes)).tolist() for name, s in sets.items()
-        },
+        "class_counts": {name: np.bincount(s.labels, minlength=len(classes)).tolist() for name, s in sets.items()},
         "skipped": {"count": len(skipped), "files": skipped},
     }
     with atomic_dir(out_dir) as tmp:

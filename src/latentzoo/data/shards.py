@@ -53,8 +53,9 @@ def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray, 
     """Write one split as `<split>-000000.tar`, ... into `tmp`; its manifest entry {"count", "shards"}."""
     pattern = str(tmp).replace("%", "%%") + f"/{split}-%06d.tar"
     # mtime=0 and fixed user/group: TarWriter otherwise stamps time.time(), making every run's bytes differ.
-    writer = wds.ShardWriter(pattern, maxcount=maxcount, maxsize=float("inf"), verbose=0,
-                             mtime=0, user="latentzoo", group="latentzoo")
+    writer = wds.ShardWriter(
+        pattern, maxcount=maxcount, maxsize=float("inf"), verbose=0, mtime=0, user="latentzoo", group="latentzoo"
+    )
     try:
         for i, (image, label) in enumerate(zip(images, labels)):
             writer.write({"__key__": sample_key(split, i), "png": encode_png(image), "cls": int(label)})
@@ -139,9 +140,7 @@ def verify_shards(shard_dir: Path, manifest: dict | None = None, splits=None) ->
             if not path.is_file():
                 raise ShardError(f"{path}: shard listed in {MANIFEST} is missing; {_REPRO_HINT}")
             if sha256_file(path) != shard["sha256"]:
-                raise ShardError(
-                    f"{path}: sha256 mismatch with {MANIFEST} (file changed or corrupt); {_REPRO_HINT}"
-                )
+                raise ShardError(f"{path}: sha256 mismatch with {MANIFEST} (file changed or corrupt); {_REPRO_HINT}")
 
 
 def shard_urls(shard_dir: Path, manifest: dict, split: str) -> list[str]:

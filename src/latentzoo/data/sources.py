@@ -33,7 +33,13 @@ IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
 IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dimension (N,)
 # What PIL may raise on a corrupt or truncated file, besides OSError (which covers "cannot identify image file").
 _DECODE_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
 )
 
 
@@ -47,7 +53,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: np.ndarray) -> "ImageSet":
+    def take(self, idx: np.ndarray) -> ImageSet:
         """The subset at indices `idx`, in that order."""
         return ImageSet(self.images[idx], self.labels[idx])
 
@@ -62,7 +68,7 @@ class SourceData:
     skipped: list[dict] = field(default_factory=list)  # [{"file", "reason"}], only with data.on_error == "skip"
 
 
-def load_source(cfg: "DataConfig") -> SourceData:
+def load_source(cfg: DataConfig) -> SourceData:
     """Load the images `cfg.source` names; `cfg.limit` keeps the first N training images."""
     loaders = {"digits": _load_digits, "idx": _load_idx, "imagefolder": _load_imagefolder}
     data = loaders[cfg.source](cfg)
@@ -74,7 +80,7 @@ def load_source(cfg: "DataConfig") -> SourceData:
 # ---------------------------------------------------------------- digits
 
 
-def _load_digits(cfg: "DataConfig") -> SourceData:
+def _load_digits(cfg: DataConfig) -> SourceData:
     """scikit-learn's 8x8 digits: values 0..16 scaled to 0..255."""
     from sklearn.datasets import load_digits
 
@@ -97,7 +103,7 @@ def read_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarr
     data), and a header declaring more than `max_bytes` is refused before any data is read: a gzip bomb (a few
     kB that inflate to many GB) costs nothing."""
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             return _parse_idx(f, path, magic, max_bytes)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"{path}: corrupt gzip file ({exc})") from None
@@ -119,8 +125,10 @@ def _parse_idx(f, path: Path, magic: int, max_bytes: int) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(dims, ">u4"))
     expected = math.prod(shape)  # Python ints: np.prod wraps past 2**63
     if expected > max_bytes:
-        raise DataError(f"{path}: header declares {shape} = {expected} bytes, more than data.max_idx_mb = "
-                        f"{max_bytes // 2**20} MB (a damaged header or a gzip bomb?); raise data.max_idx_mb if real")
+        raise DataError(
+            f"{path}: header declares {shape} = {expected} bytes, more than data.max_idx_mb = "
+            f"{max_bytes // 2**20} MB (a damaged header or a gzip bomb?); raise data.max_idx_mb if real"
+        )
     data = f.read(expected + 1)
     if len(data) < expected:
         raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {len(data)}")
@@ -138,7 +146,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx_pair(folder: Path, prefix: str, cfg: "DataConfig") -> tuple[np.ndarray, np.ndarray, Path] | None:
+def _read_idx_pair(folder: Path, prefix: str, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, Path] | None:
     """(images NHW, labels, labels file) of `<prefix>-images/labels`, None if neither file exists."""
     images_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
     labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
@@ -153,15 +161,17 @@ def _read_idx_pair(folder: Path, prefix: str, cfg: "DataConfig") -> tuple[np.nda
     if height * width == 0:  # no pixels: nothing to learn, and the shard stage cannot encode them
         raise DataError(f"{images_path}: images of {width}x{height} pixels")
     if height * width > cfg.max_pixels:
-        raise DataError(f"{images_path}: images of {width}x{height} = {width * height} pixels exceed "
-                        f"data.max_pixels = {cfg.max_pixels}")
+        raise DataError(
+            f"{images_path}: images of {width}x{height} = {width * height} pixels exceed "
+            f"data.max_pixels = {cfg.max_pixels}"
+        )
     labels = read_idx(labels_path, IDX_LABELS_MAGIC, max_bytes)
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
     return images, labels, labels_path
 
 
-def _load_idx(cfg: "DataConfig") -> SourceData:
+def _load_idx(cfg: DataConfig) -> SourceData:
     """MNIST-style IDX files; the t10k part is the test split (keep_source_test) or pooled into train.
 
     classes are the distinct label values as strings, sorted; labels are re-indexed to 0..K-1 by that order
@@ -211,7 +221,8 @@ def _list_imagefolder(root: Path) -> tuple[list[str], list[list[Path]]]:
     files = []
     for d in class_dirs:
         images = sorted(
-            p for p in d.iterdir()
+            p
+            for p in d.iterdir()
             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
         )
         if not images:
@@ -228,15 +239,16 @@ def _interleave(files: list[list[Path]]) -> list[tuple[Path, int]]:
     return out
 
 
-def _open_image(path: Path, cfg: "DataConfig") -> Image.Image:
+def _open_image(path: Path, cfg: DataConfig) -> Image.Image:
     """Decode one image fully (load() catches truncation) after checking its size against data.max_pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # data.max_pixels is our limit
         with Image.open(path) as im:
             w, h = im.size
             if w * h > cfg.max_pixels:
-                raise ValueError(f"{w}x{h} = {w * h} pixels exceeds data.max_pixels = {cfg.max_pixels}; "
-                                 f"decompression bomb?")
+                raise ValueError(
+                    f"{w}x{h} = {w * h} pixels exceeds data.max_pixels = {cfg.max_pixels}; decompression bomb?"
+                )
             im.load()  # pixels stay available after the file is closed
             return im
 
@@ -251,7 +263,7 @@ def _to_array(im: Image.Image, channels: int | None, size: int | None) -> np.nda
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _load_imagefolder(cfg: "DataConfig") -> SourceData:
+def _load_imagefolder(cfg: DataConfig) -> SourceData:
     """One sub-folder per class; images converted to data.channels and resized to data.image_size."""
     root = Path(cfg.path)
     classes, files = _list_imagefolder(root)
@@ -268,8 +280,10 @@ def _load_imagefolder(cfg: "DataConfig") -> SourceData:
             continue
         arr = _to_array(im, cfg.channels, cfg.image_size)
         if arrays and arr.shape[:2] != arrays[0].shape[:2]:
-            raise DataError(f"{path}: size {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
-                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; set data.image_size to resize all")
+            raise DataError(
+                f"{path}: size {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; set data.image_size to resize all"
+            )
         arrays.append(arr)
         labels.append(label)
     if not arrays:

@@ -1,7 +1,7 @@
 """Held-out figures of the stacked autoencoder: classification accuracy and each layer's reconstruction error.
 
-    accuracy      = mean_i [argmax_c logits_c(x_i) = y_i]                      over the test split
-    recon_mse(k)  = mean_i mean_j (ĥ_{k-1}(x_i)_j - h_{k-1}(x_i)_j)²         layer k on clean inputs, h_0 = x
+accuracy      = mean_i [argmax_c logits_c(x_i) = y_i]                      over the test split
+recon_mse(k)  = mean_i mean_j (ĥ_{k-1}(x_i)_j - h_{k-1}(x_i)_j)²         layer k on clean inputs, h_0 = x
 """
 
 from __future__ import annotations

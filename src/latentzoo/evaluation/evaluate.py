@@ -31,8 +31,14 @@ from latentzoo.training.checkpoint import load_model
 
 
 @torch.no_grad()
-def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = True, figures_dir: Path | None = None,
-                   classifier_path: Path | None = None) -> tuple[dict, torch.nn.Module]:
+def evaluate_model(
+    params,
+    model_path: Path,
+    shard_dir: Path,
+    progress: bool = True,
+    figures_dir: Path | None = None,
+    classifier_path: Path | None = None,
+) -> tuple[dict, torch.nn.Module]:
     """Test-split metrics of the model in `model_path`; returns (metrics, model). With `figures_dir`, a family
     with a codebook also gets its usage histogram there (codebook_usage.png); with `classifier_path` (the
     classifier stage's network), FCD and sharpness of reconstructions and samples (`evaluation.quality`)."""
@@ -46,8 +52,12 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
     quality_n = params.classifier.num_samples
     real, recons = [], []  # the first quality_n test images and their reconstructions
     codes = CodeCounter(model.codebook_size) if getattr(model, "codebook_size", None) else None
-    bar = tqdm(total=manifest["splits"]["test"]["count"], desc=f"evaluate {meta['model_name']}",
-               unit="img", disable=not progress)
+    bar = tqdm(
+        total=manifest["splits"]["test"]["count"],
+        desc=f"evaluate {meta['model_name']}",
+        unit="img",
+        disable=not progress,
+    )
     for x, _ in eval_batches(urls, batch_size=params.evaluate.batch_size):
         out = model(x, generator=generator)
         n = len(x)
@@ -74,8 +84,9 @@ def evaluate_model(params, model_path: Path, shard_dir: Path, progress: bool = T
     if codes:
         result |= {f"test_{k}": v for k, v in codes.usage().items()}
         if figures_dir is not None:
-            save_usage_histogram(codes.counts, Path(figures_dir) / "codebook_usage.png",
-                                 f"{meta['model_name']}, test split")
+            save_usage_histogram(
+                codes.counts, Path(figures_dir) / "codebook_usage.png", f"{meta['model_name']}, test split"
+            )
     if classifier_path is not None:
         samples = model.sample(len(torch.cat(real)), generator=generator) if hasattr(model, "sample") else None
         quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)

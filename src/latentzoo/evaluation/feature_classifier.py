@@ -31,11 +31,16 @@ class FeatureClassifier(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, width: int = 32, feature_dim: int = 128):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),  # a 4x4 grid: where a stroke is matters for digits
-            nn.Linear(2 * width * 16, feature_dim), nn.ReLU(),
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),  # a 4x4 grid: where a stroke is matters for digits
+            nn.Linear(2 * width * 16, feature_dim),
+            nn.ReLU(),
         )
         self.head = nn.Linear(feature_dim, num_classes)
 
@@ -55,8 +60,9 @@ def load_split(urls: list[str]) -> tuple[Tensor, Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
-def train_classifier(cfg: ClassifierConfig, train_urls: list[str], test_urls: list[str], seed: int) -> tuple[
-        FeatureClassifier, dict]:
+def train_classifier(
+    cfg: ClassifierConfig, train_urls: list[str], test_urls: list[str], seed: int
+) -> tuple[FeatureClassifier, dict]:
     """Train on the training split (Adam, shuffled minibatches); returns the model and its test accuracy."""
     x, y = load_split(train_urls)
     num_classes = int(y.max()) + 1
@@ -74,8 +80,12 @@ def train_classifier(cfg: ClassifierConfig, train_urls: list[str], test_urls: li
             optimizer.step()
     x_test, y_test = load_split(test_urls)
     accuracy = float((predict(model, x_test) == y_test).float().mean())
-    return model.eval(), {"test_accuracy": accuracy, "train_time_s": time.perf_counter() - started,
-                          "num_classes": num_classes, "train_images": len(x)}
+    return model.eval(), {
+        "test_accuracy": accuracy,
+        "train_time_s": time.perf_counter() - started,
+        "num_classes": num_classes,
+        "train_images": len(x),
+    }
 
 
 @torch.no_grad()
@@ -91,9 +101,16 @@ def features(model: FeatureClassifier, x: Tensor, batch_size: int = 1024) -> np.
 
 
 def save_classifier(model: FeatureClassifier, cfg: ClassifierConfig, image_shape, path: Path) -> None:
-    save_state(path, {"format": 1, "config": cfg.model_dump(), "image_shape": list(image_shape),
-                      "num_classes": model.head.out_features,
-                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+    save_state(
+        path,
+        {
+            "format": 1,
+            "config": cfg.model_dump(),
+            "image_shape": list(image_shape),
+            "num_classes": model.head.out_features,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        },
+    )
 
 
 def load_classifier(path: Path) -> FeatureClassifier:

@@ -36,13 +36,18 @@ def save_usage_histogram(counts: Tensor, path: Path, title: str) -> Path:
     ax.set_xlim(1, max(len(ranked), 2))
     ax.set_xlabel("code, most to least used")
     ax.set_ylabel("assignments")
-    ax.set_title(f"{title}: {usage['utilisation']:.1%} of {len(ranked)} codes used, "
-                 f"perplexity {usage['perplexity']:.0f}", fontsize=9)
+    ax.set_title(
+        f"{title}: {usage['utilisation']:.1%} of {len(ranked)} codes used, perplexity {usage['perplexity']:.0f}",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 
-CURVES = (("train_loss", "train loss", "-"), ("val_loss", "val loss", "-"),
-          ("train_disc_loss", "discriminator loss", "--"))
+CURVES = (
+    ("train_loss", "train loss", "-"),
+    ("val_loss", "val loss", "-"),
+    ("train_disc_loss", "discriminator loss", "--"),
+)
 
 
 def save_training_curves(histories: dict[str, list[dict]], path: Path) -> Path:

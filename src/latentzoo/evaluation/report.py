@@ -69,20 +69,35 @@ def stacked_section(stacked: dict) -> list[str]:
     finetune, pretrain = stacked.get("finetune"), stacked.get("pretrain")
     if finetune:
         fraction, labelled = finetune.get("label_fraction"), finetune.get("labelled_images")
-        lines += ["", "## stacked_ae: classification", "",
-                  f"Test accuracy with {_cell(fraction)} of the training labels ({_cell(labelled)} images), "
-                  f"{_cell(finetune.get('epochs'))} epochs each.", "",
-                  "| variant | test accuracy |", "|---|---|"]
-        for key, title in (("test_accuracy", "pretrained + fine-tuned"), ("test_accuracy_random", "random init"),
-                           ("test_accuracy_probe", "linear probe (frozen pretrained features)")):
+        lines += [
+            "",
+            "## stacked_ae: classification",
+            "",
+            f"Test accuracy with {_cell(fraction)} of the training labels ({_cell(labelled)} images), "
+            f"{_cell(finetune.get('epochs'))} epochs each.",
+            "",
+            "| variant | test accuracy |",
+            "|---|---|",
+        ]
+        for key, title in (
+            ("test_accuracy", "pretrained + fine-tuned"),
+            ("test_accuracy_random", "random init"),
+            ("test_accuracy_probe", "linear probe (frozen pretrained features)"),
+        ):
             if key in finetune:
                 lines.append(f"| {title} | {_cell(finetune[key])} |")
     if pretrain:
         layers = sorted(k for k in pretrain if k.startswith("test_recon_mse_layer"))
-        lines += ["", "## stacked_ae: layer-wise pretraining", "",
-                  f"Layers {pretrain.get('layers')}, {_cell(pretrain.get('epochs_per_layer'))} epochs each. "
-                  "Test reconstruction error of each layer's autoencoder on its clean inputs:", "",
-                  "| layer | test MSE |", "|---|---|"]
+        lines += [
+            "",
+            "## stacked_ae: layer-wise pretraining",
+            "",
+            f"Layers {pretrain.get('layers')}, {_cell(pretrain.get('epochs_per_layer'))} epochs each. "
+            "Test reconstruction error of each layer's autoencoder on its clean inputs:",
+            "",
+            "| layer | test MSE |",
+            "|---|---|",
+        ]
         lines += [f"| {k.removeprefix('test_recon_mse_layer')} | {_cell(pretrain[k])} |" for k in layers]
     return lines
 
@@ -99,8 +114,13 @@ def read_curves(models: list[str], curves_dir: Path | None) -> dict[str, list[di
     return found
 
 
-def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], mlflow_hint: str,
-                    stacked: dict | None = None, curves: str | None = None) -> str:
+def render_markdown(
+    rows: dict[str, dict],
+    images: dict[str, dict[str, str]],
+    mlflow_hint: str,
+    stacked: dict | None = None,
+    curves: str | None = None,
+) -> str:
     lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", ""]
     lines.append("| model | " + " | ".join(title for _, title in COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
@@ -108,8 +128,13 @@ def render_markdown(rows: dict[str, dict], images: dict[str, dict[str, str]], ml
         lines.append(f"| {name} | " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
     lines += stacked_section(stacked or {})
     if images:  # one row per model, its grids side by side
-        lines += ["", "## Images", "", "| model | " + " | ".join(title for title, _ in GRIDS) + " |",
-                  "|---|" + "---|" * len(GRIDS)]
+        lines += [
+            "",
+            "## Images",
+            "",
+            "| model | " + " | ".join(title for title, _ in GRIDS) + " |",
+            "|---|" + "---|" * len(GRIDS),
+        ]
         for name, pictures in images.items():
             cells = [f"![{name} {title}]({pictures[file]})" if file in pictures else "–" for title, file in GRIDS]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -141,23 +166,39 @@ def markdown_to_html(text: str, base: Path) -> str:
             continue
         if table:
             head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             table = []
         if line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
         elif line.strip():
             body.append(f"<p>{inline(line.strip())}</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{image-rendering:pixelated}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>latentzoo report</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{image-rendering:pixelated}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>latentzoo report</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+    )
 
 
-def build_report(models: list[str], eval_dir: Path, train_dir: Path, plots_dir: Path, out_dir: Path,
-                 mlflow_hint: str = "", stacked: dict | None = None, curves_dir: Path | None = None) -> Path:
+def build_report(
+    models: list[str],
+    eval_dir: Path,
+    train_dir: Path,
+    plots_dir: Path,
+    out_dir: Path,
+    mlflow_hint: str = "",
+    stacked: dict | None = None,
+    curves_dir: Path | None = None,
+) -> Path:
     """Write `out_dir/report.md` with copies of the grids it shows and the training curves of `curves_dir`
     (the train stage's per-epoch CSVs), and `report.html` with every image embedded."""
     rows = collect(models, Path(eval_dir), Path(train_dir))

@@ -46,6 +46,18 @@ def build_model(name: str, cfg: Section, image_shape: tuple[int, int, int]) -> n
     return entry.model_cls(cfg, tuple(image_shape))
 
 
-__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "ResVAEGAN", "ResVAEGANConfig", "SimVQConfig", "StackedAEConfig",
-           "StackedAutoencoder", "VAE", "VAEConfig", "VQVAE", "VQVAEConfig",
-           "build_model"]
+__all__ = [
+    "REGISTRY",
+    "ModelEntry",
+    "ModelOutput",
+    "ResVAEGAN",
+    "ResVAEGANConfig",
+    "SimVQConfig",
+    "StackedAEConfig",
+    "StackedAutoencoder",
+    "VAE",
+    "VAEConfig",
+    "VQVAE",
+    "VQVAEConfig",
+    "build_model",
+]

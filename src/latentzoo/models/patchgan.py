@@ -37,8 +37,7 @@ class PatchDiscriminator(nn.Module):
         blocks: list[nn.Module] = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         channels = width
         for _ in range(layers - 1):
-            blocks += [nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), norm(2 * channels),
-                       nn.LeakyReLU(0.2)]
+            blocks += [nn.Conv2d(channels, 2 * channels, 4, stride=2, padding=1), norm(2 * channels), nn.LeakyReLU(0.2)]
             channels *= 2
         blocks.append(nn.Conv2d(channels, 1, 3, stride=1, padding=1))
         self.net = nn.Sequential(*blocks)

@@ -301,8 +301,7 @@ class VectorQuantizer(Quantizer):
         centroids = torch.empty_like(self.embed)
         counts = torch.empty_like(self.embed[:, 0])
         if _is_rank0():
-            found, found_counts = kmeans(z.to(self.embed.dtype), self.codebook_size, self.kmeans_iters,
-                                         self.chunk_size)
+            found, found_counts = kmeans(z.to(self.embed.dtype), self.codebook_size, self.kmeans_iters, self.chunk_size)
             centroids.copy_(found)
             counts.copy_(found_counts)
         self.embed.copy_(broadcast_from_rank0(centroids))

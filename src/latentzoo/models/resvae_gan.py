@@ -93,7 +93,7 @@ def batch_moments(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Tenso
     d = mu.shape[1]
     count = stats[-1]
     mean = stats[:d] / count
-    var = (stats[d:2 * d] / count - mean.pow(2)).clamp_min(1e-6)
+    var = (stats[d : 2 * d] / count - mean.pow(2)).clamp_min(1e-6)
     return mean, var
 
 
@@ -117,7 +117,7 @@ def batch_covariance(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Te
         stats = all_reduce(stats)
     count = stats[-1]
     mean = stats[:d] / count
-    cov = stats[d:d + d * d].view(d, d) / count - torch.outer(mean, mean)
+    cov = stats[d : d + d * d].view(d, d) / count - torch.outer(mean, mean)
     return mean, cov + 1e-6 * torch.eye(d, device=mu.device, dtype=mu.dtype)
 
 
@@ -150,8 +150,10 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         c, h, w = self.image_shape
         scale = 2**cfg.levels
         if h % scale or w % scale:
-            raise ConfigError(f"resvae_gan.levels {cfg.levels} needs height and width divisible by {scale}, got "
-                              f"image shape {self.image_shape}; lower resvae_gan.levels or resize (data.image_size)")
+            raise ConfigError(
+                f"resvae_gan.levels {cfg.levels} needs height and width divisible by {scale}, got "
+                f"image shape {self.image_shape}; lower resvae_gan.levels or resize (data.image_size)"
+            )
         self.map_shape = (cfg.latent_channels, h // scale, w // scale)
         self.encoder = encoder(c, cfg.width, cfg.levels, cfg.blocks, 2 * cfg.latent_channels)
         self.decoder = decoder(cfg.latent_channels, cfg.width, cfg.levels, cfg.blocks, c)
@@ -181,9 +183,12 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         """L_D on real images x and (detached) generated ones (reconstructions, and prior samples), one forward
         of `discriminate` (the DDP-wrapped D in training) over both."""
         logits = (discriminate or self.discriminator)(torch.cat([x, fakes.detach()]))
-        real, fake = logits[: len(x)], logits[len(x):]
-        return ModelOutput(None, {"gan": discriminator_loss(real, fake, self.cfg.gan_loss)},
-                           {"logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()})
+        real, fake = logits[: len(x)], logits[len(x) :]
+        return ModelOutput(
+            None,
+            {"gan": discriminator_loss(real, fake, self.cfg.gan_loss)},
+            {"logits_real": real.mean().detach(), "logits_fake": fake.mean().detach()},
+        )
 
     # ------------------------------------------------------------ the VAE
 
@@ -211,8 +216,9 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         if self.cfg.posterior == "standard":
             losses["kl"] = self.cfg.kl_weight * kl.mean()
         else:
-            losses["aggregate"] = self.cfg.aggregate_weight * aggregate_loss(mu, logvar, self.cfg.moments,
-                                                                             global_batch=self.training)
+            losses["aggregate"] = self.cfg.aggregate_weight * aggregate_loss(
+                mu, logvar, self.cfg.moments, global_batch=self.training
+            )
             losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
         recon = self._mean(logits)
         fakes = recon

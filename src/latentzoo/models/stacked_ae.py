@@ -82,8 +82,7 @@ class StackedAutoencoder(nn.Module):
         """The training loop hands labels to the classifier phases."""
         return self.mode != "pretrain"
 
-    def set_phase(self, mode: Mode = "finetune", layer: int | None = None,
-                  dropout: float = 0.0) -> "StackedAutoencoder":
+    def set_phase(self, mode: Mode = "finetune", layer: int | None = None, dropout: float = 0.0) -> StackedAutoencoder:
         """Train layer `layer` (1-based) as an autoencoder, fine-tune the stack with its head, or probe the head."""
         if mode not in ("pretrain", "finetune", "probe"):
             raise ValueError(f"unknown phase {mode!r}: pretrain, finetune or probe")

@@ -43,7 +43,7 @@ class VAEConfig(Section):
 def kl_normal_standard(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) per sample, shape (B,), closed form (arXiv 1312.6114, App. B):
 
-        KL = 0.5 * sum_d (mu_d^2 + exp(logvar_d) - 1 - logvar_d)
+    KL = 0.5 * sum_d (mu_d^2 + exp(logvar_d) - 1 - logvar_d)
     """
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
 
@@ -56,7 +56,7 @@ def bernoulli_nll(logits: Tensor, target: Tensor) -> Tensor:
 def gaussian_nll(mean: Tensor, target: Tensor, sigma: float) -> Tensor:
     """-log N(x; mean, sigma^2 I) per image (B,), in nats:
 
-        sum_i [(x_i - mean_i)^2 / (2 sigma^2) + 0.5 log(2 pi sigma^2)]
+    sum_i [(x_i - mean_i)^2 / (2 sigma^2) + 0.5 log(2 pi sigma^2)]
     """
     squared = (target - mean).pow(2).flatten(1).sum(dim=1)
     return squared / (2 * sigma**2) + 0.5 * math.log(2 * math.pi * sigma**2) * math.prod(target.shape[1:])

@@ -44,8 +44,14 @@ class VQVAEConfig(_VQSection):
 
     def build_quantizer(self) -> Quantizer:
         return VectorQuantizer(
-            self.codebook_size, self.codebook_dim, self.commitment_weight, ema=self.ema, decay=self.decay,
-            restart_after=self.restart_after, kmeans_init=self.kmeans_init, kmeans_iters=self.kmeans_iters,
+            self.codebook_size,
+            self.codebook_dim,
+            self.commitment_weight,
+            ema=self.ema,
+            decay=self.decay,
+            restart_after=self.restart_after,
+            kmeans_init=self.kmeans_init,
+            kmeans_iters=self.kmeans_iters,
             chunk_size=self.chunk_size,
         )
 

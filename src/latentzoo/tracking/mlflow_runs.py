@@ -17,8 +17,9 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from latentzoo.errors import LatentzooError
 
@@ -176,8 +177,9 @@ def child_runs(uri: str, parent_run_id: str) -> list[tuple[str, str, dict[str, s
     """(run id, status, tags) of the runs nested under `parent_run_id` (tag mlflow.parentRunId)."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                              max_results=10000)
+    runs = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
+    )
     return [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
 
 

@@ -39,8 +39,9 @@ class Reconstructor(nn.Module):
         return self.model(x).recon
 
 
-def log_trained_model(uri: str, run_id: str, model: nn.Module, family: str,
-                      image_shape: tuple[int, int, int]) -> str | None:
+def log_trained_model(
+    uri: str, run_id: str, model: nn.Module, family: str, image_shape: tuple[int, int, int]
+) -> str | None:
     """Log `model` to run `run_id` with the PyTorch flavour and register it as `latentzoo-<family>`; returns the
     registered version."""
     import mlflow
@@ -55,7 +56,10 @@ def log_trained_model(uri: str, run_id: str, model: nn.Module, family: str,
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
-            wrapped, name=ARTIFACT, signature=signature, input_example=example.numpy(),
+            wrapped,
+            name=ARTIFACT,
+            signature=signature,
+            input_example=example.numpy(),
             registered_model_name=registered_name(family),
             code_paths=[str(Path(latentzoo.__file__).parent)],
             serialization_format="pickle",  # the eager module (torch.export's pt2 would drop sample and latents)
@@ -82,8 +86,10 @@ def load(reference: str) -> nn.Module:
         try:
             wrapped = mlflow.pytorch.load_model(reference, map_location="cpu")
         except Exception as err:
-            raise LatentzooError(f"{reference}: cannot load the model from MLflow "
-                                 f"({type(err).__name__}: {str(err).splitlines()[0][:300]})") from None
+            raise LatentzooError(
+                f"{reference}: cannot load the model from MLflow "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
+            ) from None
         return (wrapped.model if isinstance(wrapped, Reconstructor) else wrapped).eval()
     from latentzoo.training.checkpoint import load_model
     from latentzoo.training.trainer import WEIGHTS_FILE
@@ -92,6 +98,8 @@ def load(reference: str) -> nn.Module:
     if path.is_dir():
         path = path / WEIGHTS_FILE
     if not path.exists():
-        raise LatentzooError(f"{reference}: no such model (a models/<family> folder, its model.pt, runs:/<id>/model "
-                             f"or models:/<name>/<version>)")
+        raise LatentzooError(
+            f"{reference}: no such model (a models/<family> folder, its model.pt, runs:/<id>/model "
+            f"or models:/<name>/<version>)"
+        )
     return load_model(path)[0]

@@ -39,8 +39,10 @@ def check_classes(params, shard_dir: Path) -> None:
     """The classifier head must have one output per class of the data."""
     found = load_manifest(shard_dir).get("num_classes")
     if found is not None and found != params.stacked_ae.num_classes:
-        raise ConfigError(f"stacked_ae.num_classes is {params.stacked_ae.num_classes} but "
-                          f"{Path(shard_dir) / 'manifest.json'} has {found} classes; set it to {found}")
+        raise ConfigError(
+            f"stacked_ae.num_classes is {params.stacked_ae.num_classes} but "
+            f"{Path(shard_dir) / 'manifest.json'} has {found} classes; set it to {found}"
+        )
 
 
 def phase_outputs(tmp: Path, name: str) -> TrainOutputs:
@@ -125,15 +127,20 @@ def read_rows(plots_file: Path) -> list[dict]:
 def curves_csv(curves: dict[str, list[float]]) -> str:
     """One row per epoch, one val-accuracy column per variant (a DVC plot of the three curves)."""
     epochs = max(len(c) for c in curves.values())
-    return history_csv([{"epoch": e + 1, **{f"val_accuracy_{n}": c[e] for n, c in curves.items() if e < len(c)}}
-                        for e in range(epochs)])
+    return history_csv(
+        [
+            {"epoch": e + 1, **{f"val_accuracy_{n}": c[e] for n, c in curves.items() if e < len(c)}}
+            for e in range(epochs)
+        ]
+    )
 
 
 # ---------------------------------------------------------------- MLflow parent runs
 
 
-def parent_run(params, stage: str, shard_dir: Path, root: Path | None,
-               init: Path | None = None) -> tuple[str | None, str | None]:
+def parent_run(
+    params, stage: str, shard_dir: Path, root: Path | None, init: Path | None = None
+) -> tuple[str | None, str | None]:
     """(tracking URI, id) of the stage's parent run, reopened when an interrupted attempt with the same inputs
     started one."""
     if not params.tracking.enabled:
@@ -141,17 +148,28 @@ def parent_run(params, stage: str, shard_dir: Path, root: Path | None,
     root = Path(root or Path.cwd()).resolve()
     uri = mlflow_runs.tracking_uri(root)
     data_sha = sha256_file(Path(shard_dir) / "manifest.json")
-    key = run_name(MODEL, params, data_sha, phase=Phase(stage, {"finetune": params.finetune.model_dump()}
-                                                        if stage == "finetune" else {}, init))
+    key = run_name(
+        MODEL,
+        params,
+        data_sha,
+        phase=Phase(stage, {"finetune": params.finetune.model_dump()} if stage == "finetune" else {}, init),
+    )
     folder = RunFolder(storage_location(params.ray.storage_path, root), key)
     run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
     if run_id:
         return uri, run_id
-    tags = {"latentzoo.stage": stage, "latentzoo.model": MODEL,
-            "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
+    tags = {
+        "latentzoo.stage": stage,
+        "latentzoo.model": MODEL,
+        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
+    }
     run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{MODEL}", f"{stage}-{MODEL}", tags, root)
-    mlflow_runs.log_params(uri, run_id, {MODEL: params.stacked_ae.model_dump(), "train": params.train.model_dump()}
-                           | ({"finetune": params.finetune.model_dump()} if stage == "finetune" else {}))
+    mlflow_runs.log_params(
+        uri,
+        run_id,
+        {MODEL: params.stacked_ae.model_dump(), "train": params.train.model_dump()}
+        | ({"finetune": params.finetune.model_dump()} if stage == "finetune" else {}),
+    )
     folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 

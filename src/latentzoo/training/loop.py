@@ -14,9 +14,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray.train
 import ray.train.torch
@@ -82,17 +83,25 @@ class Session:
 
 def train_session() -> Session:
     ctx = ray.train.get_context()
-    return Session(ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_world_size(), ray.train.get_checkpoint,
-                   ray.train.report, ray.train.Checkpoint, ray.train.torch.prepare_model,
-                   ray.train.torch.get_device())
+    return Session(
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ctx.get_local_world_size(),
+        ray.train.get_checkpoint,
+        ray.train.report,
+        ray.train.Checkpoint,
+        ray.train.torch.prepare_model,
+        ray.train.torch.get_device(),
+    )
 
 
 def tune_session(use_gpu: bool = False) -> Session:
     import ray.tune
 
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-    return Session(0, 1, 1, ray.tune.get_checkpoint, ray.tune.report, ray.tune.Checkpoint,
-                   lambda model: model.to(device), device)
+    return Session(
+        0, 1, 1, ray.tune.get_checkpoint, ray.tune.report, ray.tune.Checkpoint, lambda model: model.to(device), device
+    )
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -117,8 +126,9 @@ def run_loop(job: TrainJob, session: Session) -> None:
     if job.phase:
         model.set_phase(**job.phase)  # freezes what this phase does not train
     betas = getattr(model, "adam_betas", (0.9, 0.999))
-    optimizer = torch.optim.AdamW(generator_parameters(model), lr=train.lr, weight_decay=train.weight_decay,
-                                  betas=betas)
+    optimizer = torch.optim.AdamW(
+        generator_parameters(model), lr=train.lr, weight_decay=train.weight_decay, betas=betas
+    )
     adversary = Adversary.of(model, betas)
     start_epoch, history = 0, []
     checkpoint = session.get_checkpoint()
@@ -135,7 +145,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 log_missing_epochs(job, history)
     if adversary:  # D gets a DDP wrapper of its own; the generator's ignores D's weights
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [f"discriminator.{name}" for name in model.discriminator.state_dict()])
+            model, [f"discriminator.{name}" for name in model.discriminator.state_dict()]
+        )
     model = session.prepare_model(model)
     if adversary:
         adversary.module = session.prepare_model(unwrap(model).discriminator)
@@ -144,8 +155,10 @@ def run_loop(job: TrainJob, session: Session) -> None:
     nodes = count_nodes()
     if rank == 0:
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
-        say(f"[{job.tag}] {world} worker(s) on {nodes} node(s), {device}, process group {backend}, "
-            f"{steps} steps of {train.batch_size} per worker per epoch")
+        say(
+            f"[{job.tag}] {world} worker(s) on {nodes} node(s), {device}, process group {backend}, "
+            f"{steps} steps of {train.batch_size} per worker per epoch"
+        )
 
     for epoch in range(start_epoch, train.epochs):
         if checkpoint is None:
@@ -153,12 +166,22 @@ def run_loop(job: TrainJob, session: Session) -> None:
         started = time.perf_counter()
         set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
         batches = train_batches(
-            job.train_urls, steps=steps, batch_size=train.batch_size, rank=rank, world_size=world,
-            seed=params.seed, epoch=epoch, shuffle_buffer=train.shuffle_buffer, cached=job.cached,
+            job.train_urls,
+            steps=steps,
+            batch_size=train.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=params.seed,
+            epoch=epoch,
+            shuffle_buffer=train.shuffle_buffer,
+            cached=job.cached,
             label_fraction=job.label_fraction,
         )
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-               **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary)}
+        row = {
+            "epoch": epoch + 1,
+            "lr": optimizer.param_groups[0]["lr"],
+            **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary),
+        }
         row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
@@ -190,7 +213,7 @@ class Adversary:
     optimizer: torch.optim.Optimizer
 
     @classmethod
-    def of(cls, model: nn.Module, betas) -> "Adversary | None":
+    def of(cls, model: nn.Module, betas) -> Adversary | None:
         disc = getattr(model, "discriminator", None)
         if disc is None:
             return None
@@ -407,8 +430,12 @@ def report(session: Session, row, model, optimizer, epoch, history, adversary: A
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if session.rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "history": history}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+            }
             if adversary:
                 state["disc_optimizer"] = adversary.optimizer.state_dict()
             save_state(Path(d) / CHECKPOINT_FILE, state)
@@ -417,8 +444,20 @@ def report(session: Session, row, model, optimizer, epoch, history, adversary: A
 
 
 def format_epoch(model_name: str, row: dict, epochs: int) -> str:
-    shown = {k: v for k, v in row.items() if k in ("train_loss", "val_loss", "val_neg_elbo", "val_mse",
-                                                      "val_utilisation", "val_perplexity",
-                                                      "val_recon_mse", "val_accuracy")}
+    shown = {
+        k: v
+        for k, v in row.items()
+        if k
+        in (
+            "train_loss",
+            "val_loss",
+            "val_neg_elbo",
+            "val_mse",
+            "val_utilisation",
+            "val_perplexity",
+            "val_recon_mse",
+            "val_accuracy",
+        )
+    }
     parts = "  ".join(f"{k} {v:.4g}" for k, v in shown.items())
     return f"[{model_name}] epoch {row['epoch']}/{epochs}  {parts}  {row['epoch_time_s']:.1f}s"

@@ -101,9 +101,16 @@ def readable_checkpoints(filesystem, run_path: str, file: str, before: str | Non
     from pyarrow import fs
 
     found = filesystem.get_file_info(fs.FileSelector(run_path, recursive=False))
-    folders = sorted((info.path for info in found if info.type == fs.FileType.Directory
-                      and info.base_name.startswith("checkpoint_") and (before is None or info.base_name < before)),
-                     reverse=True)
+    folders = sorted(
+        (
+            info.path
+            for info in found
+            if info.type == fs.FileType.Directory
+            and info.base_name.startswith("checkpoint_")
+            and (before is None or info.base_name < before)
+        ),
+        reverse=True,
+    )
     for folder in folders:
         try:
             with filesystem.open_input_stream(f"{folder}/{file}") as f:

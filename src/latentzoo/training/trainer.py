@@ -25,8 +25,8 @@ from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
-from latentzoo.faults import planned
 from latentzoo.evaluation.evaluate import write_grids
+from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_model, load_state, save_state, weights_record
@@ -155,9 +155,17 @@ class TrainingData:
     cached: bool
 
     def job(self, params, model_name: str, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> TrainJob:
-        return TrainJob(model_name=model_name, params=params.model_dump(), train_urls=self.train_urls,
-                        val_urls=self.val_urls, num_train=self.num_train, image_shape=self.image_shape,
-                        cached=self.cached, mlflow_uri=mlflow_uri, mlflow_run_id=mlflow_run_id)
+        return TrainJob(
+            model_name=model_name,
+            params=params.model_dump(),
+            train_urls=self.train_urls,
+            val_urls=self.val_urls,
+            num_train=self.num_train,
+            image_shape=self.image_shape,
+            cached=self.cached,
+            mlflow_uri=mlflow_uri,
+            mlflow_run_id=mlflow_run_id,
+        )
 
 
 def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
@@ -173,12 +181,24 @@ def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
         )
     image_shape = tuple(manifest["image_shape"])
     build_model(model_name, params.model_config_for(model_name), image_shape)  # config errors before Ray starts
-    return TrainingData(train_urls, val_urls, manifest["splits"]["train"]["count"], image_shape,
-                        sha256_file(shard_dir / "manifest.json"), fits_in_cache(manifest, params.train.cache_mb))
+    return TrainingData(
+        train_urls,
+        val_urls,
+        manifest["splits"]["train"]["count"],
+        image_shape,
+        sha256_file(shard_dir / "manifest.json"),
+        fits_in_cache(manifest, params.train.cache_mb),
+    )
 
 
-def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs, root: Path | None = None,
-                phase: Phase | None = None) -> dict:
+def train_model(
+    params,
+    model_name: str,
+    shard_dir: Path,
+    outputs: TrainOutputs,
+    root: Path | None = None,
+    phase: Phase | None = None,
+) -> dict:
     """Train `model_name` on the shards with Ray Train; write weights, metrics and plots; return final metrics.
 
     A `phase` trains one step of a multi-run recipe (see `Phase`) as its own Ray run and MLflow run.
@@ -192,8 +212,18 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         state = finished_state(folder, params.train.epochs) if phase else None
         if state:  # a phase an earlier attempt of the same recipe finished (e.g. layer 1 before a crash in layer 2)
             uri, run_id = saved_run(folder)
-            return write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls,
-                                 sum(row["epoch_time_s"] for row in state["history"]), uri, run_id, phase)
+            return write_outputs(
+                params,
+                model_name,
+                data.image_shape,
+                state,
+                outputs,
+                data.val_urls,
+                sum(row["epoch_time_s"] for row in state["history"]),
+                uri,
+                run_id,
+                phase,
+            )
         folder.remove()  # a finished run with identical inputs: train again from scratch
 
     uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
@@ -202,10 +232,12 @@ def train_model(params, model_name: str, shard_dir: Path, outputs: TrainOutputs,
         state, fit_seconds = fit(params, model_name, data, name, storage, uri, run_id, phase)
     else:
         fit_seconds = sum(row["epoch_time_s"] for row in state["history"])
-        say(f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: "
-            f"writing the outputs")
-    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri,
-                          run_id, phase)
+        say(
+            f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: writing the outputs"
+        )
+    final = write_outputs(
+        params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri, run_id, phase
+    )
     if run_id:
         finish_mlflow_run(params, uri, run_id, model_name, data.image_shape, outputs, phase, state["history"])
     folder.write_text(DONE_MARKER, "done\n")
@@ -239,8 +271,9 @@ def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, pha
         return load_state(Path(d) / CHECKPOINT_FILE), fit_seconds
 
 
-def finish_mlflow_run(params, uri: str, run_id: str, model_name: str, image_shape, outputs, phase,
-                      history: list[dict]) -> None:
+def finish_mlflow_run(
+    params, uri: str, run_id: str, model_name: str, image_shape, outputs, phase, history: list[dict]
+) -> None:
     """Epochs the run lacks (logged while the server was down), images, weights, config and curves to the run, the
     model registered, the run FINISHED. A server lost at this point is a clear error: the checkpoints stay, and the
     next attempt only does this part."""
@@ -282,11 +315,19 @@ def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
     if phase.label_fraction < 1:
         num_train = count_labelled("train", job.num_train, phase.label_fraction, seed)
         if num_train == 0:
-            raise ConfigError(f"finetune.label_fraction {phase.label_fraction} keeps none of the "
-                              f"{job.num_train} training images; raise it")
+            raise ConfigError(
+                f"finetune.label_fraction {phase.label_fraction} keeps none of the "
+                f"{job.num_train} training images; raise it"
+            )
     weights = str(Path(phase.init_weights).resolve()) if phase.init_weights else None
-    return replace(job, phase=dict(phase.model_args), phase_name=phase.name, init_weights=weights,
-                   label_fraction=phase.label_fraction, num_train=num_train)
+    return replace(
+        job,
+        phase=dict(phase.model_args),
+        phase_name=phase.name,
+        init_weights=weights,
+        label_fraction=phase.label_fraction,
+        num_train=num_train,
+    )
 
 
 def make_trainer(params, job: TrainJob, name: str, storage: str, callbacks=()):
@@ -297,8 +338,11 @@ def make_trainer(params, job: TrainJob, name: str, storage: str, callbacks=()):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
-        scaling_config=ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu,
-                                     placement_strategy=params.train.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=params.train.num_workers,
+            use_gpu=params.train.use_gpu,
+            placement_strategy=params.train.placement_strategy,
+        ),
         torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
@@ -317,8 +361,9 @@ def root_cause(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def open_mlflow_run(params, model_name, name, manifest_sha, folder: RunFolder, root,
-                    phase: Phase | None = None) -> tuple[str | None, str | None]:
+def open_mlflow_run(
+    params, model_name, name, manifest_sha, folder: RunFolder, root, phase: Phase | None = None
+) -> tuple[str | None, str | None]:
     """Create the training run (or reopen the one an interrupted attempt of this same run started); a phase's run
     is nested under its parent run."""
     if not params.tracking.enabled:
@@ -344,14 +389,24 @@ def open_mlflow_run(params, model_name, name, manifest_sha, folder: RunFolder, r
     run_id = mlflow_runs.start_run(uri, experiment, title, tags, root)
     mlflow_runs.log_params(uri, run_id, {k: v for k, v in params.model_dump().items() if k != "models"})
     if phase:
-        mlflow_runs.log_params(uri, run_id, {"phase": {**phase.model_args, "label_fraction": phase.label_fraction,
-                                                       "init_weights": str(phase.init_weights or "random")}})
+        mlflow_runs.log_params(
+            uri,
+            run_id,
+            {
+                "phase": {
+                    **phase.model_args,
+                    "label_fraction": phase.label_fraction,
+                    "init_weights": str(phase.init_weights or "random"),
+                }
+            },
+        )
     folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
 
-def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id,
-                  phase: Phase | None = None) -> dict:
+def write_outputs(
+    params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id, phase: Phase | None = None
+) -> dict:
     """Final weights + run pointer (atomically, as one directory), DVC metrics and per-epoch plots."""
     model = build_model(model_name, params.model_config_for(model_name), image_shape)
     model.load_state_dict(state["model"])
@@ -360,8 +415,9 @@ def write_outputs(params, model_name, image_shape, state, outputs, val_urls, fit
     model.eval()
     history = state["history"]
     with atomic_dir(outputs.model_dir) as tmp:
-        record = weights_record(model, model_name, params.model_config_for(model_name).model_dump(),
-                                image_shape, len(history))
+        record = weights_record(
+            model, model_name, params.model_config_for(model_name).model_dump(), image_shape, len(history)
+        )
         save_state(tmp / WEIGHTS_FILE, record)
         (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))

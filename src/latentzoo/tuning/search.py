@@ -58,8 +58,9 @@ def with_weights(params, model_name: str, weights: dict[str, float]):
 def trial_params(params, model_name: str, weights: dict[str, float]):
     """A trial's params: the sampled weights, `tune.epochs` epochs, one process of `tune.cpus_per_trial` threads."""
     tuned = with_weights(params, model_name, weights)
-    train = tuned.train.model_copy(update={"epochs": params.tune.epochs, "num_workers": 1,
-                                           "torch_threads": params.tune.cpus_per_trial})
+    train = tuned.train.model_copy(
+        update={"epochs": params.tune.epochs, "num_workers": 1, "torch_threads": params.tune.cpus_per_trial}
+    )
     return tuned.model_copy(update={"train": train})
 
 
@@ -138,8 +139,12 @@ def open_trial_run(ctx: dict, trial_id: str, number: int, weights: dict) -> str 
     if not ctx["parent_run_id"]:
         return None
     uri = ctx["mlflow_uri"]
-    tags = {"mlflow.parentRunId": ctx["parent_run_id"], "latentzoo.stage": "tune-trial",
-            "latentzoo.model": ctx["model"], "latentzoo.trial_id": trial_id}
+    tags = {
+        "mlflow.parentRunId": ctx["parent_run_id"],
+        "latentzoo.stage": "tune-trial",
+        "latentzoo.model": ctx["model"],
+        "latentzoo.trial_id": trial_id,
+    }
     run_id = mlflow_runs.start_run(uri, ctx["experiment"], f"trial-{number}", tags, Path(ctx["root"]))
     mlflow_runs.log_params(uri, run_id, {ctx["model"]: weights})
     return run_id
@@ -169,9 +174,16 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
 
     uri, parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
-    ctx = {"params": params.model_dump(), "model": model_name, "data": asdict(data), "mlflow_uri": uri,
-           "parent_run_id": parent, "root": str(root), "experiment": experiment,
-           "fail_trial": planned("tune.trial")}
+    ctx = {
+        "params": params.model_dump(),
+        "model": model_name,
+        "data": asdict(data),
+        "mlflow_uri": uri,
+        "parent_run_id": parent,
+        "root": str(root),
+        "experiment": experiment,
+        "fail_trial": planned("tune.trial"),
+    }
     results = make_tuner(params, space, metric, ctx, folder).fit()
 
     best_record = summarise(results, model_name, metric, params)
@@ -215,13 +227,21 @@ def make_tuner(params, space: dict, metric: str, ctx: dict, folder: RunFolder):
             metric=metric,
             mode=MODE,
             search_alg=searcher,
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=cfg.epochs, grace_period=cfg.grace_period,
-                                    reduction_factor=cfg.reduction_factor),
+            scheduler=ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=cfg.epochs,
+                grace_period=cfg.grace_period,
+                reduction_factor=cfg.reduction_factor,
+            ),
             num_samples=cfg.num_samples,
             max_concurrent_trials=concurrent_trials(params),
         ),
-        run_config=tune.RunConfig(name=folder.name, storage_path=folder.storage,
-                                  failure_config=tune.FailureConfig(max_failures=0, fail_fast=False), verbose=0),
+        run_config=tune.RunConfig(
+            name=folder.name,
+            storage_path=folder.storage,
+            failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            verbose=0,
+        ),
     )
 
 
@@ -241,8 +261,11 @@ def summarise(results, model_name: str, metric: str, params) -> dict:
         "best_value": float(best.metrics[metric]),
         "weights": {k: float(v) for k, v in best.config.items()},
         "best_trial": best.metrics.get("trial_id"),
-        "trials": {"total": len(results), "errored": results.num_errors,
-                   "stopped_early": sum(e < params.tune.epochs for e in epochs)},
+        "trials": {
+            "total": len(results),
+            "errored": results.num_errors,
+            "stopped_early": sum(e < params.tune.epochs for e in epochs),
+        },
         "experiment": str(results.experiment_path),
     }
 
@@ -265,12 +288,18 @@ def open_search_run(params, model_name, name, folder: RunFolder, root: Path) -> 
     run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
     if run_id:
         return uri, run_id
-    tags = {"latentzoo.stage": "tune", "latentzoo.model": model_name, "latentzoo.ray_run": name,
-            "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
-    run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{model_name}", f"tune-{model_name}",
-                                   tags, root)
-    mlflow_runs.log_params(uri, run_id, {"tune": params.tune.model_dump(exclude={"space"}),
-                                         "space": params.tune.space.get(model_name, {})})
+    tags = {
+        "latentzoo.stage": "tune",
+        "latentzoo.model": model_name,
+        "latentzoo.ray_run": name,
+        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
+    }
+    run_id = mlflow_runs.start_run(
+        uri, f"{params.tracking.experiment_prefix}-{model_name}", f"tune-{model_name}", tags, root
+    )
+    mlflow_runs.log_params(
+        uri, run_id, {"tune": params.tune.model_dump(exclude={"space"}), "space": params.tune.space.get(model_name, {})}
+    )
     folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return uri, run_id
 
