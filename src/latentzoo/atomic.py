@@ -103,6 +103,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as JSON (sorted keys, indent 2, trailing newline) to `path` atomically; same obj, same bytes."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def json_text(obj: Any, sort_keys: bool = True) -> str:
+    """`obj` as the project writes JSON files: indent 2, sorted keys, a trailing newline; same obj, same bytes."""
+    return json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n"
+
+
+def atomic_write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:
+    """Write `obj` as JSON (`json_text`) to `path` atomically."""
+    atomic_write_text(path, json_text(obj, sort_keys))

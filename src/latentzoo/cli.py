@@ -26,6 +26,8 @@ def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.T
     """Image files → (N, C, H, W) in [0, 1]; an image of another size or channel count is a clear error."""
     from PIL import Image, UnidentifiedImageError
 
+    from latentzoo.data.loader import to_float
+
     c, h, w = image_shape
     images = []
     for path in files:
@@ -42,18 +44,17 @@ def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.T
                 f"channel(s); the model takes {w}x{h} with {c}"
             )
         images.append(array)
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return to_float(np.stack(images))
 
 
 def read_shards(shard_dir: Path, split: str, n: int) -> torch.Tensor:
     """The first `n` images of a split of the pipeline's shards (checked against the manifest)."""
     from latentzoo.data.loader import eval_batches
-    from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+    from latentzoo.data.shards import checked_shards
 
-    manifest = load_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, splits=(split,))
+    _, urls = checked_shards(shard_dir, (split,))
     batches, count = [], 0
-    for x, _ in eval_batches(shard_urls(shard_dir, manifest, split), batch_size=min(n, 256)):
+    for x, _ in eval_batches(urls[split], batch_size=min(n, 256)):
         batches.append(x)
         count += len(x)
         if count >= n:

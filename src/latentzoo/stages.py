@@ -10,7 +10,7 @@ from pathlib import Path
 
 from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.data.prepare import prepare
-from latentzoo.data.shards import load_manifest, shard_urls, verify_shards, write_shards
+from latentzoo.data.shards import checked_shards, load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
 from latentzoo.evaluation.feature_classifier import save_classifier, train_classifier
 from latentzoo.evaluation.report import build_report
@@ -108,14 +108,8 @@ def finetune_stage(
 def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path) -> dict:
     """Train the feature classifier of the FCD on the training split; its test accuracy is a DVC metric."""
     shard_dir = Path(shard_dir)
-    manifest = load_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, splits=("train", "test"))
-    model, result = train_classifier(
-        params.classifier,
-        shard_urls(shard_dir, manifest, "train"),
-        shard_urls(shard_dir, manifest, "test"),
-        params.seed,
-    )
+    manifest, urls = checked_shards(shard_dir, ("train", "test"))
+    model, result = train_classifier(params.classifier, urls["train"], urls["test"], params.seed)
     with atomic_dir(Path(out_dir)) as tmp:
         save_classifier(model, params.classifier, manifest["image_shape"], tmp / WEIGHTS_FILE)
     write_metrics(Path(metrics_file), result)

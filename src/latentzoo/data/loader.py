@@ -104,10 +104,14 @@ def iter_samples(
         yield image, label
 
 
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC images → float (B, C, H, W) in [0, 1]: what every model takes."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+
+
 def to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 NHWC images → float (B, C, H, W) in [0, 1], and int64 labels."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(), torch.tensor(labels, dtype=torch.int64)
+    """A list of uint8 HWC images and their labels → a float batch (`to_float`) and int64 labels."""
+    return to_float(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
 def batched(samples: Iterator[tuple[np.ndarray, int]], batch_size: int, drop_last: bool):
@@ -160,8 +164,7 @@ def decoded_bytes(count: int, image_shape) -> int:
 
 
 def array_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    return x.contiguous(), torch.from_numpy(labels)
+    return to_float(images), torch.from_numpy(labels)
 
 
 def train_batches(

@@ -6,7 +6,6 @@ own test part (MNIST's t10k files), that is the test split and only val is carve
 
 from __future__ import annotations
 
-import json
 import warnings
 import zipfile
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from latentzoo.atomic import atomic_dir
+from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.data.sources import ImageSet, load_source
 from latentzoo.errors import DataError
 
@@ -120,5 +119,5 @@ def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         for name, s in sets.items():
             save_npz(tmp / f"{name}.npz", images=s.images, labels=s.labels)
-        (tmp / "prepare.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        (tmp / "prepare.json").write_text(json_text(info))
     return info

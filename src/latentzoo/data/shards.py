@@ -18,7 +18,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from latentzoo.atomic import atomic_dir
+from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.data.prepare import SPLITS, load_split
 from latentzoo.errors import DataError, ShardError
 
@@ -103,7 +103,7 @@ def write_shards(prepared_dir: Path, out_dir: Path, maxcount: int, progress: boo
     with atomic_dir(out_dir) as tmp, bar:
         for split, s in sets.items():
             manifest["splits"][split] = _write_split(tmp, split, s.images, s.labels, maxcount, bar)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / MANIFEST).write_text(json_text(manifest))
     return manifest
 
 
@@ -141,6 +141,13 @@ def verify_shards(shard_dir: Path, manifest: dict | None = None, splits=None) ->
                 raise ShardError(f"{path}: shard listed in {MANIFEST} is missing; {_REPRO_HINT}")
             if sha256_file(path) != shard["sha256"]:
                 raise ShardError(f"{path}: sha256 mismatch with {MANIFEST} (file changed or corrupt); {_REPRO_HINT}")
+
+
+def checked_shards(shard_dir: Path, splits: tuple[str, ...]) -> tuple[dict, dict[str, list[str]]]:
+    """The manifest and the shard URLs of each of `splits`, once those shards match their sha256."""
+    manifest = load_manifest(shard_dir)
+    verify_shards(shard_dir, manifest, splits=splits)
+    return manifest, {split: shard_urls(shard_dir, manifest, split) for split in splits}
 
 
 def shard_urls(shard_dir: Path, manifest: dict, split: str) -> list[str]:

@@ -11,14 +11,12 @@ from pathlib import Path
 import torch
 
 from latentzoo.data.loader import eval_batches
-from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+from latentzoo.data.shards import checked_shards
 
 
 def test_urls(shard_dir: Path) -> list[str]:
     """The test split's shards, checked against the manifest's sha256 first."""
-    manifest = load_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, splits=("test",))
-    return shard_urls(shard_dir, manifest, "test")
+    return checked_shards(shard_dir, ("test",))[1]["test"]
 
 
 @torch.no_grad()

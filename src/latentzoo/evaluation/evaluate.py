@@ -11,16 +11,15 @@ Metrics, all means over the test split:
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from latentzoo.atomic import atomic_write_text
+from latentzoo.atomic import atomic_write_json
 from latentzoo.data.loader import eval_batches
-from latentzoo.data.shards import load_manifest, shard_urls, verify_shards
+from latentzoo.data.shards import checked_shards
 from latentzoo.evaluation import metrics as M
 from latentzoo.evaluation.feature_classifier import load_classifier
 from latentzoo.evaluation.figures import save_usage_histogram
@@ -42,9 +41,8 @@ def evaluate_model(
     """Test-split metrics of the model in `model_path`; returns (metrics, model). With `figures_dir`, a family
     with a codebook also gets its usage histogram there (codebook_usage.png); with `classifier_path` (the
     classifier stage's network), FCD and sharpness of reconstructions and samples (`evaluation.quality`)."""
-    manifest = load_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, splits=("test",))
-    urls = shard_urls(shard_dir, manifest, "test")
+    manifest, split_urls = checked_shards(shard_dir, ("test",))
+    urls = split_urls["test"]
     model, meta = load_model(model_path)
     generator = torch.Generator().manual_seed(params.seed)  # the same binarisation / ε for every evaluation
     sums: dict[str, float] = defaultdict(float)
@@ -109,4 +107,4 @@ def write_grids(model, urls: list[str], out_dir: Path, n: int, seed: int) -> Non
 
 def write_metrics(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, result)

@@ -10,7 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from latentzoo.atomic import atomic_dir
+from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.evaluation.figures import save_training_curves
 
 # Column order of the table; a metric a family does not define is shown as "–".
@@ -221,5 +221,5 @@ def build_report(
         (tmp / "report.md").write_text(markdown)
         (tmp / "report.html").write_text(markdown_to_html(markdown, tmp))
         everything = rows | ({"stacked_ae": stacked} if stacked else {})
-        (tmp / "metrics.json").write_text(json.dumps(everything, indent=2, sort_keys=True) + "\n")
+        (tmp / "metrics.json").write_text(json_text(everything))
     return Path(out_dir) / "report.md"

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentzoo.ddp import is_distributed
 from latentzoo.models.resnet import norm
 
 GanLoss = Literal["hinge", "bce"]
@@ -69,7 +70,7 @@ def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, delt
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
     weight = (rec_grad.norm() / (gan_grad.norm() + delta)).clamp(0.0, 1e4).detach()
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(weight)
         weight /= dist.get_world_size()
     return weight

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentzoo.ddp import is_distributed
+
 # ---------------------------------------------------------------- nearest code
 
 
@@ -101,26 +103,22 @@ class CodeCounter:
 # ---------------------------------------------------------------- distributed helpers
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def all_reduce_sum(t: Tensor) -> Tensor:
     """Sum `t` over ranks in place (identity outside torch.distributed)."""
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def broadcast_from_rank0(t: Tensor) -> Tensor:
     """Overwrite `t` on every rank with rank 0's `t`, in place (identity outside torch.distributed)."""
-    if _distributed():
+    if is_distributed():
         dist.broadcast(t, src=0)
     return t
 
 
 def _is_rank0() -> bool:
-    return not _distributed() or dist.get_rank() == 0
+    return not is_distributed() or dist.get_rank() == 0
 
 
 # ---------------------------------------------------------------- update rules

@@ -34,10 +34,10 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor, nn
 
+from latentzoo.ddp import is_distributed
 from latentzoo.errors import ConfigError
 from latentzoo.models.base import ModelOutput
 from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, frozen, generator_loss
@@ -86,7 +86,7 @@ def batch_moments(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Tenso
     `torch.distributed.nn.all_reduce`, whose backward all-reduces the gradients, so the gradient is that of the
     global statistic."""
     stats = torch.cat([mu.sum(0), (mu.pow(2) + logvar.exp()).sum(0), mu.new_tensor([len(mu)])])
-    if global_batch and dist.is_available() and dist.is_initialized():
+    if global_batch and is_distributed():
         from torch.distributed.nn.functional import all_reduce
 
         stats = all_reduce(stats)
@@ -111,7 +111,7 @@ def batch_covariance(mu: Tensor, logvar: Tensor, global_batch: bool) -> tuple[Te
     d = mu.shape[1]
     second = mu.T @ mu + torch.diag(logvar.exp().sum(0))
     stats = torch.cat([mu.sum(0), second.flatten(), mu.new_tensor([len(mu)])])
-    if global_batch and dist.is_available() and dist.is_initialized():
+    if global_batch and is_distributed():
         from torch.distributed.nn.functional import all_reduce
 
         stats = all_reduce(stats)

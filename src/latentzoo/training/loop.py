@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
+from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
@@ -154,7 +155,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
     nodes = count_nodes()
     if rank == 0:
-        backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+        backend = dist.get_backend() if is_distributed() else "none"
         say(
             f"[{job.tag}] {world} worker(s) on {nodes} node(s), {device}, process group {backend}, "
             f"{steps} steps of {train.batch_size} per worker per epoch"
@@ -281,7 +282,7 @@ def log_missing_epochs(job: TrainJob, history: list[dict]) -> None:
 
 def count_nodes() -> int:
     """How many Ray nodes the workers run on (one all-gather of the node ids), 1 outside Ray or without DDP."""
-    if not (ray.is_initialized() and dist.is_available() and dist.is_initialized()):
+    if not (ray.is_initialized() and is_distributed()):
         return 1
     node = ray.get_runtime_context().get_node_id()
     nodes: list[str] = [""] * dist.get_world_size()
@@ -379,7 +380,7 @@ def replicas_identical(model: nn.Module) -> bool:
     """True when every rank holds bit-identical weights and buffers: a sha256 of the state dict per rank,
     all-gathered (one small collective). DDP keeps parameters equal; this also covers what DDP does not,
     such as EMA codebooks and restarted codes."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return True
     digest = hashlib.sha256()
     for name, tensor in sorted(unwrap(model).state_dict().items()):
@@ -406,7 +407,7 @@ def global_means(sums: dict[str, float], count: int, device) -> dict[str, float]
     tensors of different lengths aborts gloo.
     """
     keys = sorted(sums)
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = is_distributed()
     if distributed:
         gathered: list[list[str]] = [[] for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, keys)
@@ -420,7 +421,7 @@ def global_means(sums: dict[str, float], count: int, device) -> dict[str, float]
 
 def global_min_max(value: int, device) -> tuple[int, int]:
     t = torch.tensor([value, -value], dtype=torch.int64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t[0]), int(-t[1])
 

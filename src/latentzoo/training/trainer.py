@@ -21,9 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from latentzoo.atomic import atomic_dir, atomic_write_text
+from latentzoo.atomic import atomic_dir, atomic_write_json, atomic_write_text, json_text
 from latentzoo.data.loader import count_labelled, decoded_bytes
-from latentzoo.data.shards import load_manifest, sha256_file, shard_urls, verify_shards
+from latentzoo.data.shards import checked_shards, sha256_file
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.faults import planned
@@ -171,9 +171,8 @@ class TrainingData:
 def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
     """Verify the shards (sha256) and that the workers and the model fit them, before Ray starts."""
     shard_dir = Path(shard_dir).resolve()
-    manifest = load_manifest(shard_dir)
-    verify_shards(shard_dir, manifest, splits=("train", "val"))  # before any worker starts
-    train_urls, val_urls = shard_urls(shard_dir, manifest, "train"), shard_urls(shard_dir, manifest, "val")
+    manifest, urls = checked_shards(shard_dir, ("train", "val"))  # before any worker starts
+    train_urls, val_urls = urls["train"], urls["val"]
     if params.train.num_workers > len(train_urls):
         raise ShardError(
             f"{shard_dir}/manifest.json: the train split has {len(train_urls)} shard(s) but train.num_workers is "
@@ -419,14 +418,14 @@ def write_outputs(
             model, model_name, params.model_config_for(model_name).model_dump(), image_shape, len(history)
         )
         save_state(tmp / WEIGHTS_FILE, record)
-        (tmp / RUN_FILE).write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}, indent=2) + "\n")
+        (tmp / RUN_FILE).write_text(json_text({"run_id": run_id, "tracking_uri": uri}, sort_keys=False))
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         write_grids(model, val_urls, tmp, params.evaluate.grid_size, params.seed)  # previews for MLflow
     final = dict(history[-1])
     final["fit_time_s"] = fit_seconds
     final["epochs"] = len(history)
     outputs.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outputs.metrics_file, json.dumps(final, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(outputs.metrics_file, final)
     outputs.plots_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(outputs.plots_file, history_csv(history))
     return final
@@ -440,7 +439,7 @@ def register_model(uri: str, run_id: str, model_name: str, image_shape, model_di
     version = log_trained_model(uri, run_id, model, model_name, image_shape)
     record = json.loads((model_dir / RUN_FILE).read_text())
     record |= {"registered_model": registered_name(model_name), "model_version": version}
-    atomic_write_text(model_dir / RUN_FILE, json.dumps(record, indent=2) + "\n")
+    atomic_write_json(model_dir / RUN_FILE, record, sort_keys=False)
 
 
 def history_csv(history: list[dict]) -> str:
