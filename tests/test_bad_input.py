@@ -19,6 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
+from latentzoo.checkpoint import (
+    load_model,
+    load_state,
+    save_state,
+    weights_record,
+)
 from latentzoo.config import DataConfig
 from latentzoo.data.prepare import prepare
 from latentzoo.data.shards import verify_shards, write_shards
@@ -31,12 +37,6 @@ from latentzoo.errors import (
     cli_errors,
 )
 from latentzoo.models import build_model
-from latentzoo.training.checkpoint import (
-    load_model,
-    load_state,
-    save_state,
-    weights_record,
-)
 
 # ---------------------------------------------------------------- image files
 
@@ -311,7 +311,7 @@ def _session(run_dir: Path, resume=None):
 def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(digits_shards, tiny_params, tmp_path, capsys):
     import ray.train
 
-    from latentzoo.training.checkpoint import CHECKPOINT_FILE
+    from latentzoo.checkpoint import CHECKPOINT_FILE
     from latentzoo.training.loop import run_loop
 
     run = tmp_path / "run"
@@ -334,7 +334,7 @@ def test_a_corrupt_last_checkpoint_resumes_from_the_previous_one(digits_shards, 
 def test_no_readable_checkpoint_trains_from_the_start(digits_shards, tiny_params, tmp_path, capsys):
     import ray.train
 
-    from latentzoo.training.checkpoint import CHECKPOINT_FILE
+    from latentzoo.checkpoint import CHECKPOINT_FILE
     from latentzoo.training.loop import run_loop
 
     run = tmp_path / "run"

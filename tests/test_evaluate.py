@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from latentzoo.checkpoint import load_model, save_state, weights_record
 from latentzoo.errors import ShardError
 from latentzoo.evaluation.evaluate import evaluate_model
 from latentzoo.evaluation.report import build_report
 from latentzoo.models import build_model
-from latentzoo.training.checkpoint import load_model, save_state, weights_record
 
 
 @pytest.fixture

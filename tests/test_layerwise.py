@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from latentzoo import faults
-from latentzoo.training.checkpoint import load_model, load_state
+from latentzoo.checkpoint import load_model, load_state
 from latentzoo.training.layerwise import finetune_stack, pretrain_stack
 
 STACK = {

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from latentzoo.checkpoint import load_model
 from latentzoo.cli import main
 from latentzoo.tracking.models import Reconstructor, load
-from latentzoo.training.checkpoint import load_model
 from latentzoo.training.trainer import TrainOutputs, train_model
 
 pytestmark = pytest.mark.ray

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from latentzoo.checkpoint import save_state, weights_record
 from latentzoo.evaluation.evaluate import evaluate_model
 from latentzoo.evaluation.feature_classifier import frechet_distance, load_classifier
 from latentzoo.evaluation.metrics import laplacian_variance
 from latentzoo.models import build_model
 from latentzoo.stages import classifier_stage
-from latentzoo.training.checkpoint import save_state, weights_record
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():

@@ -219,7 +219,7 @@ def _loop_worker(rank: int, world: int, port: int, job, out_dir: str) -> None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state
+    from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 
     return load_state(Path(path) / CHECKPOINT_FILE)
 

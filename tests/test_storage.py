@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from latentzoo.training.checkpoint import save_state
-from latentzoo.training.storage import RunFolder, storage_location
+from latentzoo.checkpoint import save_state
+from latentzoo.storage import RunFolder, storage_location
 
 
 def test_storage_location_keeps_uris_and_makes_paths_absolute(tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from latentzoo import faults
+from latentzoo.checkpoint import load_model
 from latentzoo.errors import ShardError
-from latentzoo.training.checkpoint import load_model
 from latentzoo.training.trainer import TrainOutputs, run_name, train_model
 
 pytestmark = pytest.mark.ray

@@ -19,14 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from latentzoo.atomic import atomic_write_bytes
+from latentzoo.data.loader import eval_batches, to_float
+from latentzoo.data.shards import checked_shards
 from latentzoo.errors import LatentzooError, cli_errors
+from latentzoo.evaluation.grids import save_grid
+from latentzoo.submit import submit
+from latentzoo.tracking.models import Reconstructor, load
 
 
 def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.Tensor:
     """Image files → (N, C, H, W) in [0, 1]; an image of another size or channel count is a clear error."""
     from PIL import Image, UnidentifiedImageError
-
-    from latentzoo.data.loader import to_float
 
     c, h, w = image_shape
     images = []
@@ -49,8 +53,6 @@ def read_images(files: list[Path], image_shape: tuple[int, int, int]) -> torch.T
 
 def read_shards(shard_dir: Path, split: str, n: int) -> torch.Tensor:
     """The first `n` images of a split of the pipeline's shards (checked against the manifest)."""
-    from latentzoo.data.loader import eval_batches
-    from latentzoo.data.shards import checked_shards
 
     _, urls = checked_shards(shard_dir, (split,))
     batches, count = [], 0
@@ -77,8 +79,6 @@ def inputs(args, model) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(args) -> Path:
-    from latentzoo.evaluation.grids import save_grid
-    from latentzoo.tracking.models import load
 
     model = load(args.model)
     if not hasattr(model, "sample"):
@@ -89,8 +89,6 @@ def sample(args) -> Path:
 
 @torch.no_grad()
 def reconstruct(args) -> Path:
-    from latentzoo.evaluation.grids import save_grid
-    from latentzoo.tracking.models import Reconstructor, load
 
     model = load(args.model)
     x = inputs(args, model)
@@ -100,8 +98,6 @@ def reconstruct(args) -> Path:
 
 @torch.no_grad()
 def encode(args) -> Path:
-    from latentzoo.atomic import atomic_write_bytes
-    from latentzoo.tracking.models import load
 
     model = load(args.model)
     codes = model.latents(inputs(args, model)).cpu().numpy()
@@ -182,7 +178,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def submit_job(args) -> str:
-    from latentzoo.submit import submit
 
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     if not command:

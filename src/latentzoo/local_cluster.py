@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latentzoo.config import load_params
 from latentzoo.errors import LatentzooError, Terminated, cli_errors
 
 
@@ -166,8 +167,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("no command given (e.g. -- dvc repro)")
     num_cpus = None
     if args.params.exists():
-        from latentzoo.config import load_params
-
         num_cpus = load_params(args.params).ray.num_cpus
     return run(command, num_cpus)
 

@@ -9,14 +9,16 @@ import json
 from pathlib import Path
 
 from latentzoo.atomic import atomic_dir, atomic_write_text
+from latentzoo.checkpoint import WEIGHTS_FILE
 from latentzoo.data.prepare import prepare
 from latentzoo.data.shards import checked_shards, load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
 from latentzoo.evaluation.feature_classifier import save_classifier, train_classifier
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
+from latentzoo.tracking.models import tag_version
 from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
-from latentzoo.training.trainer import RUN_FILE, WEIGHTS_FILE, TrainOutputs, history_csv, train_model
+from latentzoo.training.trainer import RUN_FILE, TrainOutputs, history_csv, train_model
 from latentzoo.tuning.search import apply_tuned, tune_model
 
 MLFLOW_UI = (
@@ -174,8 +176,6 @@ def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) 
         mlflow_runs.log_artifact(uri, run["run_id"], png, "evaluation")
     mlflow_runs.set_tags(uri, run["run_id"], {"latentzoo.evaluated": "true"})
     if run.get("model_version"):  # the registered version carries its test metrics too
-        from latentzoo.tracking.models import tag_version
-
         tag_version(uri, run["registered_model"], run["model_version"], result)
 
 

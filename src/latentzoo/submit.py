@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from latentzoo.errors import LatentzooError, cli_errors
-from latentzoo.training.storage import read_file, write_file
+from latentzoo.storage import read_file, write_file
 
 EXCLUDES = [
     ".venv",

@@ -30,6 +30,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from latentzoo.data.shards import sample_key
 from latentzoo.errors import ShardError
 
 
@@ -64,7 +65,6 @@ def labelled(key: str, fraction: float, seed: int) -> bool:
 
 def count_labelled(split: str, count: int, fraction: float, seed: int) -> int:
     """How many of the `count` samples of `split` the label budget keeps (exactly, from their keys)."""
-    from latentzoo.data.shards import sample_key
 
     return sum(labelled(sample_key(split, i), fraction, seed) for i in range(count))
 

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from latentzoo.atomic import atomic_write_json
+from latentzoo.checkpoint import load_model
 from latentzoo.data.loader import eval_batches
 from latentzoo.data.shards import checked_shards
 from latentzoo.evaluation import metrics as M
@@ -26,7 +27,6 @@ from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import save_grid
 from latentzoo.evaluation.quality import quality_metrics
 from latentzoo.models.quantizer import CodeCounter
-from latentzoo.training.checkpoint import load_model
 
 
 @torch.no_grad()

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from latentzoo.checkpoint import load_state, save_state
 from latentzoo.config import ClassifierConfig
 from latentzoo.data.loader import eval_batches
 from latentzoo.errors import DataError, LatentzooError
-from latentzoo.training.checkpoint import load_state, save_state
 
 
 class FeatureClassifier(nn.Module):

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+import latentzoo
+from latentzoo.checkpoint import WEIGHTS_FILE, load_model
 from latentzoo.errors import LatentzooError
 
 ARTIFACT = "model"
@@ -46,8 +48,6 @@ def log_trained_model(
     registered version."""
     import mlflow
     from mlflow.models import infer_signature
-
-    import latentzoo
 
     wrapped = Reconstructor(model).eval()
     example = torch.rand(2, *image_shape)
@@ -91,8 +91,6 @@ def load(reference: str) -> nn.Module:
                 f"({type(err).__name__}: {str(err).splitlines()[0][:300]})"
             ) from None
         return (wrapped.model if isinstance(wrapped, Reconstructor) else wrapped).eval()
-    from latentzoo.training.checkpoint import load_model
-    from latentzoo.training.trainer import WEIGHTS_FILE
 
     path = Path(reference)
     if path.is_dir():

@@ -19,13 +19,14 @@ import shutil
 from pathlib import Path
 
 from latentzoo.atomic import atomic_dir
+from latentzoo.checkpoint import WEIGHTS_FILE, load_model
+from latentzoo.data.loader import count_labelled
 from latentzoo.data.shards import load_manifest, sha256_file
 from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
+from latentzoo.storage import RunFolder, storage_location
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.checkpoint import load_model
-from latentzoo.training.storage import RunFolder, storage_location
-from latentzoo.training.trainer import RUN_RECORD, WEIGHTS_FILE, Phase, TrainOutputs, history_csv, run_name, train_model
+from latentzoo.training.trainer import RUN_FILE, RUN_RECORD, Phase, TrainOutputs, history_csv, run_name, train_model
 
 MODEL = "stacked_ae"
 
@@ -112,7 +113,6 @@ def finetune_stack(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path,
 
 
 def final_labelled(params, shard_dir: Path) -> int:
-    from latentzoo.data.loader import count_labelled
 
     count = load_manifest(shard_dir)["splits"]["train"]["count"]
     return count_labelled("train", count, params.finetune.label_fraction, params.seed)
@@ -183,7 +183,6 @@ def close_parent(uri: str | None, run_id: str | None, metrics: dict) -> None:
 
 def log_test(model_dir: Path, metrics: dict) -> None:
     """Test figures onto the phase's own MLflow run (the one that trained the weights in `model_dir`)."""
-    from latentzoo.training.trainer import RUN_FILE
 
     run = json.loads((model_dir / RUN_FILE).read_text())
     if run.get("run_id"):

@@ -25,15 +25,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from latentzoo.checkpoint import CHECKPOINT_FILE, load_state, save_state
+from latentzoo.config import Params
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
 from latentzoo.models.quantizer import CodeCounter
+from latentzoo.storage import readable_checkpoints
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_state, save_state
-from latentzoo.training.storage import readable_checkpoints
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_loop(job: TrainJob, session: Session) -> None:
     """Train `job` for train.epochs epochs from the session's last checkpoint, reporting one row per epoch."""
-    from latentzoo.config import Params
 
     params = Params.model_validate(job.params)
     train = params.train

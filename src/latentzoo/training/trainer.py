@@ -22,18 +22,18 @@ from pathlib import Path
 import yaml
 
 from latentzoo.atomic import atomic_dir, atomic_write_json, atomic_write_text, json_text
+from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_model, load_state, save_state, weights_record
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
 from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.faults import planned
 from latentzoo.models import build_model
+from latentzoo.storage import RunFolder, storage_location
 from latentzoo.tracking import mlflow_runs
-from latentzoo.training.checkpoint import CHECKPOINT_FILE, load_model, load_state, save_state, weights_record
+from latentzoo.tracking.models import log_trained_model, registered_name
 from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
-from latentzoo.training.storage import RunFolder, storage_location
 
-WEIGHTS_FILE = "model.pt"
 RUN_FILE = "mlflow_run.json"
 DONE_MARKER = "latentzoo_complete"
 RUN_RECORD = "latentzoo_mlflow.json"  # beside Ray's checkpoints: the MLflow run a rerun resumes
@@ -433,7 +433,6 @@ def write_outputs(
 
 def register_model(uri: str, run_id: str, model_name: str, image_shape, model_dir: Path) -> None:
     """Log the final model to the run (PyTorch flavour), register it, and note the version beside the weights."""
-    from latentzoo.tracking.models import log_trained_model, registered_name
 
     model, _ = load_model(model_dir / WEIGHTS_FILE)
     version = log_trained_model(uri, run_id, model, model_name, image_shape)

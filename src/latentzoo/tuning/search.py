@@ -23,11 +23,12 @@ from pathlib import Path
 import yaml
 
 from latentzoo.atomic import atomic_write_text
+from latentzoo.config import Params, validate_params
 from latentzoo.errors import TrainingError
 from latentzoo.faults import fail_if_planned, planned
+from latentzoo.storage import RunFolder, storage_location
 from latentzoo.tracking import mlflow_runs
 from latentzoo.training.loop import run_loop, tune_session
-from latentzoo.training.storage import RunFolder, storage_location
 from latentzoo.training.trainer import DONE_MARKER, RUN_RECORD, TrainingData, connect_ray, run_name, training_data
 
 MODE = "min"
@@ -48,7 +49,6 @@ def search_space(params, model_name: str) -> dict:
 
 def with_weights(params, model_name: str, weights: dict[str, float]):
     """Params with `weights` set in the model's section (validated again, so a bad weight is a clear error)."""
-    from latentzoo.config import validate_params
 
     raw = params.model_dump()
     raw[model_name] = {**raw[model_name], **weights}
@@ -91,8 +91,6 @@ def run_trial(config: dict, ctx: dict) -> None:
     so each trial is one process that Tune can stop and restore cleanly, with the same loop and checkpoints.
     """
     import ray.tune
-
-    from latentzoo.config import Params
 
     trial = ray.tune.get_context()
     trial_id, number = trial.get_trial_id(), trial_number(trial.get_trial_dir())

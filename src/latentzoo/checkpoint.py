@@ -6,6 +6,7 @@ Everything is saved as tensors, dicts, lists, strings and numbers, so it loads w
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,12 @@ from latentzoo.atomic import atomic_write_bytes
 from latentzoo.errors import LatentzooError
 from latentzoo.models import REGISTRY, build_model
 
-CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FILE = "checkpoint.pt"  # one epoch's training state, in a Ray checkpoint folder
+WEIGHTS_FILE = "model.pt"  # a trained model (`weights_record`), in its DVC output folder
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
     """torch.save to a temp file, then rename: a reader never sees half a checkpoint."""
-    import io
 
     buffer = io.BytesIO()
     torch.save(state, buffer)
