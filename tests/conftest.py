@@ -23,15 +23,17 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 def fresh_machine() -> None:
     """Run the session as on a fresh machine: an empty home (no ~/.ray token, no DVC, MLflow or git user config),
-    Ray's temp files in a folder of its own (not /tmp/ray), and one random Ray token for the session's Ray and
-    every stage it starts, handed over in the environment (nothing written to a home)."""
+    DVC's system config and site cache inside it, Ray's temp files in a folder of its own (not /tmp/ray), and one
+    random Ray token for the session's Ray and every stage it starts, handed over in the environment."""
     home = tempfile.mkdtemp(prefix="lz-home-")
     ray_tmp = tempfile.mkdtemp(prefix="lz-tmp-", dir="/tmp")  # short: Ray's socket paths live under it
     atexit.register(shutil.rmtree, home, ignore_errors=True)
     atexit.register(shutil.rmtree, ray_tmp, ignore_errors=True)
-    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "RAY_AUTH_TOKEN_PATH", "MLFLOW_CONFIG_DIR"):
+    for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "RAY_AUTH_TOKEN_PATH"):
         os.environ.pop(name, None)
     os.environ.update({"HOME": home, "RAY_TMPDIR": ray_tmp, **auth_env()})
+    for name in ("DVC_SYSTEM_CONFIG_DIR", "DVC_GLOBAL_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):  # not /etc/xdg, /var/tmp
+        os.environ[name] = os.path.join(home, name.lower())
 
 
 fresh_machine()
@@ -135,9 +137,18 @@ def start_mlflow_server(folder: Path, port: int):
 
 
 def stop_mlflow_server(server) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it is still up after 30 s (a loaded machine was seen to
+    take longer to stop the server's workers)."""
+    import signal
+    import subprocess
+
     if server.poll() is None:
-        os.killpg(server.pid, 15)
-    server.wait(timeout=30)
+        os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
 
 
 @pytest.fixture

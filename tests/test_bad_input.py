@@ -287,7 +287,9 @@ def _vae_job(shards: Path, tiny_params, epochs: int):
     params = tiny_params(**{"train.epochs": epochs, "train.num_workers": 1})
     return TrainJob(
         "vae",
-        params.model_dump(),
+        params.seed,
+        params.train,
+        params.vae,
         shard_urls(shards, manifest, "train"),
         shard_urls(shards, manifest, "val"),
         manifest["splits"]["train"]["count"],

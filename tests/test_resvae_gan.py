@@ -200,7 +200,9 @@ def gan_job(shards: Path, **overrides):
     params = make_params(**{**TINY_GAN, **overrides})
     return TrainJob(
         "resvae_gan",
-        params.model_dump(),
+        params.seed,
+        params.train,
+        params.resvae_gan,
         shard_urls(shards, manifest, "train"),
         shard_urls(shards, manifest, "val"),
         manifest["splits"]["train"]["count"],

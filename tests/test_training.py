@@ -146,17 +146,21 @@ def test_run_name_changes_with_params_not_with_retries(tiny_params):
 
 
 def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
+    from latentzoo.config import TrainConfig
+    from latentzoo.models import VAEConfig
+    from latentzoo.tracking.runs import TrackedRun
     from latentzoo.training.loop import TrainJob, log_epoch
 
     job = TrainJob(
         model_name="vae",
-        params={},
+        seed=0,
+        train=TrainConfig(),
+        model_config=VAEConfig(),
         train_urls=[],
         val_urls=[],
         num_train=0,
         image_shape=(1, 8, 8),
-        mlflow_uri=f"sqlite:///{tmp_path}/missing/dir/mlflow.db",
-        mlflow_run_id="nope",
+        run=TrackedRun(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "nope"),
     )
     log_epoch(job, {"train_loss": 1.0}, step=3)
     assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out

@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from latentzoo.errors import ConfigError
-from latentzoo.models import REGISTRY
+from latentzoo.models import (
+    REGISTRY,
+    ResVAEGANConfig,
+    SimVQConfig,
+    StackedAEConfig,
+    VAEConfig,
+    VQVAEConfig,
+)
 from latentzoo.schema import Section
 
 
@@ -148,7 +155,9 @@ class TuneConfig(Section):
     space: dict[str, dict[str, SearchRange]] = Field(default_factory=dict)  # {model: {loss weight: range}}
 
 
-class _ParamsBase(Section):
+class Params(Section):
+    """Every section of params.yaml, validated once (`load_params`); derive a changed copy with `updated`."""
+
     seed: int = Field(default=0, ge=0)
     models: list[str] = Field(default_factory=lambda: ["vae"], min_length=1)
     data: DataConfig = DataConfig()
@@ -160,9 +169,15 @@ class _ParamsBase(Section):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     tune: TuneConfig = TuneConfig()
+    # One section per model family of latentzoo.models.REGISTRY (a test checks that the two agree).
+    vae: VAEConfig = VAEConfig()
+    vqvae: VQVAEConfig = VQVAEConfig()
+    simvq: SimVQConfig = SimVQConfig()
+    resvae_gan: ResVAEGANConfig = ResVAEGANConfig()
+    stacked_ae: StackedAEConfig = StackedAEConfig()
 
     @model_validator(mode="after")
-    def _known_models(self) -> _ParamsBase:
+    def _known_models(self) -> Params:
         for name in self.models:
             if name not in REGISTRY:
                 raise ValueError(f"models: unknown model {name!r}, known: {', '.join(sorted(REGISTRY))}")
@@ -174,7 +189,7 @@ class _ParamsBase(Section):
         return self
 
     @model_validator(mode="after")
-    def _searchable_space(self) -> _ParamsBase:
+    def _searchable_space(self) -> Params:
         """Every searched key is a float field of its model's section, and both ends of its range are valid."""
         for model, ranges in self.tune.space.items():
             if model not in REGISTRY:
@@ -200,13 +215,18 @@ class _ParamsBase(Section):
         """The validated section of model family `name` (e.g. params.vae)."""
         return getattr(self, name)
 
-
-# One section per registered model family: adding a model is adding a file and a registry entry.
-Params = create_model(
-    "Params",
-    __base__=_ParamsBase,
-    **{name: (entry.config_cls, entry.config_cls()) for name, entry in REGISTRY.items()},
-)
+    def updated(self, **changes: Any) -> Params:
+        """A copy with dotted keys changed, validated again: `params.updated(**{"train.epochs": 3})`."""
+        raw = self.model_dump()
+        for dotted, value in changes.items():
+            node = raw
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    raise ConfigError(f"params.updated: {dotted} is not a key of params")
+                node = node[key]
+            node[leaf] = value
+        return validate_params(raw, source="params (updated)")
 
 
 # ---------------------------------------------------------------- loading

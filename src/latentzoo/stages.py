@@ -10,6 +10,7 @@ from pathlib import Path
 
 from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.checkpoint import WEIGHTS_FILE
+from latentzoo.config import Params
 from latentzoo.data.prepare import prepare
 from latentzoo.data.shards import checked_shards, load_manifest, shard_urls, write_shards
 from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
@@ -17,8 +18,9 @@ from latentzoo.evaluation.feature_classifier import save_classifier, train_class
 from latentzoo.evaluation.report import build_report
 from latentzoo.tracking import mlflow_runs
 from latentzoo.tracking.models import tag_version
+from latentzoo.tracking.runs import RUN_FILE, TrackedRun
 from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
-from latentzoo.training.trainer import RUN_FILE, TrainOutputs, history_csv, train_model
+from latentzoo.training.trainer import TrainOutputs, history_csv, train_model
 from latentzoo.tuning.search import apply_tuned, tune_model
 
 MLFLOW_UI = (
@@ -27,7 +29,7 @@ MLFLOW_UI = (
 )
 
 
-def prepare_stage(params, out_dir: Path) -> dict:
+def prepare_stage(params: Params, out_dir: Path) -> dict:
     info = prepare(params.data, params.seed, Path(out_dir))
     counts = ", ".join(f"{k} {v}" for k, v in info["counts"].items())
     print(
@@ -37,14 +39,14 @@ def prepare_stage(params, out_dir: Path) -> dict:
     return info
 
 
-def shard_stage(params, prepared_dir: Path, out_dir: Path) -> dict:
+def shard_stage(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     manifest = write_shards(Path(prepared_dir), Path(out_dir), params.shard.maxcount)
     for split, entry in manifest["splits"].items():
         print(f"shard: {split}: {entry['count']} samples in {len(entry['shards'])} shard(s)")
     return manifest
 
 
-def tune_stage(params, model_name: str, shard_dir: Path, out_file: Path) -> dict:
+def tune_stage(params: Params, model_name: str, shard_dir: Path, out_file: Path) -> dict:
     best = tune_model(params, model_name, Path(shard_dir), Path(out_file))
     if not best["searched"]:
         print(f"tune: {model_name}: no search ({best['reason']}); training uses params.yaml's weights")
@@ -60,7 +62,7 @@ def tune_stage(params, model_name: str, shard_dir: Path, out_file: Path) -> dict
 
 
 def train_stage(
-    params,
+    params: Params,
     model_name: str,
     shard_dir: Path,
     model_dir: Path,
@@ -79,7 +81,7 @@ def train_stage(
     return final
 
 
-def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path) -> dict:
+def pretrain_stage(params: Params, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path) -> dict:
     done = pretrain_stack(params, Path(shard_dir), Path(out_dir))
     write_metrics(Path(metrics_file), done["metrics"])
     Path(plots_file).parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +95,7 @@ def pretrain_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path, p
 
 
 def finetune_stage(
-    params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path
+    params: Params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path
 ) -> dict:
     done = finetune_stack(params, Path(pretrained_dir), Path(shard_dir), Path(out_dir))
     write_metrics(Path(metrics_file), done["metrics"])
@@ -107,7 +109,7 @@ def finetune_stage(
     return done["metrics"]
 
 
-def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path) -> dict:
+def classifier_stage(params: Params, shard_dir: Path, out_dir: Path, metrics_file: Path) -> dict:
     """Train the feature classifier of the FCD on the training split; its test accuracy is a DVC metric."""
     shard_dir = Path(shard_dir)
     manifest, urls = checked_shards(shard_dir, ("train", "test"))
@@ -123,7 +125,12 @@ def classifier_stage(params, shard_dir: Path, out_dir: Path, metrics_file: Path)
 
 
 def evaluate_stage(
-    params, model_dir: Path, shard_dir: Path, metrics_file: Path, plots_dir: Path, classifier: Path | None = None
+    params: Params,
+    model_dir: Path,
+    shard_dir: Path,
+    metrics_file: Path,
+    plots_dir: Path,
+    classifier: Path | None = None,
 ) -> dict:
     """Test metrics of one trained model; with the classifier stage's `classifier` weights, FCD and sharpness."""
     model_dir, shard_dir, plots_dir = Path(model_dir), Path(shard_dir), Path(plots_dir)
@@ -162,25 +169,23 @@ def read_stacked(pretrain_metrics: Path | None, finetune_metrics: Path | None) -
     return found
 
 
-def log_to_training_run(params, model_dir: Path, result: dict, plots_dir: Path) -> None:
+def log_to_training_run(params: Params, model_dir: Path, result: dict, plots_dir: Path) -> None:
     """Test metrics and grids go to the MLflow run of the training that made the model."""
-    run_file = model_dir / RUN_FILE
-    if not params.tracking.enabled or not run_file.exists():
+    record_file = model_dir / RUN_FILE
+    run = TrackedRun.load(record_file) if params.tracking.enabled else None  # the store the training logged to
+    if not run:
         return
-    run = json.loads(run_file.read_text())
-    if not run.get("run_id"):
-        return
-    uri = run.get("tracking_uri") or mlflow_runs.tracking_uri()  # the store the training logged to
-    mlflow_runs.log_metrics(uri, run["run_id"], result)
+    run.log_metrics(result)
     for png in sorted(plots_dir.glob("*.png")):
-        mlflow_runs.log_artifact(uri, run["run_id"], png, "evaluation")
-    mlflow_runs.set_tags(uri, run["run_id"], {"latentzoo.evaluated": "true"})
-    if run.get("model_version"):  # the registered version carries its test metrics too
-        tag_version(uri, run["registered_model"], run["model_version"], result)
+        run.log_artifact(png, "evaluation")
+    run.set_tags({"latentzoo.evaluated": "true"})
+    record = json.loads(record_file.read_text())
+    if record.get("model_version"):  # the registered version carries its test metrics too
+        tag_version(run.uri, record["registered_model"], record["model_version"], result)
 
 
 def report_stage(
-    params,
+    params: Params,
     eval_dir: Path,
     train_dir: Path,
     plots_dir: Path,
@@ -200,14 +205,11 @@ def report_stage(
         curves_dir=curves_dir,
     )
     if params.tracking.enabled:
-        uri = mlflow_runs.tracking_uri()
-        tags = {"latentzoo.stage": "report", "mlflow.source.git.commit": mlflow_runs.git_commit()}
-        run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-report", "report", tags)
-        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.md")
-        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "report.html")
-        mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "metrics.json")
-        if (Path(out_dir) / "images").exists():
-            mlflow_runs.log_artifact(uri, run_id, Path(out_dir) / "images")
-        mlflow_runs.end_run(uri, run_id)
+        experiment = f"{params.tracking.experiment_prefix}-report"
+        run = TrackedRun.start(mlflow_runs.tracking_uri(), experiment, "report", {"latentzoo.stage": "report"})
+        for name in ("report.md", "report.html", "metrics.json", "images"):
+            if (Path(out_dir) / name).exists():
+                run.log_artifact(Path(out_dir) / name)
+        run.finish()
     print(f"report: {report}")
     return report

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from latentzoo.atomic import atomic_write_json
 from latentzoo.checkpoint import load_model
+from latentzoo.config import Params
 from latentzoo.data.loader import eval_batches
 from latentzoo.data.shards import checked_shards
 from latentzoo.evaluation import metrics as M
@@ -31,7 +32,7 @@ from latentzoo.models.quantizer import CodeCounter
 
 @torch.no_grad()
 def evaluate_model(
-    params,
+    params: Params,
     model_path: Path,
     shard_dir: Path,
     progress: bool = True,

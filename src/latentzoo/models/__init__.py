@@ -1,7 +1,8 @@
 """Model families, by the name params.yaml uses (`models: [vae]` and a `vae:` section).
 
-Adding a family is adding one file with its config section and module, and one entry here.
-Must not import latentzoo.config: config builds its Params model from REGISTRY.
+Adding a family is adding one file with its config section and module, one entry here and its section in
+config.Params (tests/test_config.py checks the two agree).
+Must not import latentzoo.config: config.Params holds one section per REGISTRY entry.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ dies during training costs each epoch seconds, not minutes.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -181,12 +180,3 @@ def child_runs(uri: str, parent_run_id: str) -> list[tuple[str, str, dict[str, s
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
     )
     return [(r.info.run_id, r.info.status, dict(r.data.tags)) for r in runs]
-
-
-def reopen_saved_run(uri: str, saved: str | None) -> str | None:
-    """The run id recorded in `saved` (the JSON text of a run record), marked RUNNING again; None if none is
-    recorded or the run is gone (an interrupted stage resumes into the same run)."""
-    if not saved:
-        return None
-    run_id = json.loads(saved)["run_id"]
-    return run_id if resume_run(uri, run_id) else None

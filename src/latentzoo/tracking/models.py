@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import latentzoo
 from latentzoo.checkpoint import WEIGHTS_FILE, load_model
 from latentzoo.errors import LatentzooError
+from latentzoo.tracking.runs import TrackedRun
 
 ARTIFACT = "model"
 
@@ -41,10 +42,8 @@ class Reconstructor(nn.Module):
         return self.model(x).recon
 
 
-def log_trained_model(
-    uri: str, run_id: str, model: nn.Module, family: str, image_shape: tuple[int, int, int]
-) -> str | None:
-    """Log `model` to run `run_id` with the PyTorch flavour and register it as `latentzoo-<family>`; returns the
+def log_trained_model(run: TrackedRun, model: nn.Module, family: str, image_shape: tuple[int, int, int]) -> str | None:
+    """Log `model` to `run` with the PyTorch flavour and register it as `latentzoo-<family>`; returns the
     registered version."""
     import mlflow
     from mlflow.models import infer_signature
@@ -53,8 +52,8 @@ def log_trained_model(
     example = torch.rand(2, *image_shape)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), wrapped(example).numpy())
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    mlflow.set_tracking_uri(run.uri)
+    with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pytorch.log_model(
             wrapped,
             name=ARTIFACT,

@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import shutil
 from pathlib import Path
 
 from latentzoo.atomic import atomic_dir
 from latentzoo.checkpoint import WEIGHTS_FILE, load_model
+from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled
 from latentzoo.data.shards import load_manifest, sha256_file
 from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
 from latentzoo.storage import RunFolder, storage_location
-from latentzoo.tracking import mlflow_runs
-from latentzoo.training.trainer import RUN_FILE, RUN_RECORD, Phase, TrainOutputs, history_csv, run_name, train_model
+from latentzoo.tracking.runs import RUN_FILE, TrackedRun
+from latentzoo.training.trainer import Phase, TrainOutputs, history_csv, run_name, train_model
 
 MODEL = "stacked_ae"
 
 
-def with_train(params, **update):
-    """Params whose train section has `update` (a phase's own epochs and learning rate)."""
-    return params.model_copy(update={"train": params.train.model_copy(update=update)})
-
-
-def check_classes(params, shard_dir: Path) -> None:
+def check_classes(params: Params, shard_dir: Path) -> None:
     """The classifier head must have one output per class of the data."""
     found = load_manifest(shard_dir).get("num_classes")
     if found is not None and found != params.stacked_ae.num_classes:
@@ -50,18 +45,20 @@ def phase_outputs(tmp: Path, name: str) -> TrainOutputs:
     return TrainOutputs(tmp / name, tmp / f"{name}.json", tmp / f"{name}.csv")
 
 
-def pretrain_stack(params, shard_dir: Path, out_dir: Path, root: Path | None = None) -> dict:
+def pretrain_stack(params: Params, shard_dir: Path, out_dir: Path, root: Path | None = None) -> dict:
     """Pretrain the L layers greedily; write the stack (`out_dir/model.pt`) and each layer's run under
     `out_dir/layer-<k>/`. Returns {"layers": [final row of each layer], "test": per-layer test errors, ...}."""
     cfg, shard_dir = params.stacked_ae, Path(shard_dir)
     check_classes(params, shard_dir)
-    phase_params = with_train(params, epochs=cfg.pretrain_epochs, lr=cfg.pretrain_lr, lr_schedule="constant")
-    uri, parent = parent_run(phase_params, "pretrain", shard_dir, root)
+    phase_params = params.updated(
+        **{"train.epochs": cfg.pretrain_epochs, "train.lr": cfg.pretrain_lr, "train.lr_schedule": "constant"}
+    )
+    parent = parent_run(phase_params, "pretrain", shard_dir, root)
     finals, rows = [], []
     with atomic_dir(out_dir) as tmp:
         init = None
         for k in range(1, len(cfg.layers) + 1):
-            phase = Phase(f"layer-{k}", {"mode": "pretrain", "layer": k}, init_weights=init, parent_run_id=parent)
+            phase = Phase(f"layer-{k}", {"mode": "pretrain", "layer": k}, init_weights=init, parent=parent)
             out = phase_outputs(tmp, phase.name)
             finals.append(train_model(phase_params, MODEL, shard_dir, out, root, phase))
             rows += [{"layer": k, **row} for row in read_rows(out.plots_file)]
@@ -77,11 +74,13 @@ def pretrain_stack(params, shard_dir: Path, out_dir: Path, root: Path | None = N
         "epochs_per_layer": cfg.pretrain_epochs,
         "layers": list(cfg.layers),
     }
-    close_parent(uri, parent, result)
+    close_parent(parent, result)
     return {"metrics": result, "rows": rows}
 
 
-def finetune_stack(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, root: Path | None = None) -> dict:
+def finetune_stack(
+    params: Params, pretrained_dir: Path, shard_dir: Path, out_dir: Path, root: Path | None = None
+) -> dict:
     """Fine-tune the pretrained stack with labels, beside the random-init baseline and the linear probe (each as
     set in the finetune section); write each under `out_dir/<variant>/`; return test accuracies and curves."""
     ft, shard_dir = params.finetune, Path(shard_dir)
@@ -90,8 +89,8 @@ def finetune_stack(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path,
     variants = [("pretrained", "finetune", pretrained)]
     variants += [("random", "finetune", None)] if ft.baseline else []
     variants += [("probe", "probe", pretrained)] if ft.probe else []
-    phase_params = with_train(params, epochs=ft.epochs, lr=ft.lr, lr_schedule=ft.lr_schedule)
-    uri, parent = parent_run(phase_params, "finetune", shard_dir, root, pretrained)
+    phase_params = params.updated(**{"train.epochs": ft.epochs, "train.lr": ft.lr, "train.lr_schedule": ft.lr_schedule})
+    parent = parent_run(phase_params, "finetune", shard_dir, root, pretrained)
     urls = test_urls(shard_dir)
     result, curves, fit = {"label_fraction": ft.label_fraction, "epochs": ft.epochs}, {}, 0.0
     with atomic_dir(out_dir) as tmp:
@@ -108,11 +107,11 @@ def finetune_stack(params, pretrained_dir: Path, shard_dir: Path, out_dir: Path,
             log_test(out.model_dir, {"test_accuracy": result[f"test_accuracy{suffix}"]})
     result["labelled_images"] = final_labelled(params, shard_dir)
     result["fit_time_s"] = fit
-    close_parent(uri, parent, result)
+    close_parent(parent, result)
     return {"metrics": result, "curves": curves}
 
 
-def final_labelled(params, shard_dir: Path) -> int:
+def final_labelled(params: Params, shard_dir: Path) -> int:
 
     count = load_manifest(shard_dir)["splits"]["train"]["count"]
     return count_labelled("train", count, params.finetune.label_fraction, params.seed)
@@ -139,14 +138,10 @@ def curves_csv(curves: dict[str, list[float]]) -> str:
 
 
 def parent_run(
-    params, stage: str, shard_dir: Path, root: Path | None, init: Path | None = None
-) -> tuple[str | None, str | None]:
-    """(tracking URI, id) of the stage's parent run, reopened when an interrupted attempt with the same inputs
-    started one."""
-    if not params.tracking.enabled:
-        return None, None
+    params: Params, stage: str, shard_dir: Path, root: Path | None, init: Path | None = None
+) -> TrackedRun | None:
+    """The stage's parent run, reopened when an interrupted attempt with the same inputs started one."""
     root = Path(root or Path.cwd()).resolve()
-    uri = mlflow_runs.tracking_uri(root)
     data_sha = sha256_file(Path(shard_dir) / "manifest.json")
     key = run_name(
         MODEL,
@@ -155,35 +150,24 @@ def parent_run(
         phase=Phase(stage, {"finetune": params.finetune.model_dump()} if stage == "finetune" else {}, init),
     )
     folder = RunFolder(storage_location(params.ray.storage_path, root), key)
-    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
-    if run_id:
-        return uri, run_id
-    tags = {
-        "latentzoo.stage": stage,
-        "latentzoo.model": MODEL,
-        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
-    }
-    run_id = mlflow_runs.start_run(uri, f"{params.tracking.experiment_prefix}-{MODEL}", f"{stage}-{MODEL}", tags, root)
-    mlflow_runs.log_params(
-        uri,
-        run_id,
-        {MODEL: params.stacked_ae.model_dump(), "train": params.train.model_dump()}
-        | ({"finetune": params.finetune.model_dump()} if stage == "finetune" else {}),
+    logged = {MODEL: params.stacked_ae.model_dump(), "train": params.train.model_dump()}
+    if stage == "finetune":
+        logged["finetune"] = params.finetune.model_dump()
+    tags = {"latentzoo.stage": stage, "latentzoo.model": MODEL}
+    return TrackedRun.open(
+        params.tracking, folder, family=MODEL, name=f"{stage}-{MODEL}", tags=tags, params=logged, root=root
     )
-    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
-    return uri, run_id
 
 
-def close_parent(uri: str | None, run_id: str | None, metrics: dict) -> None:
-    if not run_id:
-        return
-    mlflow_runs.log_metrics(uri, run_id, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    mlflow_runs.end_run(uri, run_id)
+def close_parent(run: TrackedRun | None, metrics: dict) -> None:
+    if run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        run.finish()
 
 
 def log_test(model_dir: Path, metrics: dict) -> None:
     """Test figures onto the phase's own MLflow run (the one that trained the weights in `model_dir`)."""
 
-    run = json.loads((model_dir / RUN_FILE).read_text())
-    if run.get("run_id"):
-        mlflow_runs.log_metrics(run.get("tracking_uri") or mlflow_runs.tracking_uri(), run["run_id"], metrics)
+    run = TrackedRun.load(model_dir / RUN_FILE)
+    if run:
+        run.log_metrics(metrics)

@@ -26,30 +26,33 @@ import torch.distributed as dist
 from torch import nn
 
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state, save_state
-from latentzoo.config import Params
+from latentzoo.config import TrainConfig
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
 from latentzoo.models.quantizer import CodeCounter
+from latentzoo.schema import Section
 from latentzoo.storage import readable_checkpoints
-from latentzoo.tracking import mlflow_runs
+from latentzoo.tracking.runs import TrackedRun
 
 
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a worker needs, as plain data (it travels to Ray actors as `train_loop_config`)."""
+    """Everything a worker needs and nothing else (it travels to Ray actors as `train_loop_config`): the train
+    section, the model's own section and the seed, already validated, and where the data is."""
 
     model_name: str
-    params: dict  # the validated Params, dumped; re-validated on the worker
+    seed: int
+    train: TrainConfig
+    model_config: Section  # the family's params section, e.g. params.vae
     train_urls: list[str]
     val_urls: list[str]
     num_train: int
     image_shape: tuple[int, int, int]
     cached: bool = False  # decoded shards fit train.cache_mb: keep them in memory after the first read
-    mlflow_uri: str | None = None
-    mlflow_run_id: str | None = None
+    run: TrackedRun | None = None  # the MLflow run rank 0 logs each epoch to
     phase: dict | None = None  # model.set_phase(**phase): one phase of a multi-phase family (stacked_ae)
     phase_name: str = ""  # e.g. "layer-2": names the phase in progress lines and MLflow
     init_weights: str | None = None  # a weights file the run starts from (when it has no checkpoint yet)
@@ -114,14 +117,13 @@ def train_loop_per_worker(config: dict) -> None:
 def run_loop(job: TrainJob, session: Session) -> None:
     """Train `job` for train.epochs epochs from the session's last checkpoint, reporting one row per epoch."""
 
-    params = Params.model_validate(job.params)
-    train = params.train
+    train = job.train
     rank, world = session.rank, session.world_size
     # Ray does not set OMP_NUM_THREADS per worker as torchrun does: share the cores out ourselves.
     torch.set_num_threads(train.torch_threads or max(1, (os.cpu_count() or 1) // max(1, session.local_world_size)))
 
-    torch.manual_seed(params.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    model = build_model(job.model_name, params.model_config_for(job.model_name), job.image_shape)
+    torch.manual_seed(job.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = build_model(job.model_name, job.model_config, job.image_shape)
     if job.init_weights:  # e.g. the pretrained stack; a checkpoint below overrides it on resume
         model.load_state_dict(load_state(Path(job.init_weights))["state_dict"])
     if job.phase:
@@ -142,7 +144,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
-            if job.mlflow_run_id:
+            if job.run:
                 log_missing_epochs(job, history)
     if adversary:  # D gets a DDP wrapper of its own; the generator's ignores D's weights
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -172,7 +174,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
             batch_size=train.batch_size,
             rank=rank,
             world_size=world,
-            seed=params.seed,
+            seed=job.seed,
             epoch=epoch,
             shuffle_buffer=train.shuffle_buffer,
             cached=job.cached,
@@ -193,7 +195,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
             if not row["replicas_in_sync"]:
                 say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
         report(session, row, unwrap(model), optimizer, epoch, history, adversary)
-        if rank == 0 and job.mlflow_run_id:  # after the checkpoint: a restart never logs an epoch twice
+        if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
             log_epoch(job, row, epoch + 1)
 
 
@@ -267,7 +269,7 @@ def set_lr(optimizer, lr: float) -> None:
 def log_epoch(job: TrainJob, row: dict, step: int) -> None:
     """Per-epoch metrics to MLflow; a tracking failure is reported, never the end of the training."""
     try:
-        mlflow_runs.log_metrics(job.mlflow_uri, job.mlflow_run_id, row, step=step)
+        job.run.log_metrics(row, step=step)
     except Exception as err:  # an unreachable server must not cost the run its checkpoints
         say(f"[{job.tag}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
 
@@ -275,7 +277,7 @@ def log_epoch(job: TrainJob, row: dict, step: int) -> None:
 def log_missing_epochs(job: TrainJob, history: list[dict]) -> None:
     """On resume: log the checkpointed epochs MLflow has not seen (a worker died between checkpoint and log)."""
     try:
-        mlflow_runs.log_missing_epochs(job.mlflow_uri, job.mlflow_run_id, history)
+        job.run.log_missing_epochs(history)
     except Exception as err:
         say(f"[{job.tag}] warning: could not bring the MLflow run up to date ({type(err).__name__}: {err})")
 

@@ -23,6 +23,7 @@ import yaml
 
 from latentzoo.atomic import atomic_dir, atomic_write_json, atomic_write_text, json_text
 from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_model, load_state, save_state, weights_record
+from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
@@ -30,13 +31,11 @@ from latentzoo.evaluation.evaluate import write_grids
 from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, storage_location
-from latentzoo.tracking import mlflow_runs
 from latentzoo.tracking.models import log_trained_model, registered_name
+from latentzoo.tracking.runs import RUN_FILE, TrackedRun, record_of
 from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
 
-RUN_FILE = "mlflow_run.json"
 DONE_MARKER = "latentzoo_complete"
-RUN_RECORD = "latentzoo_mlflow.json"  # beside Ray's checkpoints: the MLflow run a rerun resumes
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_START_TIMEOUT_S = 600
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -60,7 +59,7 @@ class Phase:
     model_args: dict = field(default_factory=dict)  # model.set_phase(**model_args)
     init_weights: Path | None = None  # a weights file the run starts from
     label_fraction: float = 1.0  # train on this fraction of the labelled training images
-    parent_run_id: str | None = None  # MLflow: the run is nested under this one
+    parent: TrackedRun | None = None  # MLflow: the run is nested under this one
 
     def identity(self) -> dict:
         """What makes two phases the same run (the weights by content, not by path)."""
@@ -103,7 +102,7 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     restore_sigterm(sigterm)
 
 
-def run_name(model_name: str, params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
+def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
     """Deterministic Ray run name: same model, params and data → same name → resume; anything else → fresh.
 
     With a `prefix` (e.g. "tune-") the tune section takes part too: it names the search of that model. A `phase`
@@ -130,7 +129,7 @@ def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
     return decoded_bytes(count, manifest["image_shape"]) <= cache_mb * 2**20
 
 
-def check_resources(params) -> None:
+def check_resources(params: Params) -> None:
     """On a local cluster, refuse a worker count the machine cannot place (it would wait forever)."""
     import ray
 
@@ -154,21 +153,22 @@ class TrainingData:
     manifest_sha: str
     cached: bool
 
-    def job(self, params, model_name: str, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> TrainJob:
+    def job(self, params: Params, model_name: str, run: TrackedRun | None = None) -> TrainJob:
         return TrainJob(
             model_name=model_name,
-            params=params.model_dump(),
+            seed=params.seed,
+            train=params.train,
+            model_config=params.model_config_for(model_name),
             train_urls=self.train_urls,
             val_urls=self.val_urls,
             num_train=self.num_train,
             image_shape=self.image_shape,
             cached=self.cached,
-            mlflow_uri=mlflow_uri,
-            mlflow_run_id=mlflow_run_id,
+            run=run,
         )
 
 
-def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
+def training_data(params: Params, model_name: str, shard_dir: Path) -> TrainingData:
     """Verify the shards (sha256) and that the workers and the model fit them, before Ray starts."""
     shard_dir = Path(shard_dir).resolve()
     manifest, urls = checked_shards(shard_dir, ("train", "val"))  # before any worker starts
@@ -191,7 +191,7 @@ def training_data(params, model_name: str, shard_dir: Path) -> TrainingData:
 
 
 def train_model(
-    params,
+    params: Params,
     model_name: str,
     shard_dir: Path,
     outputs: TrainOutputs,
@@ -210,7 +210,6 @@ def train_model(
     if folder.exists(DONE_MARKER):
         state = finished_state(folder, params.train.epochs) if phase else None
         if state:  # a phase an earlier attempt of the same recipe finished (e.g. layer 1 before a crash in layer 2)
-            uri, run_id = saved_run(folder)
             return write_outputs(
                 params,
                 model_name,
@@ -219,35 +218,34 @@ def train_model(
                 outputs,
                 data.val_urls,
                 sum(row["epoch_time_s"] for row in state["history"]),
-                uri,
-                run_id,
+                TrackedRun.recorded_in(folder),
                 phase,
             )
         folder.remove()  # a finished run with identical inputs: train again from scratch
 
-    uri, run_id = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
+    run = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
     state = finished_state(folder, params.train.epochs)  # an earlier attempt trained to the end, then failed
     if state is None:
-        state, fit_seconds = fit(params, model_name, data, name, storage, uri, run_id, phase)
+        state, fit_seconds = fit(params, model_name, data, name, storage, run, phase)
     else:
         fit_seconds = sum(row["epoch_time_s"] for row in state["history"])
         say(
             f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: writing the outputs"
         )
-    final = write_outputs(
-        params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, uri, run_id, phase
-    )
-    if run_id:
-        finish_mlflow_run(params, uri, run_id, model_name, data.image_shape, outputs, phase, state["history"])
+    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, run, phase)
+    if run:
+        finish_mlflow_run(params, run, model_name, data.image_shape, outputs, phase, state["history"])
     folder.write_text(DONE_MARKER, "done\n")
     return final
 
 
-def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, phase) -> tuple[dict, float]:
+def fit(
+    params: Params, model_name: str, data, name: str, storage: str, run: TrackedRun | None, phase
+) -> tuple[dict, float]:
     """Run (or resume) the Ray Train run `name`; return its last checkpoint's state and the fit's seconds."""
     from ray.train import TrainingFailedError
 
-    job = replace(data.job(params, model_name, uri, run_id), fail_at_epoch=planned("train.epoch"))
+    job = replace(data.job(params, model_name, run), fail_at_epoch=planned("train.epoch"))
     if phase:
         job = phase_job(job, phase, params.seed)
     connect_ray(params.ray.num_cpus, params.ray.log_level)
@@ -257,8 +255,8 @@ def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, pha
     try:
         result = trainer.fit()
     except TrainingFailedError as err:
-        if run_id:
-            mlflow_runs.end_run(uri, run_id, status="FAILED")
+        if run:
+            run.finish("FAILED")
         raise TrainingError(
             f"training {model_name} failed after {params.train.max_failures} retries: {root_cause(err)}. "
             f"Checkpoints are kept in {storage}/{name}; run the stage again to resume."
@@ -271,23 +269,23 @@ def fit(params, model_name: str, data, name: str, storage: str, uri, run_id, pha
 
 
 def finish_mlflow_run(
-    params, uri: str, run_id: str, model_name: str, image_shape, outputs, phase, history: list[dict]
+    params: Params, run: TrackedRun, model_name: str, image_shape, outputs, phase, history: list[dict]
 ) -> None:
     """Epochs the run lacks (logged while the server was down), images, weights, config and curves to the run, the
     model registered, the run FINISHED. A server lost at this point is a clear error: the checkpoints stay, and the
     next attempt only does this part."""
     try:
-        missing = mlflow_runs.log_missing_epochs(uri, run_id, history)
+        missing = run.log_missing_epochs(history)
         if missing:
             say(f"[{model_name}] logged {missing} epoch(s) MLflow had missed")
-        log_run_artifacts(params, uri, run_id, outputs)
+        log_run_artifacts(run, outputs)
         if params.tracking.log_models and phase is None:
-            register_model(uri, run_id, model_name, image_shape, outputs.model_dir)
-        mlflow_runs.end_run(uri, run_id)
+            register_model(run, model_name, image_shape, outputs.model_dir)
+        run.finish()
     except Exception as err:
         reason = str(err).splitlines()[0][:300] if str(err) else ""
         raise TrainingError(
-            f"training {model_name} finished, but logging it to MLflow at {uri} failed ({type(err).__name__}: "
+            f"training {model_name} finished, but logging it to MLflow at {run.uri} failed ({type(err).__name__}: "
             f"{reason}); every epoch is checkpointed, so run the stage again once the server answers (it only "
             f"logs), or set tracking.enabled: false"
         ) from None
@@ -297,15 +295,6 @@ def finished_state(folder: RunFolder, epochs: int) -> dict | None:
     """The final-epoch checkpoint state of a finished run (Ray's checkpoint_* folders), if kept."""
     state = folder.newest_checkpoint_state(CHECKPOINT_FILE)  # read once per stage start: only the newest
     return state if state is not None and state["epoch"] + 1 == epochs else None
-
-
-def saved_run(folder: RunFolder) -> tuple[str | None, str | None]:
-    """(tracking URI, run id) of the MLflow run saved in the run's folder, or (None, None)."""
-    text = folder.read_text(RUN_RECORD)
-    if text is None:
-        return None, None
-    record = json.loads(text)
-    return record.get("tracking_uri"), record.get("run_id")
 
 
 def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
@@ -329,7 +318,7 @@ def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
     )
 
 
-def make_trainer(params, job: TrainJob, name: str, storage: str, callbacks=()):
+def make_trainer(params: Params, job: TrainJob, name: str, storage: str, callbacks=()):
     """The TorchTrainer of one training run (the train stage's, and every tune trial's)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -361,50 +350,44 @@ def root_cause(err: Exception) -> str:
 
 
 def open_mlflow_run(
-    params, model_name, name, manifest_sha, folder: RunFolder, root, phase: Phase | None = None
-) -> tuple[str | None, str | None]:
+    params: Params, model_name, name, manifest_sha, folder: RunFolder, root, phase: Phase | None = None
+) -> TrackedRun | None:
     """Create the training run (or reopen the one an interrupted attempt of this same run started); a phase's run
     is nested under its parent run."""
-    if not params.tracking.enabled:
-        return None, None
-    uri = mlflow_runs.tracking_uri(root)
-    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
-    if run_id:
-        return uri, run_id
     tags = {
         "latentzoo.stage": "train",
         "latentzoo.model": model_name,
         "latentzoo.ray_run": name,
         "latentzoo.data_manifest_sha256": manifest_sha,
-        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
     }
-    title = f"train-{model_name}"
+    logged = {k: v for k, v in params.model_dump().items() if k != "models"}
     if phase:
-        title = phase.name
-        tags |= {"latentzoo.phase": phase.name}
-        if phase.parent_run_id:
-            tags["mlflow.parentRunId"] = phase.parent_run_id
-    experiment = f"{params.tracking.experiment_prefix}-{model_name}"
-    run_id = mlflow_runs.start_run(uri, experiment, title, tags, root)
-    mlflow_runs.log_params(uri, run_id, {k: v for k, v in params.model_dump().items() if k != "models"})
-    if phase:
-        mlflow_runs.log_params(
-            uri,
-            run_id,
-            {
-                "phase": {
-                    **phase.model_args,
-                    "label_fraction": phase.label_fraction,
-                    "init_weights": str(phase.init_weights or "random"),
-                }
-            },
-        )
-    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
-    return uri, run_id
+        tags["latentzoo.phase"] = phase.name
+        init = str(phase.init_weights or "random")
+        logged["phase"] = {**phase.model_args, "label_fraction": phase.label_fraction, "init_weights": init}
+    title = phase.name if phase else f"train-{model_name}"
+    return TrackedRun.open(
+        params.tracking,
+        folder,
+        family=model_name,
+        name=title,
+        tags=tags,
+        params=logged,
+        root=root,
+        parent=phase.parent if phase else None,
+    )
 
 
 def write_outputs(
-    params, model_name, image_shape, state, outputs, val_urls, fit_seconds, uri, run_id, phase: Phase | None = None
+    params: Params,
+    model_name,
+    image_shape,
+    state,
+    outputs,
+    val_urls,
+    fit_seconds,
+    run: TrackedRun | None,
+    phase: Phase | None = None,
 ) -> dict:
     """Final weights + run pointer (atomically, as one directory), DVC metrics and per-epoch plots."""
     model = build_model(model_name, params.model_config_for(model_name), image_shape)
@@ -418,7 +401,7 @@ def write_outputs(
             model, model_name, params.model_config_for(model_name).model_dump(), image_shape, len(history)
         )
         save_state(tmp / WEIGHTS_FILE, record)
-        (tmp / RUN_FILE).write_text(json_text({"run_id": run_id, "tracking_uri": uri}, sort_keys=False))
+        (tmp / RUN_FILE).write_text(json_text(record_of(run), sort_keys=False))
         (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
         write_grids(model, val_urls, tmp, params.evaluate.grid_size, params.seed)  # previews for MLflow
     final = dict(history[-1])
@@ -431,13 +414,11 @@ def write_outputs(
     return final
 
 
-def register_model(uri: str, run_id: str, model_name: str, image_shape, model_dir: Path) -> None:
+def register_model(run: TrackedRun, model_name: str, image_shape, model_dir: Path) -> None:
     """Log the final model to the run (PyTorch flavour), register it, and note the version beside the weights."""
-
     model, _ = load_model(model_dir / WEIGHTS_FILE)
-    version = log_trained_model(uri, run_id, model, model_name, image_shape)
-    record = json.loads((model_dir / RUN_FILE).read_text())
-    record |= {"registered_model": registered_name(model_name), "model_version": version}
+    version = log_trained_model(run, model, model_name, image_shape)
+    record = run.record(registered_model=registered_name(model_name), model_version=version)
     atomic_write_json(model_dir / RUN_FILE, record, sort_keys=False)
 
 
@@ -450,10 +431,10 @@ def history_csv(history: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def log_run_artifacts(params, uri, run_id, outputs: TrainOutputs) -> None:
+def log_run_artifacts(run: TrackedRun, outputs: TrainOutputs) -> None:
     for name in ("reconstructions.png", "samples.png"):
         if (outputs.model_dir / name).exists():
-            mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / name, "images")
-    mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / WEIGHTS_FILE, "checkpoint")
-    mlflow_runs.log_artifact(uri, run_id, outputs.model_dir / "params.yaml", "config")
-    mlflow_runs.log_artifact(uri, run_id, outputs.plots_file, "metrics")
+            run.log_artifact(outputs.model_dir / name, "images")
+    run.log_artifact(outputs.model_dir / WEIGHTS_FILE, "checkpoint")
+    run.log_artifact(outputs.model_dir / "params.yaml", "config")
+    run.log_artifact(outputs.plots_file, "metrics")

@@ -13,7 +13,6 @@ the search, so running the stage again finds it; an errored trial is recorded an
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -23,13 +22,13 @@ from pathlib import Path
 import yaml
 
 from latentzoo.atomic import atomic_write_text
-from latentzoo.config import Params, validate_params
+from latentzoo.config import Params
 from latentzoo.errors import TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, storage_location
-from latentzoo.tracking import mlflow_runs
+from latentzoo.tracking.runs import TrackedRun
 from latentzoo.training.loop import run_loop, tune_session
-from latentzoo.training.trainer import DONE_MARKER, RUN_RECORD, TrainingData, connect_ray, run_name, training_data
+from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
 
 MODE = "min"
 
@@ -37,7 +36,7 @@ MODE = "min"
 # ---------------------------------------------------------------- what is searched
 
 
-def search_space(params, model_name: str) -> dict:
+def search_space(params: Params, model_name: str) -> dict:
     """{loss weight: ray.tune domain} from `tune.space.<model>` (empty: nothing to search)."""
     from ray import tune
 
@@ -47,24 +46,23 @@ def search_space(params, model_name: str) -> dict:
     }
 
 
-def with_weights(params, model_name: str, weights: dict[str, float]):
+def with_weights(params: Params, model_name: str, weights: dict[str, float]) -> Params:
     """Params with `weights` set in the model's section (validated again, so a bad weight is a clear error)."""
-
-    raw = params.model_dump()
-    raw[model_name] = {**raw[model_name], **weights}
-    return validate_params(raw, source="tuned params")
+    return params.updated(**{f"{model_name}.{key}": value for key, value in weights.items()})
 
 
-def trial_params(params, model_name: str, weights: dict[str, float]):
+def trial_params(params: Params, model_name: str, weights: dict[str, float]) -> Params:
     """A trial's params: the sampled weights, `tune.epochs` epochs, one process of `tune.cpus_per_trial` threads."""
-    tuned = with_weights(params, model_name, weights)
-    train = tuned.train.model_copy(
-        update={"epochs": params.tune.epochs, "num_workers": 1, "torch_threads": params.tune.cpus_per_trial}
+    return with_weights(params, model_name, weights).updated(
+        **{
+            "train.epochs": params.tune.epochs,
+            "train.num_workers": 1,
+            "train.torch_threads": params.tune.cpus_per_trial,
+        }
     )
-    return tuned.model_copy(update={"train": train})
 
 
-def apply_tuned(params, model_name: str, tuned_file: Path):
+def apply_tuned(params: Params, model_name: str, tuned_file: Path):
     """The train stage's params: params.yaml with the weights the tune stage found (`tune/<model>/best.yaml`)."""
     tuned = yaml.safe_load(Path(tuned_file).read_text()) or {}
     if tuned.get("model") != model_name:
@@ -72,7 +70,7 @@ def apply_tuned(params, model_name: str, tuned_file: Path):
     return with_weights(params, model_name, tuned.get("weights") or {})
 
 
-def search_name(params, model_name: str, manifest_sha: str) -> str:
+def search_name(params: Params, model_name: str, manifest_sha: str) -> str:
     """Deterministic experiment name: same search → same name → `Tuner.restore`; any change → a fresh search."""
     return run_name(model_name, params, manifest_sha, prefix="tune-")
 
@@ -94,9 +92,9 @@ def run_trial(config: dict, ctx: dict) -> None:
 
     trial = ray.tune.get_context()
     trial_id, number = trial.get_trial_id(), trial_number(trial.get_trial_dir())
-    params = trial_params(Params.model_validate(ctx["params"]), ctx["model"], config)
-    run_id = open_trial_run(ctx, trial_id, number, config)
-    job = TrainingData(**ctx["data"]).job(params, ctx["model"], ctx["mlflow_uri"], run_id)
+    params = trial_params(ctx["params"], ctx["model"], config)
+    run = open_trial_run(ctx, trial_id, number, config)
+    job = TrainingData(**ctx["data"]).job(params, ctx["model"], run)
     session = tune_session(params.train.use_gpu)
     reached = [0]  # the last epoch reported
 
@@ -116,14 +114,14 @@ def run_trial(config: dict, ctx: dict) -> None:
         status = "FAILED"
         raise
     finally:
-        if run_id:
-            close_trial_run(ctx["mlflow_uri"], run_id, status)
+        if run:
+            close_trial_run(run, status)
 
 
-def close_trial_run(uri: str, run_id: str, status: str) -> None:
+def close_trial_run(run: TrackedRun, status: str) -> None:
     if status == "KILLED":
-        mlflow_runs.set_tags(uri, run_id, {"latentzoo.stopped_early": "true"})
-    mlflow_runs.end_run(uri, run_id, status=status)
+        run.set_tags({"latentzoo.stopped_early": "true"})
+    run.finish(status)
 
 
 def trial_number(trial_dir: str) -> int:
@@ -132,26 +130,21 @@ def trial_number(trial_dir: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def open_trial_run(ctx: dict, trial_id: str, number: int, weights: dict) -> str | None:
+def open_trial_run(ctx: dict, trial_id: str, number: int, weights: dict) -> TrackedRun | None:
     """A nested MLflow run under the search's run, holding the trial's weights (the loop logs its curves)."""
-    if not ctx["parent_run_id"]:
+    parent: TrackedRun | None = ctx["parent"]
+    if not parent:
         return None
-    uri = ctx["mlflow_uri"]
-    tags = {
-        "mlflow.parentRunId": ctx["parent_run_id"],
-        "latentzoo.stage": "tune-trial",
-        "latentzoo.model": ctx["model"],
-        "latentzoo.trial_id": trial_id,
-    }
-    run_id = mlflow_runs.start_run(uri, ctx["experiment"], f"trial-{number}", tags, Path(ctx["root"]))
-    mlflow_runs.log_params(uri, run_id, {ctx["model"]: weights})
-    return run_id
+    tags = {"latentzoo.stage": "tune-trial", "latentzoo.model": ctx["model"], "latentzoo.trial_id": trial_id}
+    run = parent.child(ctx["experiment"], f"trial-{number}", tags, Path(ctx["root"]))
+    run.log_params({ctx["model"]: weights})
+    return run
 
 
 # ---------------------------------------------------------------- the search
 
 
-def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: Path | None = None) -> dict:
+def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path, root: Path | None = None) -> dict:
     """Search the loss weights of `model_name`; write the best to `out_file` (YAML) and return that record."""
     root = Path(root or Path.cwd()).resolve()
     space = search_space(params, model_name)
@@ -170,14 +163,13 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
     # there, and our loop prints one line per trial epoch.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
-    uri, parent = open_search_run(params, model_name, name, folder, root)
+    parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
     ctx = {
-        "params": params.model_dump(),
+        "params": params,
         "model": model_name,
         "data": asdict(data),
-        "mlflow_uri": uri,
-        "parent_run_id": parent,
+        "parent": parent,
         "root": str(root),
         "experiment": experiment,
         "fail_trial": planned("tune.trial"),
@@ -186,12 +178,12 @@ def tune_model(params, model_name: str, shard_dir: Path, out_file: Path, root: P
 
     best_record = summarise(results, model_name, metric, params)
     if parent:
-        close_search_run(uri, parent, best_record)
+        close_search_run(parent, best_record, stopped_early(results, params.tune.epochs))
     folder.write_text(DONE_MARKER, "done\n")
     return write_best(out_file, best_record)
 
 
-def concurrent_trials(params) -> int:
+def concurrent_trials(params: Params) -> int:
     """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs hold."""
     import ray
 
@@ -199,7 +191,7 @@ def concurrent_trials(params) -> int:
     return params.tune.max_concurrent_trials or max(1, cpus // params.tune.cpus_per_trial)
 
 
-def make_tuner(params, space: dict, metric: str, ctx: dict, folder: RunFolder):
+def make_tuner(params: Params, space: dict, metric: str, ctx: dict, folder: RunFolder):
     """A fresh Tuner, or `Tuner.restore` of the interrupted search in `folder` (errored trials stay errored)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -243,7 +235,7 @@ def make_tuner(params, space: dict, metric: str, ctx: dict, folder: RunFolder):
     )
 
 
-def summarise(results, model_name: str, metric: str, params) -> dict:
+def summarise(results, model_name: str, metric: str, params: Params) -> dict:
     """The best trial's weights and objective, and what happened to every trial."""
     finished = [r for r in results if r.error is None and r.metrics and metric in r.metrics]
     if not finished:
@@ -268,6 +260,15 @@ def summarise(results, model_name: str, metric: str, params) -> dict:
     }
 
 
+def stopped_early(results, epochs: int) -> set[str]:
+    """The ids of the trials ASHA stopped before `epochs` (errored trials excepted)."""
+    return {
+        r.metrics.get("trial_id")
+        for r in results
+        if r.error is None and r.metrics and r.metrics.get("training_iteration", 0) < epochs
+    }
+
+
 def write_best(out_file: Path, record: dict) -> dict:
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -278,39 +279,29 @@ def write_best(out_file: Path, record: dict) -> dict:
 # ---------------------------------------------------------------- MLflow parent run
 
 
-def open_search_run(params, model_name, name, folder: RunFolder, root: Path) -> tuple[str | None, str | None]:
+def open_search_run(params: Params, model_name, name, folder: RunFolder, root: Path) -> TrackedRun | None:
     """The search's parent run (reopened when an interrupted search is restored)."""
-    if not params.tracking.enabled:
-        return None, None
-    uri = mlflow_runs.tracking_uri(root)
-    run_id = mlflow_runs.reopen_saved_run(uri, folder.read_text(RUN_RECORD))
-    if run_id:
-        return uri, run_id
     tags = {
         "latentzoo.stage": "tune",
         "latentzoo.model": model_name,
         "latentzoo.ray_run": name,
-        "mlflow.source.git.commit": mlflow_runs.git_commit(root),
     }
-    run_id = mlflow_runs.start_run(
-        uri, f"{params.tracking.experiment_prefix}-{model_name}", f"tune-{model_name}", tags, root
+    logged = {"tune": params.tune.model_dump(exclude={"space"}), "space": params.tune.space.get(model_name, {})}
+    return TrackedRun.open(
+        params.tracking, folder, family=model_name, name=f"tune-{model_name}", tags=tags, params=logged, root=root
     )
-    mlflow_runs.log_params(
-        uri, run_id, {"tune": params.tune.model_dump(exclude={"space"}), "space": params.tune.space.get(model_name, {})}
-    )
-    folder.write_text(RUN_RECORD, json.dumps({"run_id": run_id, "tracking_uri": uri}))
-    return uri, run_id
 
 
-def close_search_run(uri: str, parent: str, record: dict) -> None:
-    """Best weights and objective on the parent; the best trial tagged; trials ASHA stopped closed as KILLED."""
-    mlflow_runs.log_params(uri, parent, {"best": record["weights"]})
+def close_search_run(parent: TrackedRun, record: dict, stopped: set[str]) -> None:
+    """Best weights and objective on the parent; the best trial tagged. A trial whose process ended before it closed
+    its own run is closed here: KILLED if ASHA stopped it (`stopped`), else FINISHED."""
+    parent.log_params({"best": record["weights"]})
     value = record["best_value"]
-    mlflow_runs.log_metrics(uri, parent, {f"best_{record['metric']}": value} if math.isfinite(value) else {})
-    for run_id, status, tags in mlflow_runs.child_runs(uri, parent):
+    parent.log_metrics({f"best_{record['metric']}": value} if math.isfinite(value) else {})
+    for trial, status, tags in parent.children():
         if tags.get("latentzoo.trial_id") == record["best_trial"]:
-            mlflow_runs.set_tags(uri, run_id, {"latentzoo.best_trial": "true"})
-            mlflow_runs.set_tags(uri, parent, {"latentzoo.best_trial_run": run_id})
+            trial.set_tags({"latentzoo.best_trial": "true"})
+            parent.set_tags({"latentzoo.best_trial_run": trial.run_id})
         if status == "RUNNING":  # its process ended before it could close the run
-            close_trial_run(uri, run_id, "KILLED")
-    mlflow_runs.end_run(uri, parent)
+            close_trial_run(trial, "KILLED" if tags.get("latentzoo.trial_id") in stopped else "FINISHED")
+    parent.finish()

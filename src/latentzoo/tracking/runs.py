@@ -1,0 +1,141 @@
+"""One MLflow run a stage writes to, as one object: opened or resumed from its record, logged to, nested, finished.
+
+A stage holds a `TrackedRun`, or None when `tracking.enabled` is false, never a loose (tracking URI, run id) pair.
+The run's record, `{"run_id": ..., "tracking_uri": ...}`, is written in two places:
+
+- `latentzoo_mlflow.json` in the Ray run's folder (`RUN_RECORD`): a rerun of an interrupted stage with the same
+  inputs finds it there and logs into the same run (`TrackedRun.open`);
+- `mlflow_run.json` beside a trained model (`RUN_FILE`, a DVC output): later stages (evaluate, fine-tuning) read
+  it back to add their figures to the run that trained the weights (`TrackedRun.load`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentzoo.atomic import json_text
+from latentzoo.config import TrackingConfig
+from latentzoo.storage import RunFolder
+from latentzoo.tracking import mlflow_runs
+
+RUN_RECORD = "latentzoo_mlflow.json"  # beside Ray's checkpoints: the MLflow run a rerun resumes
+RUN_FILE = "mlflow_run.json"  # beside a trained model: the MLflow run that trained it
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """An MLflow run: where it lives (`uri`) and which it is (`run_id`). Picklable, so a Ray worker logs with it."""
+
+    uri: str
+    run_id: str
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        tracking: TrackingConfig,
+        folder: RunFolder,
+        *,
+        family: str,
+        name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        root: Path,
+        parent: TrackedRun | None = None,
+    ) -> TrackedRun | None:
+        """The run recorded in `folder` by an interrupted attempt, marked RUNNING again; else a new run in the
+        experiment `<prefix>-<family>` (nested under `parent`) with `tags`, the git commit and `params`, recorded
+        in `folder`. None when tracking is off."""
+        if not tracking.enabled:
+            return None
+        uri = mlflow_runs.tracking_uri(root)
+        saved = cls.from_record(folder.read_text(RUN_RECORD), uri)
+        if saved and mlflow_runs.resume_run(saved.uri, saved.run_id):
+            return saved
+        if parent:
+            tags = {**tags, "mlflow.parentRunId": parent.run_id}
+        run = cls.start(uri, f"{tracking.experiment_prefix}-{family}", name, tags, root)
+        run.log_params(params)
+        folder.write_text(RUN_RECORD, json.dumps(run.record()))
+        return run
+
+    @classmethod
+    def start(
+        cls, uri: str, experiment: str, name: str, tags: Mapping[str, str], root: Path | None = None
+    ) -> TrackedRun:
+        """A new run (RUNNING) in `experiment` with `tags` and the git commit of `root`."""
+        tags = {**tags, "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
+        return cls(uri, mlflow_runs.start_run(uri, experiment, name, tags, root))
+
+    def child(self, experiment: str, name: str, tags: Mapping[str, str], root: Path) -> TrackedRun:
+        """A new run nested under this one (e.g. a tune trial under its search)."""
+        return TrackedRun.start(self.uri, experiment, name, {**tags, "mlflow.parentRunId": self.run_id}, root)
+
+    # ------------------------------------------------------------ records
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        return {"run_id": self.run_id, "tracking_uri": self.uri, **extra}
+
+    def save(self, path: Path, **extra: Any) -> None:
+        """Write the record (plus `extra`, e.g. the registered model version) to `path` (not atomically: callers
+        write into a temporary folder, or use `atomic_write_json`)."""
+        Path(path).write_text(json_text(self.record(**extra), sort_keys=False))
+
+    @classmethod
+    def from_record(cls, record: str | Mapping[str, Any] | None, default_uri: str | None = None) -> TrackedRun | None:
+        """The run a record names (its JSON text or dict); None for no record or a record without a run."""
+        if not record:
+            return None
+        if isinstance(record, str):
+            record = json.loads(record)
+        if not record.get("run_id"):
+            return None
+        return cls(record.get("tracking_uri") or default_uri or mlflow_runs.tracking_uri(), record["run_id"])
+
+    @classmethod
+    def load(cls, path: Path) -> TrackedRun | None:
+        """The run recorded in the file `path` (e.g. a model's mlflow_run.json); None if it records none."""
+        return cls.from_record(Path(path).read_text()) if Path(path).exists() else None
+
+    @classmethod
+    def recorded_in(cls, folder: RunFolder) -> TrackedRun | None:
+        """The run recorded in a Ray run's folder, if any."""
+        return cls.from_record(folder.read_text(RUN_RECORD))
+
+    # ------------------------------------------------------------ logging
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        mlflow_runs.log_params(self.uri, self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        mlflow_runs.log_metrics(self.uri, self.run_id, metrics, step=step)
+
+    def log_missing_epochs(self, history: list[dict]) -> int:
+        """Log the history rows (epochs) the run has not seen; returns how many."""
+        return mlflow_runs.log_missing_epochs(self.uri, self.run_id, history)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        mlflow_runs.log_artifact(self.uri, self.run_id, path, artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        mlflow_runs.set_tags(self.uri, self.run_id, tags)
+
+    def children(self) -> list[tuple[TrackedRun, str, dict[str, str]]]:
+        """(run, status, tags) of the runs nested under this one."""
+        return [
+            (TrackedRun(self.uri, run_id), status, tags)
+            for run_id, status, tags in mlflow_runs.child_runs(self.uri, self.run_id)
+        ]
+
+    def finish(self, status: str = "FINISHED") -> None:
+        mlflow_runs.end_run(self.uri, self.run_id, status=status)
+
+
+def record_of(run: TrackedRun | None, **extra: Any) -> dict[str, Any]:
+    """The record of `run`, or of no run (tracking off): run_id and tracking_uri null."""
+    return run.record(**extra) if run else {"run_id": None, "tracking_uri": None, **extra}
