@@ -280,22 +280,10 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
 
 
 def _vae_job(shards: Path, tiny_params, epochs: int):
-    from latentzoo.data.shards import load_manifest, shard_urls
-    from latentzoo.training.loop import TrainJob
+    from latentzoo.training.trainer import training_data
 
-    manifest = load_manifest(shards)
     params = tiny_params(**{"train.epochs": epochs, "train.num_workers": 1})
-    return TrainJob(
-        "vae",
-        params.seed,
-        params.train,
-        params.vae,
-        shard_urls(shards, manifest, "train"),
-        shard_urls(shards, manifest, "val"),
-        manifest["splits"]["train"]["count"],
-        (1, 8, 8),
-        cached=True,
-    )
+    return training_data(params, "vae", shards).job(params, "vae")  # what the train stage ships to its workers
 
 
 def _session(run_dir: Path, resume=None):

@@ -193,22 +193,10 @@ def fake_session(rank: int, world: int, saved: list, resume=None):
 
 
 def gan_job(shards: Path, **overrides):
-    from latentzoo.data.shards import load_manifest, shard_urls
-    from latentzoo.training.loop import TrainJob
+    from latentzoo.training.trainer import training_data
 
-    manifest = load_manifest(shards)
     params = make_params(**{**TINY_GAN, **overrides})
-    return TrainJob(
-        "resvae_gan",
-        params.seed,
-        params.train,
-        params.resvae_gan,
-        shard_urls(shards, manifest, "train"),
-        shard_urls(shards, manifest, "val"),
-        manifest["splits"]["train"]["count"],
-        (1, 8, 8),
-        cached=True,
-    )
+    return training_data(params, "resvae_gan", shards).job(params, "resvae_gan")  # as the train stage builds it
 
 
 def _loop_worker(rank: int, world: int, port: int, job, out_dir: str) -> None:
