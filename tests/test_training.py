@@ -162,6 +162,7 @@ def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
         image_shape=(1, 8, 8),
         run=TrackedRun(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "nope"),
     )
+    assert TrainJob(**job.to_config()) == job  # what a Ray Train worker rebuilds, the TrackedRun included
     log_epoch(job, {"train_loss": 1.0}, step=3)
     assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,8 @@ class TrainJob:
     fail_at_epoch: int | None = None  # tests only (latentzoo.faults): raise at this epoch unless resumed
 
     def to_config(self) -> dict:
-        return asdict(self)
+        """The fields as they are (not `asdict`, which would turn the TrackedRun into a plain dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def tag(self) -> str:
