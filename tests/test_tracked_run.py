@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mlflow.tracking import MlflowClient
 
+from latentzoo.atomic import json_text
 from latentzoo.config import TrackingConfig
 from latentzoo.storage import RunFolder
 from latentzoo.tracking.runs import RUN_RECORD, TrackedRun, record_of
@@ -51,7 +52,7 @@ def test_tracking_off_gives_no_run_and_a_null_record(tmp_path, mlflow_uri):
 def test_records_round_trip_and_children_are_nested(tmp_path, mlflow_uri):
     parent = open_run(RunFolder(str(tmp_path / "ray"), "tune-vae"), tmp_path)
     trial = parent.child("latentzoo-vae", "trial-1", {"latentzoo.trial_id": "t1"}, tmp_path)
-    trial.save(tmp_path / "mlflow_run.json", model_version="3")
+    (tmp_path / "mlflow_run.json").write_text(json_text(record_of(trial, model_version="3")))
     assert TrackedRun.load(tmp_path / "mlflow_run.json") == trial
     assert TrackedRun.load(tmp_path / "missing.json") is None
     [(child, status, tags)] = parent.children()

@@ -172,14 +172,16 @@ def read_stacked(pretrain_metrics: Path | None, finetune_metrics: Path | None) -
 def log_to_training_run(params: Params, model_dir: Path, result: dict, plots_dir: Path) -> None:
     """Test metrics and grids go to the MLflow run of the training that made the model."""
     record_file = model_dir / RUN_FILE
-    run = TrackedRun.load(record_file) if params.tracking.enabled else None  # the store the training logged to
+    if not params.tracking.enabled or not record_file.exists():
+        return
+    record = json.loads(record_file.read_text())
+    run = TrackedRun.from_record(record)  # the store the training logged to
     if not run:
         return
     run.log_metrics(result)
     for png in sorted(plots_dir.glob("*.png")):
         run.log_artifact(png, "evaluation")
     run.set_tags({"latentzoo.evaluated": "true"})
-    record = json.loads(record_file.read_text())
     if record.get("model_version"):  # the registered version carries its test metrics too
         tag_version(run.uri, record["registered_model"], record["model_version"], result)
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentzoo.atomic import json_text
 from latentzoo.config import TrackingConfig
 from latentzoo.storage import RunFolder
 from latentzoo.tracking import mlflow_runs
@@ -80,11 +79,6 @@ class TrackedRun:
 
     def record(self, **extra: Any) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.uri, **extra}
-
-    def save(self, path: Path, **extra: Any) -> None:
-        """Write the record (plus `extra`, e.g. the registered model version) to `path` (not atomically: callers
-        write into a temporary folder, or use `atomic_write_json`)."""
-        Path(path).write_text(json_text(self.record(**extra), sort_keys=False))
 
     @classmethod
     def from_record(cls, record: str | Mapping[str, Any] | None, default_uri: str | None = None) -> TrackedRun | None:
