@@ -56,11 +56,11 @@ def test_a_registry_uri_loads_the_same_model(registry):
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(Reconstructor(remote)(x), Reconstructor(local)(x))
-        assert torch.equal(remote.latents(x), local.latents(x))
+        assert torch.equal(remote.encode(x), local.encode(x))
     assert isinstance(load("models:/latentzoo-vae/latest"), type(local))
     run_id = json.loads((model_dir / "mlflow_run.json").read_text())["run_id"]
     by_run = load(f"runs:/{run_id}/model")  # the run's logged model, without the registry
-    assert torch.equal(by_run.latents(x), local.latents(x))
+    assert torch.equal(by_run.encode(x), local.encode(x))
 
 
 def test_the_cli_writes_what_it_promises(registry, digits_shards, tmp_path, capsys):

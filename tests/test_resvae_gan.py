@@ -119,7 +119,7 @@ def test_dense_and_spatial_latents(latent_dim, shape):
     model = ResVAEGAN(cfg, (1, 8, 8))
     x = torch.rand(6, 1, 8, 8)
     out = model(x)
-    assert model.latent_shape == shape and model.latents(x).shape == (6, torch.Size(shape).numel())
+    assert model.latent_shape == shape and model.encode(x).shape == (6, torch.Size(shape).numel())
     assert model.sample(3).shape == (3, 1, 8, 8) and out.recon.shape == x.shape
     sum(out.losses.values()).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("discriminator"))
@@ -135,7 +135,7 @@ def test_the_critic_can_judge_prior_samples_too():
     assert out.fakes.shape == (12, 1, 8, 8) and torch.equal(out.fakes[:6], out.recon)  # reconstructions + samples
     out.losses["adversarial"].backward()
     assert model.decoder[-1].weight.grad.abs().sum() > 0 and model.discriminator.net[0].weight.grad is None
-    disc = model.discriminator_losses(x, out.fakes)
+    disc = model.critic_losses(x, out.fakes, model.discriminator)
     assert disc.total > 0 and disc.total.requires_grad
 
 
@@ -222,7 +222,7 @@ def test_two_workers_two_optimizers_complete_in_sync(digits_shards, tmp_path):
     assert row["replicas_in_sync"] == 1.0  # generator and discriminator weights identical on both ranks
     assert row["train_disc_loss"] > 0 and "train_loss_adversarial" in row
     steps = row["steps_max"]
-    assert int(state["model"]["step"]) == steps
+    assert int(state["model"]["step"]) == state["step"] == steps  # the loop's count, recorded with the weights
     disc_steps = steps - 3 + 1  # D trains once the step counter reaches disc_start = 3
     assert max(s["step"] for s in state["disc_optimizer"]["state"].values()) == disc_steps
 
@@ -239,7 +239,7 @@ def test_resume_restores_discriminator_and_step(digits_shards, tmp_path):
     run_loop(second, fake_session(0, 1, [str(tmp_path / "b")], ray.train.Checkpoint(tmp_path / "a" / "epoch1")))
     resumed = load_checkpoint(tmp_path / "b" / "epoch2")
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]  # epoch 1 not trained again
-    assert int(resumed["model"]["step"]) == 2 * int(saved["model"]["step"])  # the step counter continued
+    assert int(resumed["model"]["step"]) == resumed["step"] == 2 * saved["step"]  # the step count continued
     disc_step = lambda s: max(v["step"] for v in s["disc_optimizer"]["state"].values())  # noqa: E731
     assert disc_step(resumed) == disc_step(saved) + int(saved["model"]["step"])  # D's Adam state restored
     assert not torch.equal(resumed["model"]["discriminator.net.0.weight"], saved["model"]["discriminator.net.0.weight"])

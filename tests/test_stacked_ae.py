@@ -48,7 +48,9 @@ def test_each_phase_trains_only_its_own_parameters(stack):
     assert trained(stack.set_phase("pretrain", layer=2)) == {"encoders.1", "decoders.1"}
     assert trained(stack.set_phase("finetune")) == {"encoders.0", "encoders.1", "encoders.2", "head"}
     assert trained(stack.set_phase("probe")) == {"head"}
-    assert not stack.set_phase("pretrain", layer=1).uses_labels and stack.set_phase("probe").uses_labels
+    x, labels = torch.rand(3, *stack.image_shape), torch.tensor([0, 1, 2])
+    assert set(stack.set_phase("pretrain", layer=1)(x, labels=labels).losses) == {"recon"}  # labels unused
+    assert set(stack.set_phase("probe")(x, labels=labels).losses) == {"ce"}
 
 
 def test_earlier_layers_do_not_change_while_a_later_layer_pretrains(stack, digits_shards):

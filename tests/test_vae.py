@@ -27,7 +27,7 @@ def test_output_shapes(shape, likelihood):
     assert 0 <= out.recon.min() and out.recon.max() <= 1
     assert set(out.losses) == {"recon", "kl"} and set(out.metrics) == {"neg_elbo", "kl", "recon_nats"}
     assert all(v.ndim == 0 for v in [*out.losses.values(), *out.metrics.values()])
-    mu, logvar = model.encode(x)
+    mu, logvar = model.posterior(x)
     assert mu.shape == logvar.shape == (4, 5)
     assert model.decode_logits(mu).shape == x.shape
 
@@ -78,7 +78,7 @@ def test_binarized_target_is_what_forward_scores():
     out = model(x, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     x_bin = torch.bernoulli(x, generator=g)
-    mu, logvar = model.encode(x_bin)
+    mu, logvar = model.posterior(x_bin)
     z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
     torch.testing.assert_close(out.metrics["recon_nats"], bernoulli_nll(model.decode_logits(z), x_bin).mean())
 

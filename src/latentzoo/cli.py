@@ -24,6 +24,7 @@ from latentzoo.data.loader import eval_batches, to_float
 from latentzoo.data.shards import checked_shards
 from latentzoo.errors import LatentzooError, cli_errors
 from latentzoo.evaluation.grids import save_grid
+from latentzoo.models.base import Generative
 from latentzoo.submit import submit
 from latentzoo.tracking.models import Reconstructor, load
 
@@ -81,7 +82,7 @@ def inputs(args, model) -> torch.Tensor:
 def sample(args) -> Path:
 
     model = load(args.model)
-    if not hasattr(model, "sample"):
+    if not isinstance(model, Generative):
         raise LatentzooError(f"{args.model}: a {type(model).__name__} has no prior to sample from")
     images = model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     return save_grid(images, args.out, scale=max(1, 256 // (images.shape[-1] * 8)))
@@ -100,7 +101,7 @@ def reconstruct(args) -> Path:
 def encode(args) -> Path:
 
     model = load(args.model)
-    codes = model.latents(inputs(args, model)).cpu().numpy()
+    codes = model.encode(inputs(args, model)).cpu().numpy()
     import io
 
     buffer = io.BytesIO()

@@ -27,6 +27,7 @@ from latentzoo.evaluation.feature_classifier import load_classifier
 from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import save_grid
 from latentzoo.evaluation.quality import quality_metrics
+from latentzoo.models.base import Coded, Generative, Variational
 from latentzoo.models.quantizer import CodeCounter
 
 
@@ -50,7 +51,7 @@ def evaluate_model(
     means, count = [], 0
     quality_n = params.classifier.num_samples
     real, recons = [], []  # the first quality_n test images and their reconstructions
-    codes = CodeCounter(model.codebook_size) if getattr(model, "codebook_size", None) else None
+    codes = CodeCounter(model.codebook_size) if isinstance(model, Coded) else None
     bar = tqdm(
         total=manifest["splits"]["test"]["count"],
         desc=f"evaluate {meta['model_name']}",
@@ -69,8 +70,8 @@ def evaluate_model(
         sums["loss"] += float(out.total) * n
         if codes:
             codes.add(out.codes)
-        elif hasattr(model, "encode"):  # a continuous latent: (posterior mean, ...)
-            means.append(model.encode(x)[0])
+        if isinstance(model, Variational):
+            means.append(model.encode(x))  # the posterior means
         if count < quality_n:
             real.append(x[: quality_n - count])
             recons.append(out.recon[: quality_n - count])
@@ -87,7 +88,7 @@ def evaluate_model(
                 codes.counts, Path(figures_dir) / "codebook_usage.png", f"{meta['model_name']}, test split"
             )
     if classifier_path is not None:
-        samples = model.sample(len(torch.cat(real)), generator=generator) if hasattr(model, "sample") else None
+        samples = model.sample(len(torch.cat(real)), generator=generator) if isinstance(model, Generative) else None
         quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)
         result |= {f"test_{k}": v for k, v in quality.items()}
     result["test_images"] = count
@@ -102,7 +103,7 @@ def write_grids(model, urls: list[str], out_dir: Path, n: int, seed: int) -> Non
     scale = max(1, 256 // (x.shape[-1] * 8))  # 8x8 digits become a readable ~256 px grid
     recon = model(x, generator=generator).recon
     save_grid(torch.cat([x, recon]), out_dir / "reconstructions.png", nrow=8, scale=scale)
-    if hasattr(model, "sample"):
+    if isinstance(model, Generative):
         save_grid(model.sample(n, generator=generator), out_dir / "samples.png", scale=scale)
 
 

@@ -25,8 +25,9 @@ A per-sample term keeps every sigma away from collapse (no mu^2 term: the means 
 Under DDP, m and S are over the *global* batch: the per-rank sums of mu, mu mu^T and sigma^2 are all-reduced with
 a differentiable all-reduce, so each rank's gradient is that of the global statistic (`batch_covariance`).
 
-The adversarial term (`models.patchgan`) starts at step `disc_start`; the discriminator is trained by the
-training loop with its own optimizer (`discriminator_losses`), the generator's step never builds a graph into it.
+The adversarial term (`models.patchgan`) starts after `disc_start` optimizer steps (the training loop passes the
+step in); the discriminator is trained by the loop with its own optimizer and DDP wrapper (`models.base.Adversarial`),
+the generator's step never builds a graph into it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import ConfigError
-from latentzoo.models.base import ModelOutput
+from latentzoo.models.base import LatentModel, ModelOutput
 from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, frozen, generator_loss
 from latentzoo.models.resnet import decoder, encoder
 from latentzoo.models.vae import GaussianPosterior, kl_normal_standard, reparameterize
@@ -140,7 +141,7 @@ def variance_penalty(logvar: Tensor) -> Tensor:
     return -(1.0 + logvar - logvar.exp()).sum(dim=1)
 
 
-class ResVAEGAN(GaussianPosterior, nn.Module):
+class ResVAEGAN(GaussianPosterior, LatentModel):
     """Residual VAE generator + PatchGAN `discriminator` (the training loop gives D its own optimizer and DDP)."""
 
     def __init__(self, cfg: ResVAEGANConfig, image_shape: tuple[int, int, int]):
@@ -162,27 +163,30 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         self.to_latent = nn.Linear(2 * flat, 2 * cfg.latent_dim) if cfg.latent_dim else nn.Identity()
         self.from_latent = nn.Linear(cfg.latent_dim, flat) if cfg.latent_dim else nn.Identity()
         self.discriminator = PatchDiscriminator(c, cfg.disc_width, cfg.disc_layers)
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))  # optimizer steps (checkpointed)
+        # optimizer steps trained (the loop's count, kept with the weights): evaluation scores as at the end
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("gan_lambda", torch.ones(()))  # the last adaptive weight (used in evaluation)
 
-    # ------------------------------------------------------------ what the training loop asks of a GAN family
+    # ------------------------------------------------------------ the optimizers and the critic (base.Adversarial)
 
-    @property
-    def adam_betas(self) -> tuple[float, float]:
-        return self.cfg.adam_beta1, self.cfg.adam_beta2
+    def optimizer_groups(self) -> list[dict]:
+        """The generator's parameters (D's excepted), with the GAN betas."""
+        critic = {id(p) for p in self.discriminator.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in critic]
+        return [{"params": params, "betas": (self.cfg.adam_beta1, self.cfg.adam_beta2)}]
 
-    @property
-    def disc_lr(self) -> float:
-        return self.cfg.disc_lr
+    def critic_optimizer_groups(self) -> list[dict]:
+        betas = (self.cfg.adam_beta1, self.cfg.adam_beta2)
+        return [{"params": list(self.discriminator.parameters()), "lr": self.cfg.disc_lr, "betas": betas}]
 
-    @property
-    def adversarial_active(self) -> bool:
-        return self.cfg.adversarial_weight > 0 and int(self.step) >= self.cfg.disc_start
+    def critic_active(self, steps: int) -> bool:
+        """The adversarial term and D's training are on once `disc_start` optimizer steps are done."""
+        return self.cfg.adversarial_weight > 0 and steps >= self.cfg.disc_start
 
-    def discriminator_losses(self, x: Tensor, fakes: Tensor, discriminate: nn.Module | None = None) -> ModelOutput:
+    def critic_losses(self, x: Tensor, fakes: Tensor, critic: nn.Module) -> ModelOutput:
         """L_D on real images x and (detached) generated ones (reconstructions, and prior samples), one forward
-        of `discriminate` (the DDP-wrapped D in training) over both."""
-        logits = (discriminate or self.discriminator)(torch.cat([x, fakes.detach()]))
+        of `critic` (the DDP-wrapped D in training) over both."""
+        logits = critic(torch.cat([x, fakes.detach()]))
         real, fake = logits[: len(x)], logits[len(x) :]
         return ModelOutput(
             None,
@@ -196,7 +200,7 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
     def binarizes(self) -> bool:
         return False  # continuous targets: the critic sharpens grey levels, not coin flips
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) → (mu, logvar) of q(z|x), each flattened to (B, D), D = prod(latent_shape)."""
         h = self.encoder(x)
         if self.cfg.latent_dim:
@@ -207,9 +211,12 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
     def decode_logits(self, z: Tensor) -> Tensor:
         return self.decoder(self.from_latent(z.flatten(1)).view(len(z), *self.map_shape))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
-        """The generator's loss terms (recon, the posterior's regularisers, adversarial) and latent-health metrics."""
-        mu, logvar = self.encode(x)
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, *, step=None, labels=None) -> ModelOutput:
+        """The generator's loss terms (recon, the posterior's regularisers, adversarial) and latent-health metrics.
+        `step`: optimizer steps before this batch (None: the steps trained); `labels`: unused."""
+        step = int(self.step) if step is None else step
+        adversarial = self.critic_active(step)
+        mu, logvar = self.posterior(x)
         logits = self.decode_logits(reparameterize(mu, logvar, generator))
         nll, kl = self._nll(logits, x), kl_normal_standard(mu, logvar)
         losses = {"recon": nll.mean()}
@@ -222,11 +229,11 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
             losses["variance"] = self.cfg.variance_weight * variance_penalty(logvar).mean()
         recon = self._mean(logits)
         fakes = recon
-        if self.adversarial_active and self.cfg.adversarial_samples:  # decoded z ~ N(0, I): what sample() makes
+        if adversarial and self.cfg.adversarial_samples:  # decoded z ~ N(0, I): what sample() makes
             fakes = torch.cat([recon, self._mean(self.decode_logits(torch.randn_like(mu)))])
-        losses["adversarial"] = self._adversarial(fakes, losses["recon"])
+        losses["adversarial"] = self._adversarial(fakes, losses["recon"]) if adversarial else recon.new_zeros(())
         if self.training and torch.is_grad_enabled():
-            self.step += 1
+            self.step.fill_(step + 1)
         sigma = (0.5 * logvar).exp().detach()
         return ModelOutput(
             recon=recon,
@@ -242,9 +249,7 @@ class ResVAEGAN(GaussianPosterior, nn.Module):
         )
 
     def _adversarial(self, fakes: Tensor, rec_loss: Tensor) -> Tensor:
-        """w_adv * lambda_adapt * L_G(D(fakes)) once active, else 0; D's weights get no gradient from it."""
-        if not self.adversarial_active:
-            return fakes.new_zeros(())
+        """w_adv * lambda_adapt * L_G(D(fakes)); D's weights get no gradient from it."""
         with frozen(self.discriminator):
             gan = generator_loss(self.discriminator(fakes), self.cfg.gan_loss)
         if self.cfg.adaptive_weight and self.training and torch.is_grad_enabled():

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from latentzoo.models.base import ModelOutput
+from latentzoo.models.base import LatentModel, ModelOutput
 from latentzoo.schema import Section
 
 Mode = Literal["pretrain", "finetune", "probe"]
@@ -55,7 +55,7 @@ class StackedAEConfig(Section):
         return layers
 
 
-class StackedAutoencoder(nn.Module):
+class StackedAutoencoder(LatentModel):
     """Encoders W_1..W_L with decoders W'_1..W'_L and a classifier head V on h_L; see the module docstring."""
 
     def __init__(self, cfg: StackedAEConfig, image_shape: tuple[int, int, int]):
@@ -78,9 +78,8 @@ class StackedAutoencoder(nn.Module):
         return len(self.encoders)
 
     @property
-    def uses_labels(self) -> bool:
-        """The training loop hands labels to the classifier phases."""
-        return self.mode != "pretrain"
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
 
     def set_phase(self, mode: Mode = "finetune", layer: int | None = None, dropout: float = 0.0) -> StackedAutoencoder:
         """Train layer `layer` (1-based) as an autoencoder, fine-tune the stack with its head, or probe the head."""
@@ -125,7 +124,7 @@ class StackedAutoencoder(nn.Module):
         """x through the whole stack and back: decode(h_L(x))."""
         return self.decode(self.features(x))
 
-    def latents(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor) -> Tensor:
         """The top features h_L(x), (B, d_L)."""
         return self.features(x)
 
@@ -142,7 +141,9 @@ class StackedAutoencoder(nn.Module):
         h = self.features(x, upto=k - 1)
         return (self.decode_layer(k, self.encoders[k - 1](h)) - h).pow(2).mean(dim=1)
 
-    def forward(self, x: Tensor, labels: Tensor | None = None, generator: torch.Generator | None = None) -> ModelOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, *, step=None, labels=None) -> ModelOutput:
+        """The current phase's loss: layer k's reconstruction (pretrain), or the cross-entropy of `labels` (B,)
+        (finetune, probe; without labels, only the logits). `step`: the common interface, unused."""
         if self.mode == "pretrain":
             return self._pretrain_step(x, generator)
         return self._classify(x, labels)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from latentzoo.models.base import ModelOutput
+from latentzoo.models.base import LatentModel, ModelOutput
 from latentzoo.models.layers import conv_down, conv_up, feature_shape
 from latentzoo.schema import Section
 
@@ -73,19 +73,19 @@ def reparameterize(mu: Tensor, logvar: Tensor, generator: torch.Generator | None
 
 class GaussianPosterior:
     """What every family with q(z|x) = N(mu, sigma^2) and a Bernoulli/Gaussian decoder shares, given its
-    `encode(x) -> (mu, logvar)`, `decode_logits(z)` and a config with `likelihood` and `gaussian_sigma`."""
+    `posterior(x) -> (mu, logvar)`, `decode_logits(z)` and a config with `likelihood` and `gaussian_sigma`."""
 
     def decode(self, z: Tensor) -> Tensor:
         """z → the mean of p(x|z) in image space [0, 1]."""
         return self._mean(self.decode_logits(z))
 
+    def encode(self, x: Tensor) -> Tensor:
+        """The posterior means mu(x), (B, D)."""
+        return self.posterior(x)[0]
+
     def reconstruct(self, x: Tensor) -> Tensor:
         """Deterministic reconstruction x̂ = E[p(x | z = mu(x))] (no binarisation, no sampling)."""
-        return self.decode(self.encode(x)[0])
-
-    def latents(self, x: Tensor) -> Tensor:
-        """The posterior means mu(x), (B, D)."""
-        return self.encode(x)[0]
+        return self.decode(self.encode(x))
 
     def _mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
@@ -96,7 +96,7 @@ class GaussianPosterior:
         return gaussian_nll(logits, target, self.cfg.gaussian_sigma)
 
 
-class VAE(GaussianPosterior, nn.Module):
+class VAE(GaussianPosterior, LatentModel):
     """Conv encoder → (mu, logvar) → z → conv decoder → logits of p(x|z).
 
     Takes (C, H, W) images with H and W divisible by 4 (see `layers.feature_shape`).
@@ -129,7 +129,7 @@ class VAE(GaussianPosterior, nn.Module):
     def binarizes(self) -> bool:
         return self.cfg.binarize and self.cfg.likelihood == "bernoulli"
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, C, H, W) → (mu, logvar) of q(z|x), each (B, latent_dim)."""
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
@@ -138,11 +138,12 @@ class VAE(GaussianPosterior, nn.Module):
         """z (B, latent_dim) → decoder output (B, C, H, W): Bernoulli logits, or the Gaussian mean."""
         return self.decoder(z)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
-        """One-sample estimate of -ELBO = recon + KL per image; `generator` seeds binarisation and eps."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, *, step=None, labels=None) -> ModelOutput:
+        """One-sample estimate of -ELBO = recon + KL per image; `generator` seeds binarisation and eps (`step`
+        and `labels`: the common interface, unused)."""
         if self.binarizes:
             x = torch.bernoulli(x, generator=generator)  # dynamic binarisation; encoder and target see the same x
-        mu, logvar = self.encode(x)
+        mu, logvar = self.posterior(x)
         logits = self.decode_logits(reparameterize(mu, logvar, generator))
         recon, kl = self._nll(logits, x), kl_normal_standard(mu, logvar)
         return ModelOutput(

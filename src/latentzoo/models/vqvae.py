@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from latentzoo.models.base import ModelOutput
+from latentzoo.models.base import LatentModel, ModelOutput
 from latentzoo.models.layers import conv_down, conv_up, feature_shape
 from latentzoo.models.quantizer import Quantizer, SimVQ, VectorQuantizer
 from latentzoo.schema import Section
@@ -63,7 +63,7 @@ class SimVQConfig(_VQSection):
         return SimVQ(self.codebook_size, self.codebook_dim, self.commitment_weight, chunk_size=self.chunk_size)
 
 
-class VQVAE(nn.Module):
+class VQVAE(LatentModel):
     """Conv encoder → 1x1 conv to D channels → quantizer → 3x3 conv → conv decoder → sigmoid.
 
     Takes (C, H, W) images with H and W divisible by 4: one code per 4x4 patch (7x7 codes for MNIST).
@@ -93,17 +93,17 @@ class VQVAE(nn.Module):
         """x (B, C, H, W) → code indices (B, H/4, W/4)."""
         return self.quantizer(self.encoder(x))[1]
 
-    def latents(self, x: Tensor) -> Tensor:
-        """The code indices (B, H/4, W/4)."""
-        return self.encode(x)
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """x̂ = sigmoid(G(z_q)): the decoded nearest codes of x (the model is deterministic)."""
+        return self.decode(self.encode(x))
 
     def decode(self, codes: Tensor) -> Tensor:
         """Code indices (B, h, w) → images (B, C, H, W) in [0, 1]."""
         z_q = self.quantizer.lookup(codes.flatten()).reshape(*codes.shape, -1).permute(0, 3, 1, 2)
         return torch.sigmoid(self.decoder(z_q))
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> ModelOutput:
-        """Deterministic; `generator` is accepted for the common model interface and unused."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, *, step=None, labels=None) -> ModelOutput:
+        """Deterministic; `generator`, `step` and `labels` are the common interface, unused."""
         z_q, codes, vq_losses = self.quantizer(self.encoder(x))
         recon = torch.sigmoid(self.decoder(z_q))
         mse = F.mse_loss(recon, x)

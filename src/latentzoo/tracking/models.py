@@ -30,16 +30,14 @@ def registered_name(family: str) -> str:
 
 
 class Reconstructor(nn.Module):
-    """forward(x) = the family's deterministic reconstruction (`reconstruct` where it has one, else `recon`)."""
+    """forward(x) = the family's deterministic reconstruction, `model.reconstruct(x)`."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self.model, "reconstruct"):
-            return self.model.reconstruct(x)
-        return self.model(x).recon
+        return self.model.reconstruct(x)
 
 
 def log_trained_model(run: TrackedRun, model: nn.Module, family: str, image_shape: tuple[int, int, int]) -> str | None:

@@ -32,6 +32,8 @@ from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
+from latentzoo.models.base import Adversarial, Coded
+from latentzoo.models.patchgan import frozen
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.schema import Section
 from latentzoo.storage import readable_checkpoints
@@ -129,12 +131,10 @@ def run_loop(job: TrainJob, session: Session) -> None:
         model.load_state_dict(load_state(Path(job.init_weights))["state_dict"])
     if job.phase:
         model.set_phase(**job.phase)  # freezes what this phase does not train
-    betas = getattr(model, "adam_betas", (0.9, 0.999))
-    optimizer = torch.optim.AdamW(
-        generator_parameters(model), lr=train.lr, weight_decay=train.weight_decay, betas=betas
-    )
-    adversary = Adversary.of(model, betas)
-    start_epoch, history = 0, []
+    optimizer = torch.optim.AdamW(model.optimizer_groups(), lr=train.lr, weight_decay=train.weight_decay)
+    adversary = Adversary.of(model)
+    steps = steps_per_epoch(job.num_train, world, train.batch_size)
+    start_epoch, history, step = 0, [], 0
     checkpoint = session.get_checkpoint()
     state = resume_state(checkpoint, job.tag if rank == 0 else None) if checkpoint else None
     if state:
@@ -143,19 +143,13 @@ def run_loop(job: TrainJob, session: Session) -> None:
         if adversary:
             adversary.optimizer.load_state_dict(state["disc_optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
+        step = state.get("step", start_epoch * steps)  # optimizer steps so far (older checkpoints lack the key)
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
             if job.run:
                 log_missing_epochs(job, history)
-    if adversary:  # D gets a DDP wrapper of its own; the generator's ignores D's weights
-        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, [f"discriminator.{name}" for name in model.discriminator.state_dict()]
-        )
-    model = session.prepare_model(model)
-    if adversary:
-        adversary.module = session.prepare_model(unwrap(model).discriminator)
+    model = prepare(session, model, adversary)
     device = session.device
-    steps = steps_per_epoch(job.num_train, world, train.batch_size)
     nodes = count_nodes()
     if rank == 0:
         backend = dist.get_backend() if is_distributed() else "none"
@@ -184,8 +178,9 @@ def run_loop(job: TrainJob, session: Session) -> None:
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary),
+            **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary, first_step=step),
         }
+        step += steps
         row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
         row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
         row["epoch_time_s"] = time.perf_counter() - started
@@ -195,40 +190,43 @@ def run_loop(job: TrainJob, session: Session) -> None:
             say(format_epoch(job.tag, row, train.epochs))
             if not row["replicas_in_sync"]:
                 say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
-        report(session, row, unwrap(model), optimizer, epoch, history, adversary)
+        report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
         if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
             log_epoch(job, row, epoch + 1)
 
 
-def generator_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What the main optimizer trains: the parameters this phase leaves trainable, a discriminator's excepted."""
-    adversary = getattr(model, "discriminator", None)
-    excluded = {id(p) for p in adversary.parameters()} if adversary is not None else set()
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+def prepare(session: Session, model: nn.Module, adversary: Adversary | None) -> nn.Module:
+    """The session's model (DDP-wrapped under DDP). An adversarial family's critic gets a DDP wrapper of its own:
+    DDP all-reduces the parameters that require grad when it wraps a module, so D is frozen while the whole model
+    is wrapped, and D's gradients are all-reduced in D's own backward pass."""
+    if adversary is None:
+        return session.prepare_model(model)
+    with frozen(model.discriminator):
+        model = session.prepare_model(model)
+    adversary.critic = session.prepare_model(unwrap(model).discriminator)
+    return model
 
 
 @dataclass
 class Adversary:
-    """The discriminator of a family trained adversarially (a model with a `discriminator`): its own optimizer
-    (Adam at the model's `disc_lr` and betas) and its own DDP wrapper (`module`), so the generator's and the
-    discriminator's gradients are all-reduced in their own backward passes."""
+    """The critic of an `Adversarial` family: its own optimizer (Adam over the model's critic groups) and its own
+    DDP wrapper (`critic`), stepped after every generator step once the family's schedule turns it on."""
 
-    module: nn.Module
+    model: Adversarial
+    critic: nn.Module
     optimizer: torch.optim.Optimizer
 
     @classmethod
-    def of(cls, model: nn.Module, betas) -> Adversary | None:
-        disc = getattr(model, "discriminator", None)
-        if disc is None:
+    def of(cls, model: nn.Module) -> Adversary | None:
+        if not isinstance(model, Adversarial):
             return None
-        return cls(disc, torch.optim.Adam(disc.parameters(), lr=model.disc_lr, betas=betas))
+        return cls(model, model.discriminator, torch.optim.Adam(model.critic_optimizer_groups()))
 
-    def step(self, model: nn.Module, x: torch.Tensor, fakes: torch.Tensor):
-        """One discriminator step on real x and the (detached) generated images, once the model's schedule starts
-        it."""
-        if not model.adversarial_active:
+    def step(self, x: torch.Tensor, fakes: torch.Tensor, steps: int):
+        """One critic step on real x and the (detached) generated images, once `steps` generator steps are done."""
+        if not self.model.critic_active(steps):
             return None
-        out = model.discriminator_losses(x, fakes.detach(), self.module)
+        out = self.model.critic_losses(x, fakes.detach(), self.critic)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
         self.optimizer.step()
@@ -303,14 +301,15 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def train_epoch(model, optimizer, batches, device, grad_clip, adversary: Adversary | None = None) -> dict[str, float]:
-    """One epoch of optimisation; returns global (all-rank) means of the loss terms and model metrics, and the
-    codebook usage over the epoch for families with a codebook. With an `adversary`, each generator step is
-    followed by a discriminator step (`train_disc_*` figures)."""
+def train_epoch(
+    model, optimizer, batches, device, grad_clip, adversary: Adversary | None = None, first_step: int = 0
+) -> dict[str, float]:
+    """One epoch of optimisation, its first batch the run's optimizer step `first_step`; returns global (all-rank)
+    means of the loss terms and model metrics, and the codebook usage over the epoch for families with a codebook.
+    With an `adversary`, each generator step is followed by a critic step (`train_disc_*` figures)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
-    supervised = uses_labels(model)
     count = steps = 0
     data_wait = 0.0  # seconds spent waiting for the next batch (reading and decoding shards)
     batches = iter(batches)
@@ -322,7 +321,7 @@ def train_epoch(model, optimizer, batches, device, grad_clip, adversary: Adversa
             break
         data_wait += time.perf_counter() - waited
         x = x.to(device, non_blocking=True)
-        out = model(x, labels=y.to(device)) if supervised else model(x)
+        out = model(x, step=first_step + steps, labels=y.to(device))
         loss = out.total
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,7 +330,7 @@ def train_epoch(model, optimizer, batches, device, grad_clip, adversary: Adversa
         optimizer.step()
         accumulate(sums, "train", out, len(x))
         fakes = out.recon if out.fakes is None else out.fakes
-        disc_out = adversary.step(unwrap(model), x, fakes) if adversary else None
+        disc_out = adversary.step(x, fakes, steps=first_step + steps + 1) if adversary else None
         if disc_out:
             accumulate(sums, "train_disc", disc_out, len(x))
         if codes:
@@ -351,11 +350,10 @@ def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict
     generator = torch.Generator(device=device).manual_seed(12345 + rank)
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
-    supervised = uses_labels(model)
     count = 0
     for x, y in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
         x = x.to(device)
-        out = model(x, labels=y.to(device), generator=generator) if supervised else model(x, generator=generator)
+        out = model(x, generator=generator, labels=y.to(device))
         accumulate(sums, "val", out, len(x))
         if codes:
             codes.add(out.codes)
@@ -363,15 +361,10 @@ def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict
     return global_means(sums, count, device) | code_usage(codes, "val")
 
 
-def uses_labels(model: nn.Module) -> bool:
-    """Does the model train on labels (a classifier phase)? Decided by the model, so every rank agrees."""
-    return bool(getattr(unwrap(model), "uses_labels", False))
-
-
 def code_counter(model: nn.Module, device) -> CodeCounter | None:
-    """A histogram for the codes of a family with a codebook (decided by the model, so every rank agrees)."""
-    size = getattr(unwrap(model), "codebook_size", None)
-    return CodeCounter(size, device) if size else None
+    """A histogram for the codes of a `Coded` family (decided by the model, so every rank agrees)."""
+    model = unwrap(model)
+    return CodeCounter(model.codebook_size, device) if isinstance(model, Coded) else None
 
 
 def code_usage(codes: CodeCounter | None, prefix: str) -> dict[str, float]:
@@ -429,7 +422,7 @@ def global_min_max(value: int, device) -> tuple[int, int]:
     return int(t[0]), int(-t[1])
 
 
-def report(session: Session, row, model, optimizer, epoch, history, adversary: Adversary | None = None) -> None:
+def report(session: Session, row, model, optimizer, epoch, step, history, adversary: Adversary | None = None) -> None:
     """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -438,6 +431,7 @@ def report(session: Session, row, model, optimizer, epoch, history, adversary: A
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
+                "step": step,
                 "history": history,
             }
             if adversary:
