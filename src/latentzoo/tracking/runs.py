@@ -12,6 +12,7 @@ The run's record, `{"run_id": ..., "tracking_uri": ...}`, is written in two plac
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class TrackedRun:
             return None
         uri = mlflow_runs.tracking_uri(root)
         saved = cls.from_record(folder.read_text(RUN_RECORD), uri)
-        if saved and mlflow_runs.resume_run(saved.uri, saved.run_id):
+        if saved and saved.resume():
             return saved
         if parent:
             tags = {**tags, "mlflow.parentRunId": parent.run_id}
@@ -69,7 +70,18 @@ class TrackedRun:
     ) -> TrackedRun:
         """A new run (RUNNING) in `experiment` with `tags` and the git commit of `root`."""
         tags = {**tags, "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
-        return cls(uri, mlflow_runs.start_run(uri, experiment, name, tags, root))
+        experiment_id = mlflow_runs.experiment_id(uri, experiment, root)
+        return cls(uri, mlflow_runs.client(uri).create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+
+    def resume(self) -> bool:
+        """Mark the run RUNNING again (an interrupted stage is rerun); False if it is gone."""
+        client = mlflow_runs.client(self.uri)
+        try:
+            client.get_run(self.run_id)
+        except Exception:
+            return False
+        client.update_run(self.run_id, status="RUNNING")
+        return True
 
     def child(self, experiment: str, name: str, tags: Mapping[str, str], root: Path) -> TrackedRun:
         """A new run nested under this one (e.g. a tune trial under its search)."""
@@ -104,30 +116,59 @@ class TrackedRun:
     # ------------------------------------------------------------ logging
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        mlflow_runs.log_params(self.uri, self.run_id, params)
+        """Nested params, flattened ('train.lr'), in batches of 100 (MLflow's limit)."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v[:6000]) for k, v in mlflow_runs.flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        mlflow_runs.log_metrics(self.uri, self.run_id, metrics, step=step)
+        """The numbers among `metrics` (booleans and strings are skipped), at `step`."""
+        from mlflow.entities import Metric
 
-    def log_missing_epochs(self, history: list[dict]) -> int:
-        """Log the history rows (epochs) the run has not seen; returns how many."""
-        return mlflow_runs.log_missing_epochs(self.uri, self.run_id, history)
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        self._client.log_batch(self.run_id, metrics=items)
+
+    def log_missing_epochs(self, history: list[dict], key: str = "val_loss") -> int:
+        """Log each history row (step = its epoch) whose epoch has no `key` in the run yet, e.g. the epochs a dead
+        worker checkpointed but never logged, or those logged while the server was down; returns how many."""
+        logged = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        missing = [row for row in history if row["epoch"] not in logged]
+        for row in missing:
+            self.log_metrics(row, step=row["epoch"])
+        return len(missing)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        mlflow_runs.log_artifact(self.uri, self.run_id, path, artifact_path)
+        """Log a file, or a folder's contents under `artifact_path` (default: the folder's name)."""
+        path = Path(path)
+        if path.is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        mlflow_runs.set_tags(self.uri, self.run_id, tags)
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
 
     def children(self) -> list[tuple[TrackedRun, str, dict[str, str]]]:
-        """(run, status, tags) of the runs nested under this one."""
-        return [
-            (TrackedRun(self.uri, run_id), status, tags)
-            for run_id, status, tags in mlflow_runs.child_runs(self.uri, self.run_id)
-        ]
+        """(run, status, tags) of the runs nested under this one (tag mlflow.parentRunId)."""
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        found = f"tags.`mlflow.parentRunId` = '{self.run_id}'"
+        runs = self._client.search_runs([experiment], found, max_results=10000)
+        return [(TrackedRun(self.uri, r.info.run_id), r.info.status, dict(r.data.tags)) for r in runs]
 
     def finish(self, status: str = "FINISHED") -> None:
-        mlflow_runs.end_run(self.uri, self.run_id, status=status)
+        self._client.set_terminated(self.run_id, status=status)
+
+    @property
+    def _client(self):
+        return mlflow_runs.client(self.uri)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def record_of(run: TrackedRun | None, **extra: Any) -> dict[str, Any]:
