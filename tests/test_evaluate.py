@@ -34,13 +34,13 @@ def test_weights_file_round_trips_with_weights_only(untrained_vae):
 
 
 def test_test_metrics_are_in_range(untrained_vae, digits_shards, tiny_params):
-    result, _ = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
+    result = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
     assert result["test_images"] == 359
     assert result["test_neg_elbo"] > 0 and result["test_kl"] >= 0
     assert 0 < result["test_mse"] < 1 and result["test_psnr"] > 0
     assert -1 <= result["test_ssim"] <= 1
     assert 0 <= result["test_active_units"] <= tiny_params().vae.latent_dim
-    again, _ = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
+    again = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
     assert again == result  # seeded: the same binarisation and eps every time
 
 
@@ -54,7 +54,7 @@ def test_test_mse_is_the_mean_over_test_images(digits_shards, tiny_params, tmp_p
     model = build_model("vqvae", params.vqvae, (1, 8, 8)).eval()
     path = tmp_path / "vq.pt"
     save_state(path, weights_record(model, "vqvae", params.vqvae.model_dump(), (1, 8, 8), epoch=0))
-    result, _ = evaluate_model(params, path, digits_shards, progress=False)
+    result = evaluate_model(params, path, digits_shards, progress=False)
     urls = shard_urls(digits_shards, load_manifest(digits_shards), "test")
     with torch.no_grad():
         x = torch.cat([b for b, _ in eval_batches(urls, batch_size=512)])

@@ -58,10 +58,10 @@ def test_evaluate_adds_fcd_and_sharpness(classifier, digits_shards, tiny_params,
     model = build_model("vae", params.vae, (1, 8, 8))
     path = tmp_path / "model.pt"
     save_state(path, weights_record(model, "vae", params.vae.model_dump(), (1, 8, 8), epoch=0))
-    result, _ = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
+    result = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
     assert result["test_fcd_samples"] > 0 and result["test_fcd_recon"] > 0
     assert 0 <= result["test_sharpness_recon"] and 0 <= result["test_sharpness_samples"]
-    again, _ = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
+    again = evaluate_model(params, path, digits_shards, progress=False, classifier_path=classifier[0])
     assert again == result  # seeded samples
 
 

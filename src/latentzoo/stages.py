@@ -12,11 +12,10 @@ from latentzoo.atomic import atomic_dir, atomic_write_text
 from latentzoo.checkpoint import WEIGHTS_FILE
 from latentzoo.config import Params
 from latentzoo.data.prepare import prepare
-from latentzoo.data.shards import checked_shards, load_manifest, shard_urls, write_shards
-from latentzoo.evaluation.evaluate import evaluate_model, write_grids, write_metrics
+from latentzoo.data.shards import checked_shards, write_shards
+from latentzoo.evaluation.evaluate import evaluate_model, write_metrics
 from latentzoo.evaluation.feature_classifier import save_classifier, train_classifier
 from latentzoo.evaluation.report import build_report
-from latentzoo.tracking import mlflow_runs
 from latentzoo.tracking.models import tag_version
 from latentzoo.tracking.runs import RUN_FILE, TrackedRun
 from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
@@ -135,11 +134,9 @@ def evaluate_stage(
     """Test metrics of one trained model; with the classifier stage's `classifier` weights, FCD and sharpness."""
     model_dir, shard_dir, plots_dir = Path(model_dir), Path(shard_dir), Path(plots_dir)
     with atomic_dir(plots_dir) as figures:  # interrupted: no half of the figures under plots_dir
-        result, model = evaluate_model(
+        result = evaluate_model(
             params, model_dir / WEIGHTS_FILE, shard_dir, figures_dir=figures, classifier_path=classifier
         )
-        urls = shard_urls(shard_dir, load_manifest(shard_dir), "test")
-        write_grids(model, urls, figures, params.evaluate.grid_size, params.seed)
     write_metrics(Path(metrics_file), result)
     log_to_training_run(params, model_dir, result, plots_dir)
     shown = {
@@ -208,7 +205,7 @@ def report_stage(
     )
     if params.tracking.enabled:
         experiment = f"{params.tracking.experiment_prefix}-report"
-        run = TrackedRun.start(mlflow_runs.tracking_uri(), experiment, "report", {"latentzoo.stage": "report"})
+        run = TrackedRun.start(None, experiment, "report", {"latentzoo.stage": "report"})
         for name in ("report.md", "report.html", "metrics.json", "images"):
             if (Path(out_dir) / name).exists():
                 run.log_artifact(Path(out_dir) / name)

@@ -39,10 +39,11 @@ def evaluate_model(
     progress: bool = True,
     figures_dir: Path | None = None,
     classifier_path: Path | None = None,
-) -> tuple[dict, torch.nn.Module]:
-    """Test-split metrics of the model in `model_path`; returns (metrics, model). With `figures_dir`, a family
-    with a codebook also gets its usage histogram there (codebook_usage.png); with `classifier_path` (the
-    classifier stage's network), FCD and sharpness of reconstructions and samples (`evaluation.quality`)."""
+) -> dict:
+    """Test-split metrics of the model in `model_path`. With `figures_dir`, grids of
+    test reconstructions and prior samples there (`write_grids`), and a family with a codebook gets its usage
+    histogram (codebook_usage.png); with `classifier_path` (the classifier stage's network), FCD and sharpness of
+    reconstructions and samples (`evaluation.quality`)."""
     manifest, split_urls = checked_shards(shard_dir, ("test",))
     urls = split_urls["test"]
     model, meta = load_model(model_path)
@@ -92,7 +93,9 @@ def evaluate_model(
         quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)
         result |= {f"test_{k}": v for k, v in quality.items()}
     result["test_images"] = count
-    return result, model
+    if figures_dir is not None:
+        write_grids(model, urls, Path(figures_dir), params.evaluate.grid_size, params.seed)
+    return result
 
 
 @torch.no_grad()

@@ -66,9 +66,11 @@ class TrackedRun:
 
     @classmethod
     def start(
-        cls, uri: str, experiment: str, name: str, tags: Mapping[str, str], root: Path | None = None
+        cls, uri: str | None, experiment: str, name: str, tags: Mapping[str, str], root: Path | None = None
     ) -> TrackedRun:
-        """A new run (RUNNING) in `experiment` with `tags` and the git commit of `root`."""
+        """A new run (RUNNING) in `experiment` with `tags` and the git commit of `root`; `uri` None: the tracking
+        URI of the environment, or of the project at `root`."""
+        uri = uri or mlflow_runs.tracking_uri(root)
         tags = {**tags, "mlflow.source.git.commit": mlflow_runs.git_commit(root)}
         experiment_id = mlflow_runs.experiment_id(uri, experiment, root)
         return cls(uri, mlflow_runs.client(uri).create_run(experiment_id, run_name=name, tags=tags).info.run_id)
