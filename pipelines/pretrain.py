@@ -7,7 +7,7 @@ import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors
-from latentzoo.stages import pretrain_stage
+from latentzoo.stages.stacked import pretrain_stage
 
 
 @cli_errors

@@ -7,7 +7,7 @@ import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors
-from latentzoo.stages import shard_stage
+from latentzoo.stages.shard import shard_stage
 
 
 @cli_errors

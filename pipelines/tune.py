@@ -7,7 +7,7 @@ import stage_env  # noqa: F401  (before latentzoo: re-runs the stage under .venv
 
 from latentzoo.config import load_params
 from latentzoo.errors import cli_errors
-from latentzoo.stages import tune_stage
+from latentzoo.stages.tune import tune_stage
 
 
 @cli_errors

@@ -176,7 +176,8 @@ def test_bad_search_space_is_named(space, message):
 
 
 def test_tuned_weights_reach_the_train_params(tmp_path):
-    from latentzoo.tuning.search import apply_tuned, trial_params
+    from latentzoo.tuning.search import trial_params
+    from latentzoo.tuning.tuned import apply_tuned
 
     params = validate_params(raw_params())
     best = tmp_path / "best.yaml"

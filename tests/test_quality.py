@@ -13,7 +13,7 @@ from latentzoo.evaluation.evaluate import evaluate_model
 from latentzoo.evaluation.feature_classifier import frechet_distance, load_classifier
 from latentzoo.evaluation.metrics import laplacian_variance
 from latentzoo.models import build_model
-from latentzoo.stages import classifier_stage
+from latentzoo.stages.classifier import classifier_stage
 
 
 def test_frechet_distance_of_gaussians_matches_closed_form():

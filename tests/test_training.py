@@ -83,7 +83,7 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
 
     from mlflow.tracking import MlflowClient
 
-    from latentzoo.stages import evaluate_stage
+    from latentzoo.stages.evaluate import evaluate_stage
 
     test = evaluate_stage(params, out.model_dir, digits_shards, tmp_path / "test.json", tmp_path / "plots/vqvae")
     assert 0 < test["test_utilisation"] <= 1 and test["test_perplexity"] >= 1 and test["test_psnr"] > 5

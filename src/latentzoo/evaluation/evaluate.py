@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from latentzoo.atomic import atomic_write_json
 from latentzoo.checkpoint import load_model
 from latentzoo.config import Params
 from latentzoo.data.loader import eval_batches
@@ -25,7 +24,7 @@ from latentzoo.data.shards import checked_shards
 from latentzoo.evaluation import metrics as M
 from latentzoo.evaluation.feature_classifier import load_classifier
 from latentzoo.evaluation.figures import save_usage_histogram
-from latentzoo.evaluation.grids import save_grid
+from latentzoo.evaluation.grids import write_grids
 from latentzoo.evaluation.quality import quality_metrics
 from latentzoo.models.base import Coded, Generative, Variational
 from latentzoo.models.quantizer import CodeCounter
@@ -96,20 +95,3 @@ def evaluate_model(
     if figures_dir is not None:
         write_grids(model, urls, Path(figures_dir), params.evaluate.grid_size, params.seed)
     return result
-
-
-@torch.no_grad()
-def write_grids(model, urls: list[str], out_dir: Path, n: int, seed: int) -> None:
-    """Reconstructions of the first images of `urls` (originals above, reconstructions below) and prior samples."""
-    x, _ = next(iter(eval_batches(urls, batch_size=min(n, 32))))
-    generator = torch.Generator().manual_seed(seed)
-    scale = max(1, 256 // (x.shape[-1] * 8))  # 8x8 digits become a readable ~256 px grid
-    recon = model(x, generator=generator).recon
-    save_grid(torch.cat([x, recon]), out_dir / "reconstructions.png", nrow=8, scale=scale)
-    if isinstance(model, Generative):
-        save_grid(model.sample(n, generator=generator), out_dir / "samples.png", scale=scale)
-
-
-def write_metrics(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, result)

@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from latentzoo.data.loader import eval_batches
+from latentzoo.models.base import Generative
+
 
 def to_uint8_nhwc(images: Tensor | np.ndarray) -> np.ndarray:
     """Float tensor (N, C, H, W) in [0, 1], uint8 tensor NCHW, or uint8 array NHWC / NHW → uint8 (N, H, W, C)."""
@@ -72,3 +75,15 @@ def save_grid(images: Tensor | np.ndarray, path: str | Path, **kw) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@torch.no_grad()
+def write_grids(model, urls: list[str], out_dir: Path, n: int, seed: int) -> None:
+    """Reconstructions of the first images of `urls` (originals above, reconstructions below) and prior samples."""
+    x, _ = next(iter(eval_batches(urls, batch_size=min(n, 32))))
+    generator = torch.Generator().manual_seed(seed)
+    scale = max(1, 256 // (x.shape[-1] * 8))  # 8x8 digits become a readable ~256 px grid
+    recon = model(x, generator=generator).recon
+    save_grid(torch.cat([x, recon]), out_dir / "reconstructions.png", nrow=8, scale=scale)
+    if isinstance(model, Generative):
+        save_grid(model.sample(n, generator=generator), out_dir / "samples.png", scale=scale)

@@ -27,7 +27,7 @@ from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
 from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
-from latentzoo.evaluation.evaluate import write_grids
+from latentzoo.evaluation.grids import write_grids
 from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, storage_location

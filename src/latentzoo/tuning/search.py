@@ -29,6 +29,7 @@ from latentzoo.storage import RunFolder, storage_location
 from latentzoo.tracking.runs import TrackedRun
 from latentzoo.training.loop import run_loop, tune_session
 from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
+from latentzoo.tuning.tuned import with_weights
 
 MODE = "min"
 
@@ -46,11 +47,6 @@ def search_space(params: Params, model_name: str) -> dict:
     }
 
 
-def with_weights(params: Params, model_name: str, weights: dict[str, float]) -> Params:
-    """Params with `weights` set in the model's section (validated again, so a bad weight is a clear error)."""
-    return params.updated(**{f"{model_name}.{key}": value for key, value in weights.items()})
-
-
 def trial_params(params: Params, model_name: str, weights: dict[str, float]) -> Params:
     """A trial's params: the sampled weights, `tune.epochs` epochs, one process of `tune.cpus_per_trial` threads."""
     return with_weights(params, model_name, weights).updated(
@@ -60,14 +56,6 @@ def trial_params(params: Params, model_name: str, weights: dict[str, float]) -> 
             "train.torch_threads": params.tune.cpus_per_trial,
         }
     )
-
-
-def apply_tuned(params: Params, model_name: str, tuned_file: Path):
-    """The train stage's params: params.yaml with the weights the tune stage found (`tune/<model>/best.yaml`)."""
-    tuned = yaml.safe_load(Path(tuned_file).read_text()) or {}
-    if tuned.get("model") != model_name:
-        raise TrainingError(f"{tuned_file}: holds weights for model {tuned.get('model')!r}, not {model_name!r}")
-    return with_weights(params, model_name, tuned.get("weights") or {})
 
 
 def search_name(params: Params, model_name: str, manifest_sha: str) -> str:

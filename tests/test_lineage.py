@@ -1,0 +1,145 @@
+"""DVC lineage: every stage depends on the code it runs, so that `dvc repro` re-runs it when that code changes."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+SRC = ROOT / "src"
+DVC = str(Path(os.sys.executable).with_name("dvc"))
+
+
+def module_file(module: str) -> Path | None:
+    """'latentzoo.data.loader' → src/latentzoo/data/loader.py (or the package's __init__.py); None if absent."""
+    base = SRC.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The latentzoo modules `path` imports, with the packages on their way (importing a.b.c runs a/__init__,
+    a/b/__init__) and names imported from a package that are modules themselves (`from a import b`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentzoo"):
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.startswith("latentzoo")]
+        for name in names:
+            parts = name.split(".")
+            found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in found if module_file(m)}
+
+
+def import_closure(script: Path) -> set[str]:
+    """Every project file `script` runs when it imports, as paths relative to the repo root."""
+    seen: set[Path] = set()
+    todo = [script, ROOT / "pipelines/stage_env.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(module_file(m) for m in imported_modules(path))
+    return {str(p.relative_to(ROOT)) for p in seen}
+
+
+def stages() -> dict[str, tuple[Path, list[str]]]:
+    """{stage: (its pipelines/ script, its deps)} from dvc.yaml (a foreach stage once, by its name)."""
+    found = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        stage = stage.get("do", stage)
+        script = re.search(r"python (pipelines/\w+\.py)", stage["cmd"]).group(1)
+        found[name] = (ROOT / script, [str(d) for d in stage["deps"]])
+    return found
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(stages()))
+def test_a_stage_depends_on_every_file_it_imports(stage):
+    script, deps = stages()[stage]
+    missing = sorted(p for p in import_closure(script) if not covered(p, deps))
+    assert not missing, f"dvc.yaml stage {stage!r} runs {script.name}, which imports these undeclared deps: {missing}"
+
+
+def test_the_closure_follows_imports_through_packages():
+    closure = import_closure(ROOT / "pipelines/evaluate.py")
+    assert "src/latentzoo/evaluation/feature_classifier.py" in closure  # evaluate → evaluation.evaluate → it
+    assert "src/latentzoo/evaluation/__init__.py" in closure and "pipelines/stage_env.py" in closure
+    assert "src/latentzoo/evaluation/report.py" not in import_closure(ROOT / "pipelines/train.py")
+
+
+# ---------------------------------------------------------------- what `dvc status` sees in a project
+
+
+@pytest.fixture
+def committed_project(tmp_path: Path) -> Path:
+    """A copy of the pipeline whose every stage DVC has recorded as done (stand-in outputs, `dvc commit -f`)."""
+    for name in ("src", "pipelines"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    (tmp_path / ".dvc").mkdir()
+    shutil.copy(ROOT / ".dvc/config", tmp_path / ".dvc/config")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    models = yaml.safe_load((tmp_path / "params.yaml").read_text())["models"]
+    for stage in yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"].values():
+        for item in models if "foreach" in stage else [None]:
+            body = stage.get("do", stage)
+            for entry in (e for kind in ("outs", "metrics", "plots") for e in body.get(kind, [])):
+                path = tmp_path / str(next(iter(entry)) if isinstance(entry, dict) else entry).replace(
+                    "${item}", str(item)
+                )
+                target = path if path.suffix else path / "stub"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text("{}\n")
+    dvc(tmp_path, "commit", "-f", "-q")
+    assert changed_stages(tmp_path) == set()
+    return tmp_path
+
+
+def dvc(project: Path, *args: str) -> str:
+    proc = subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def changed_stages(project: Path) -> set[str]:
+    return set(json.loads(dvc(project, "status", "--json") or "{}"))
+
+
+def edit(path: Path) -> None:
+    path.write_text(path.read_text() + "\n# edited\n")
+
+
+def test_editing_the_fcd_code_changes_the_stages_that_run_it(committed_project):
+    edit(committed_project / "src/latentzoo/evaluation/feature_classifier.py")
+    models = yaml.safe_load((committed_project / "params.yaml").read_text())["models"]
+    assert changed_stages(committed_project) == {"classifier", *(f"evaluate@{m}" for m in models)}
+
+
+def test_editing_the_report_code_changes_the_report_only(committed_project):
+    edit(committed_project / "src/latentzoo/evaluation/report.py")
+    assert changed_stages(committed_project) == {"report"}
+
+
+def test_python_bytecode_is_not_an_input(committed_project):
+    cache = committed_project / "src/latentzoo/models/__pycache__"
+    cache.mkdir()
+    (cache / "vae.cpython-311.pyc").write_bytes(b"\0")  # what importing the package on another machine leaves
+    assert changed_stages(committed_project) == set()
