@@ -30,7 +30,7 @@ def project(tmp_path: Path) -> Path:
     """A copy of the project's pipeline (no outputs) in its own git repository, with tiny params."""
     for name in ("src", "pipelines"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # the real .gitignore: what a clone commits
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc/config", tmp_path / ".dvc/config")
@@ -114,15 +114,24 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     assert client.get_experiment_by_name("latentzoo-report") is not None
 
     git = ["git", "-c", "user.email=ci@latentzoo", "-c", "user.name=ci"]
-    run([*git, "add", "params.yaml", "dvc.yaml", "dvc.lock", "metrics"], project, env)
+    run([*git, "add", "-A"], project, env)
     run([*git, "commit", "-qm", "first run"], project, env)
+    committed = run(["git", "ls-files"], project, env).stdout.split()
+    for small in ("dvc.lock", "metrics/evaluate/vae.json", "plots/train/vae.csv", "tune/vae/best.yaml"):
+        assert small in committed  # the small outputs live in git, so old revisions keep their results
+    assert "reports/report.md" in committed and not any(f.startswith(("models/", "data/")) for f in committed)
+    assert not any(f.startswith(("reports/images", "plots/evaluate", "mlflow")) for f in committed)  # DVC's
 
     # An experiment as the README runs one. Fine-tuning params feed only the finetune stage: no pretraining again.
     third = run([DVC, "exp", "run", "-S", "finetune.label_fraction=0.5"], project, env)
     assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
     assert "Running stage 'pretrain'" not in third.stdout and "Running stage 'train@" not in third.stdout
+    run([*git, "add", "-A"], project, env)
+    run([*git, "commit", "-qm", "half the labels"], project, env)
 
-    # What changed since the committed run, through dvc params/metrics diff.
-    diff = run([str(VENV / "bin" / "latentzoo"), "compare"], project, env).stdout
-    assert "HEAD → workspace" in diff and "finetune.label_fraction: 1 → 0.5" in diff
+    # What changed between the two commits, through dvc params/metrics diff.
+    diff = run([str(VENV / "bin" / "latentzoo"), "compare", "HEAD~1"], project, env).stdout
+    assert "HEAD~1 → workspace" in diff and "finetune.label_fraction: 1 → 0.5" in diff
     assert "metrics/finetune/stacked_ae.json  labelled_images: 1258 →" in diff
+    metrics = run([DVC, "metrics", "diff", "HEAD~1", "--json"], project, env).stdout
+    assert json.loads(metrics)["metrics/finetune/stacked_ae.json"]["labelled_images"]["old"] == 1258

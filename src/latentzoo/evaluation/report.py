@@ -204,9 +204,9 @@ def build_report(
     rows = collect(models, Path(eval_dir), Path(train_dir))
     histories = read_curves(models, curves_dir)
     with atomic_dir(out_dir) as tmp:
+        (tmp / "images").mkdir()  # a DVC output of its own, even when empty
         curves = None
         if histories:
-            (tmp / "images").mkdir(exist_ok=True)
             save_training_curves(histories, tmp / "images" / "training_curves.png")
             curves = "images/training_curves.png"
         images: dict[str, dict[str, str]] = {}  # {model: {file: path relative to the report}}
@@ -214,7 +214,6 @@ def build_report(
             for _, file in GRIDS:
                 src = Path(plots_dir) / name / file
                 if src.exists():
-                    (tmp / "images").mkdir(exist_ok=True)
                     shutil.copyfile(src, tmp / "images" / f"{name}-{file}")
                     images.setdefault(name, {})[file] = f"images/{name}-{file}"
         markdown = render_markdown(rows, images, mlflow_hint, stacked, curves)
