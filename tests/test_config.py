@@ -132,7 +132,7 @@ def test_stage_script_exits_nonzero_with_one_line(tmp_path: Path):
 
 def with_space(space: dict) -> dict:
     raw = raw_params()
-    raw["tune"]["space"] = space
+    raw["tune"]["space"] = {**{model: {} for model in raw["models"]}, **space}  # every model has an entry
     return raw
 
 
@@ -153,7 +153,14 @@ def test_search_space_parses_into_ray_domains():
     assert isinstance(vae["beta"], Float) and (vae["beta"].lower, vae["beta"].upper) == (0.5, 2.0)
     assert "LogUniform" in type(vae["beta"].sampler).__name__
     assert "LogUniform" not in type(vq["commitment_weight"].sampler).__name__
-    assert search_space(params, "simvq") == {}  # no entry: nothing searched, training uses params.yaml
+    assert search_space(params, "simvq") == {}  # an empty entry: nothing searched, training uses params.yaml
+
+
+def test_every_model_needs_a_space_entry_for_its_tune_stage():
+    raw = raw_params()
+    del raw["tune"]["space"]["simvq"]
+    with pytest.raises(ConfigError, match="tune.space: no entry for simvq; every model in `models` has one"):
+        validate_params(raw)
 
 
 @pytest.mark.parametrize(

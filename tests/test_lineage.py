@@ -14,6 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from latentzoo.config import RUNTIME_KEYS
+
 SRC = ROOT / "src"
 DVC = str(Path(os.sys.executable).with_name("dvc"))
 
@@ -143,3 +145,72 @@ def test_python_bytecode_is_not_an_input(committed_project):
     cache.mkdir()
     (cache / "vae.cpython-311.pyc").write_bytes(b"\0")  # what importing the package on another machine leaves
     assert changed_stages(committed_project) == set()
+
+
+# ---------------------------------------------------------------- params: what re-runs a stage
+
+
+def stage_params() -> dict[str, list[str]]:
+    """{stage: its params keys}, foreach stages expanded over params.yaml's models (as `dvc stage list` names them)."""
+    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    found = {}
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        for item in models if "foreach" in stage else [None]:
+            keys = [str(k).replace("${item}", str(item)) for k in stage.get("do", stage).get("params", [])]
+            found[f"{name}@{item}" if item else name] = keys
+    return found
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys |= leaf_keys(value, dotted + ".") if isinstance(value, dict) and value else {dotted}
+    return keys
+
+
+def test_runtime_knobs_re_run_nothing_and_every_other_knob_feeds_a_stage():
+    declared = [key for keys in stage_params().values() for key in keys]
+    runtime = [key for key in declared if covered(key.replace(".", "/"), [k.replace(".", "/") for k in RUNTIME_KEYS])]
+    assert not runtime, f"dvc.yaml lists knobs that config.RUNTIME_KEYS says change no result: {runtime}"
+    as_paths = [k.replace(".", "/") for k in (*declared, *RUNTIME_KEYS)]
+    orphans = sorted(
+        key
+        for key in leaf_keys(yaml.safe_load((ROOT / "params.yaml").read_text()))
+        if not covered(key.replace(".", "/"), as_paths)
+    )
+    assert not orphans, f"params.yaml knobs no stage depends on (list them in dvc.yaml or RUNTIME_KEYS): {orphans}"
+
+
+def set_params(project: Path, **changes) -> None:
+    path = project / "params.yaml"
+    raw = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        ({"tune.space.vae.beta.high": 8.0}, {"tune@vae"}),  # train@vae follows only if the best weights change
+        ({"ray.log_level": "INFO", "tracking.enabled": False, "train.max_failures": 5}, set()),
+        ({"train.epochs": 3}, {"train@vae", "train@vqvae", "train@simvq", "train@resvae_gan"}),  # not tune: trials
+        ({"vae.beta": 2.0}, {"tune@vae", "train@vae"}),
+        ({"finetune.label_fraction": 0.5}, {"finetune"}),
+    ],
+    ids=["search-range", "runtime-knobs", "train-epochs", "model-section", "finetune"],
+)
+def test_a_params_change_changes_exactly_the_stages_it_can_affect(committed_project, changes, expected):
+    set_params(committed_project, **changes)
+    assert changed_stages(committed_project) == expected
+
+
+def test_the_shuffle_switch_reaches_every_training_stage(committed_project):
+    set_params(committed_project, **{"train.cache_mb": 0})  # exact in-memory shuffle → a shuffle buffer
+    changed = changed_stages(committed_project)
+    assert {"pretrain", "finetune", "tune@vae", "train@vae"} <= changed and "evaluate@vae" not in changed

@@ -155,6 +155,18 @@ class TuneConfig(Section):
     space: dict[str, dict[str, SearchRange]] = Field(default_factory=dict)  # {model: {loss weight: range}}
 
 
+# Knobs that change how a stage runs, not what it computes: no stage lists them in dvc.yaml's params, so changing
+# one re-runs nothing (tests/test_lineage.py checks dvc.yaml against this list and params.yaml's keys).
+RUNTIME_KEYS = (
+    "ray",
+    "tracking",
+    "train.placement_strategy",
+    "train.max_failures",
+    "train.torch_threads",
+    "train.checkpoints_to_keep",
+)
+
+
 class Params(Section):
     """Every section of params.yaml, validated once (`load_params`); derive a changed copy with `updated`."""
 
@@ -186,6 +198,17 @@ class Params(Section):
                     f"models: {name!r} has its own stages (pretrain, finetune) in dvc.yaml; "
                     f"list only the families the train stage trains"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _a_space_per_model(self) -> Params:
+        """dvc.yaml's tune@<model> depends on tune.space.<model> alone, so the key must exist for DVC."""
+        missing = [name for name in self.models if name not in self.tune.space]
+        if missing:
+            raise ValueError(
+                f"tune.space: no entry for {', '.join(missing)}; every model in `models` has one (its tune stage "
+                f"depends on it): add `{missing[0]}: {{}}` to search nothing"
+            )
         return self
 
     @model_validator(mode="after")
