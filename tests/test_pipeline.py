@@ -33,7 +33,8 @@ def project(tmp_path: Path) -> Path:
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # the real .gitignore: what a clone commits
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc").mkdir()
-    shutil.copy(ROOT / ".dvc/config", tmp_path / ".dvc/config")
+    for name in ("config", ".gitignore"):
+        shutil.copy(ROOT / ".dvc" / name, tmp_path / ".dvc" / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"] = list(FAMILIES)  # vqvae and simvq through train and evaluate: test_training, test_evaluate
     params["train"].update(epochs=2, batch_size=32)
@@ -120,7 +121,9 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     for small in ("dvc.lock", "metrics/evaluate/vae.json", "plots/train/vae.csv", "tune/vae/best.yaml"):
         assert small in committed  # the small outputs live in git, so old revisions keep their results
     assert "reports/report.md" in committed and not any(f.startswith(("models/", "data/")) for f in committed)
-    assert not any(f.startswith(("reports/images", "plots/evaluate", "mlflow")) for f in committed)  # DVC's
+    assert not any(
+        f.startswith(("reports/images", "plots/evaluate", "mlflow", ".dvc/cache", ".venv")) for f in committed
+    )
 
     # An experiment as the README runs one. Fine-tuning params feed only the finetune stage: no pretraining again.
     third = run([DVC, "exp", "run", "-S", "finetune.label_fraction=0.5"], project, env)
@@ -135,3 +138,19 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     assert "metrics/finetune/stacked_ae.json  labelled_images: 1258 →" in diff
     metrics = run([DVC, "metrics", "diff", "HEAD~1", "--json"], project, env).stdout
     assert json.loads(metrics)["metrics/finetune/stacked_ae.json"]["labelled_images"]["old"] == 1258
+
+    # A teammate's clone: the outputs come from a DVC remote, nothing is trained again.
+    remote = project.parent / "dvc-remote"
+    run([DVC, "remote", "add", "-d", "shared", str(remote)], project, env)
+    run([*git, "commit", "-qam", "the team's remote"], project, env)
+    run([DVC, "push"], project, env)
+    clone = project.parent / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], project.parent, env)
+    run([DVC, "pull"], clone, env)
+    assert "up to date" in run([DVC, "status"], clone, env).stdout
+    assert (clone / "metrics/finetune/stacked_ae.json").read_text() == (
+        project / "metrics/finetune/stacked_ae.json"
+    ).read_text()
+    sample = ["sample", "--model", "models/vae", "-n", "4", "-o", "samples.png"]
+    run([str(VENV / "bin" / "latentzoo"), *sample], clone, env)
+    assert (clone / "samples.png").stat().st_size > 0
