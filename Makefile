@@ -10,7 +10,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -ec
 QUIET := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: install repro test mlflow-ui clean
+.PHONY: install repro queue test mlflow-ui clean
 
 install: $(STAMP)
 
@@ -24,6 +24,12 @@ $(STAMP): requirements.txt pyproject.toml
 # Run the whole DAG on params.yaml, every stage connected to one local Ray head (unless RAY_ADDRESS is set).
 repro: $(STAMP)
 	$(BIN)/python -m latentzoo.local_cluster -- $(BIN)/dvc repro
+
+# Run the experiments queued with `dvc exp run --queue -S ...`, JOBS at a time, on one local Ray head, and wait.
+# (DVC's queue workers start `dvc` by name: it must be the venv's, which make puts first on PATH.)
+JOBS ?= 1
+queue: $(STAMP)
+	$(BIN)/python -m latentzoo.local_cluster -- $(BIN)/dvc exp run --run-all -j $(JOBS)
 
 # The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`).
 test: $(STAMP)

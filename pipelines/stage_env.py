@@ -11,7 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-VENV = Path(__file__).resolve().parents[1] / ".venv"
+HERE = Path(__file__).resolve().parents[1]
+# The project's venv: here, or, for a queued experiment DVC runs in a temporary copy of the project
+# (<project>/.dvc/tmp/exps/<tmp>/), the project's (latentzoo.storage.project_root).
+OUTER = [Path(*HERE.parts[:i]) for i in range(len(HERE.parts)) if HERE.parts[i : i + 3] == (".dvc", "tmp", "exps")]
+VENV = next((d / ".venv" for d in (HERE, *OUTER) if (d / ".venv/bin/python").exists()), HERE / ".venv")
 
 try:
     import latentzoo  # noqa: F401

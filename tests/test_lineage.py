@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT
 
 from latentzoo.config import RUNTIME_KEYS
+from latentzoo.storage import project_root
 
 SRC = ROOT / "src"
 DVC = str(Path(os.sys.executable).with_name("dvc"))
@@ -214,3 +215,10 @@ def test_the_shuffle_switch_reaches_every_training_stage(committed_project):
     set_params(committed_project, **{"train.cache_mb": 0})  # exact in-memory shuffle → a shuffle buffer
     changed = changed_stages(committed_project)
     assert {"pretrain", "finetune", "tune@vae", "train@vae"} <= changed and "evaluate@vae" not in changed
+
+
+def test_a_queued_experiment_works_for_the_project_around_its_temporary_copy(tmp_path):
+    copy = tmp_path / "project/.dvc/tmp/exps/tmp1a2b/pipelines"
+    copy.mkdir(parents=True)
+    assert project_root(copy.parent) == project_root(copy) == tmp_path / "project"  # its mlflow.db, .ray_results
+    assert project_root(tmp_path) == tmp_path

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import yaml
+from conftest import make_params
 
 from latentzoo import local_cluster
 
@@ -69,7 +71,8 @@ def test_a_fresh_home_gets_a_head_with_token_authentication(tmp_path):
     stays empty."""
     home = tmp_path / "home"
     home.mkdir()
-    (tmp_path / "params.yaml").write_text("ray: {num_cpus: 1}\n")  # read for ray.num_cpus only
+    params = make_params(**{"ray.num_cpus": 1}).model_dump()  # validated whole, read for ray.num_cpus
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(home)
     proc = subprocess.run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -30,7 +32,7 @@ def project(tmp_path: Path) -> Path:
     """A copy of the project's pipeline (no outputs) in its own git repository, with tiny params."""
     for name in ("src", "pipelines"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):  # the real .gitignore: what a clone commits
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "Makefile"):  # the real .gitignore: what a clone commits
         shutil.copy(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
@@ -125,10 +127,26 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
         f.startswith(("reports/images", "plots/evaluate", "mlflow", ".dvc/cache", ".venv")) for f in committed
     )
 
-    # An experiment as the README runs one. Fine-tuning params feed only the finetune stage: no pretraining again.
-    third = run([DVC, "exp", "run", "-S", "finetune.label_fraction=0.5"], project, env)
-    assert "Running stage 'finetune'" in third.stdout and "Running stage 'report'" in third.stdout
-    assert "Running stage 'pretrain'" not in third.stdout and "Running stage 'train@" not in third.stdout
+    # Experiments as the README runs them: queued, run by DVC's queue workers in temporary copies of the project
+    # against the same Ray, compared, one applied and committed.
+    for fraction in ("0.5", "0.25"):
+        run([DVC, "exp", "run", "--queue", "-S", f"finetune.label_fraction={fraction}"], project, env)
+    run(["make", "-o", ".venv/.installed", "queue"], project, env)  # install done: make runs the queue only
+    status = run([DVC, "queue", "status"], project, env).stdout
+    assert status.count("Success") == 2, status
+    rows = list(csv.DictReader(io.StringIO(run([DVC, "exp", "show", "--csv"], project, env).stdout)))
+    fraction = next(c for c in rows[0] if c.endswith("finetune.label_fraction"))
+    queued = {r[fraction]: r for r in rows if r[fraction] in ("0.5", "0.25")}
+    assert len(queued) == 2
+    for row in queued.values():  # every family's test metrics, per experiment
+        assert all(float(row[f"metrics/evaluate/{family}.json:test_mse"]) > 0 for family in FAMILIES)
+        assert float(row["metrics/finetune/stacked_ae.json:test_accuracy"]) > 0
+    stacked = client.get_experiment_by_name("latentzoo-stacked_ae").experiment_id
+    runs = client.search_runs([stacked], "params.`phase.label_fraction` = '0.25'")
+    assert runs and all(r.info.status == "FINISHED" for r in runs)  # logged where the project's runs are
+    pretrained = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"]
+    run([DVC, "exp", "apply", queued["0.5"]["Experiment"]], project, env)
+    assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["pretrain"] == pretrained  # not re-run
     run([*git, "add", "-A"], project, env)
     run([*git, "commit", "-qm", "half the labels"], project, env)
 

@@ -12,6 +12,20 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+QUEUED_EXPERIMENTS = (".dvc", "tmp", "exps")  # where DVC runs a queued experiment: a temporary copy of the repo
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The project a stage works for: the working directory, or, for an experiment DVC runs from its queue (in a
+    temporary copy under <project>/.dvc/tmp/exps/), the project itself, so that the experiment's runs land in
+    the project's mlflow.db and .ray_results like every other run's instead of vanishing with the copy."""
+    cwd = Path(cwd or Path.cwd()).resolve()
+    n = len(QUEUED_EXPERIMENTS)
+    for i in range(len(cwd.parts) - n):
+        if cwd.parts[i : i + n] == QUEUED_EXPERIMENTS:
+            return Path(*cwd.parts[:i])
+    return cwd
+
 
 def storage_location(storage_path: str | None, root: Path) -> str:
     """`ray.storage_path` as Ray gets it: a URI as given, a local path made absolute (default <root>/.ray_results)."""

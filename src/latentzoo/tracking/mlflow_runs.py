@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from latentzoo.errors import LatentzooError
+from latentzoo.storage import project_root
 
 
 def tracking_uri(root: Path | None = None) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(root or Path.cwd()).resolve()
+    root = Path(root).resolve() if root else project_root()
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -71,7 +72,7 @@ def experiment_id(uri: str, name: str, root: Path | None = None) -> str:
             return found.experiment_id
         location = None
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-            location = (Path(root or Path.cwd()).resolve() / "mlartifacts" / name).as_uri()
+            location = ((Path(root).resolve() if root else project_root()) / "mlartifacts" / name).as_uri()
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception as err:  # unreachable server, locked database, ...
         raise LatentzooError(

@@ -24,7 +24,7 @@ from latentzoo.data.loader import count_labelled
 from latentzoo.data.shards import load_manifest, sha256_file
 from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
-from latentzoo.storage import RunFolder, storage_location
+from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import RUN_FILE, TrackedRun
 from latentzoo.training.trainer import Phase, TrainOutputs, history_csv, run_name, train_model
 
@@ -141,7 +141,7 @@ def parent_run(
     params: Params, stage: str, shard_dir: Path, root: Path | None, init: Path | None = None
 ) -> TrackedRun | None:
     """The stage's parent run, reopened when an interrupted attempt with the same inputs started one."""
-    root = Path(root or Path.cwd()).resolve()
+    root = Path(root).resolve() if root else project_root()
     data_sha = sha256_file(Path(shard_dir) / "manifest.json")
     key = run_name(
         MODEL,

@@ -30,7 +30,7 @@ from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sig
 from latentzoo.evaluation.grids import write_grids
 from latentzoo.faults import planned
 from latentzoo.models import build_model
-from latentzoo.storage import RunFolder, storage_location
+from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.models import log_trained_model, registered_name
 from latentzoo.tracking.runs import RUN_FILE, TrackedRun, record_of
 from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
@@ -202,7 +202,7 @@ def train_model(
 
     A `phase` trains one step of a multi-run recipe (see `Phase`) as its own Ray run and MLflow run.
     """
-    root = Path(root or Path.cwd()).resolve()
+    root = Path(root).resolve() if root else project_root()
     data = training_data(params, model_name, shard_dir)
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
     storage = storage_location(params.ray.storage_path, root)

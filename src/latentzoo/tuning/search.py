@@ -25,7 +25,7 @@ from latentzoo.atomic import atomic_write_text
 from latentzoo.config import Params
 from latentzoo.errors import TrainingError
 from latentzoo.faults import fail_if_planned, planned
-from latentzoo.storage import RunFolder, storage_location
+from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun
 from latentzoo.training.loop import run_loop, tune_session
 from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
@@ -134,7 +134,7 @@ def open_trial_run(ctx: dict, trial_id: str, number: int, weights: dict) -> Trac
 
 def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path, root: Path | None = None) -> dict:
     """Search the loss weights of `model_name`; write the best to `out_file` (YAML) and return that record."""
-    root = Path(root or Path.cwd()).resolve()
+    root = Path(root).resolve() if root else project_root()
     space = search_space(params, model_name)
     if not params.tune.enabled or not space:
         why = "tune.enabled is false" if not params.tune.enabled else f"tune.space has no entry for {model_name}"
