@@ -90,9 +90,10 @@ def test_the_closure_follows_imports_through_packages():
 # ---------------------------------------------------------------- what `dvc status` sees in a project
 
 
-@pytest.fixture
-def committed_project(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def committed_template(tmp_path_factory) -> Path:
     """A copy of the pipeline whose every stage DVC has recorded as done (stand-in outputs, `dvc commit -f`)."""
+    tmp_path = tmp_path_factory.mktemp("committed")
     for name in ("src", "pipelines"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
@@ -114,6 +115,14 @@ def committed_project(tmp_path: Path) -> Path:
     dvc(tmp_path, "commit", "-f", "-q")
     assert changed_stages(tmp_path) == set()
     return tmp_path
+
+
+@pytest.fixture
+def committed_project(committed_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy of `committed_template` for one test to edit."""
+    project = shutil.copytree(committed_template, tmp_path / "project", symlinks=True)
+    assert changed_stages(project) == set()
+    return project
 
 
 def dvc(project: Path, *args: str) -> str:
