@@ -74,6 +74,25 @@ class LatentModel(nn.Module):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
 
+def frozen(module: nn.Module):
+    """Context: `module`'s parameters do not require grad inside: a critic's, while the generator's loss or its DDP
+    wrapper is built."""
+    return _Frozen(module)
+
+
+class _Frozen:
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
+
+
 @runtime_checkable
 class Generative(Protocol):
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -74,21 +74,3 @@ def adaptive_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, delt
         dist.all_reduce(weight)
         weight /= dist.get_world_size()
     return weight
-
-
-def frozen(module: nn.Module):
-    """Context: `module`'s parameters do not require grad inside (the generator step builds no graph into D)."""
-    return _Frozen(module)
-
-
-class _Frozen:
-    def __init__(self, module: nn.Module):
-        self.params = [p for p in module.parameters() if p.requires_grad]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
-            p.requires_grad_(True)

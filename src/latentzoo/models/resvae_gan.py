@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import ConfigError
-from latentzoo.models.base import LatentModel, ModelOutput
-from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, frozen, generator_loss
+from latentzoo.models.base import LatentModel, ModelOutput, frozen
+from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
 from latentzoo.models.resnet import decoder, encoder
 from latentzoo.models.vae import GaussianPosterior, kl_normal_standard, reparameterize
 from latentzoo.schema import Section

@@ -32,8 +32,7 @@ from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
-from latentzoo.models.base import Adversarial, Coded
-from latentzoo.models.patchgan import frozen
+from latentzoo.models.base import Adversarial, Coded, frozen
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.schema import Section
 from latentzoo.storage import readable_checkpoints
