@@ -95,11 +95,9 @@ def interrupt_when(cmd, cwd: Path, env: dict, ready, sig: int, timeout_s: float 
 
 
 def stopped_cleanly(output: str, message: str) -> bool:
-    """`message` is the stage's last word: after it come at most progress lines a Ray worker printed before it
-    stopped (Ray relays workers' output to the driver asynchronously, so they may arrive after the message)."""
-    lines = output.rstrip().splitlines()
-    ends = [i for i, line in enumerate(lines) if line.endswith(message)]
-    return bool(ends) and all(line.startswith("[") for line in lines[ends[-1] + 1 :])
+    """The stage said `message` on a line of its own and printed no traceback. (Not necessarily last: Ray relays
+    the workers' output to the driver asynchronously, so their lines, and Ray's own, may arrive after it.)"""
+    return any(line.endswith(message) for line in output.splitlines()) and "Traceback" not in output
 
 
 def run(cmd, cwd: Path, env: dict) -> str:
