@@ -43,14 +43,18 @@ def make_params(**overrides):
     """Validated Params from the repo's params.yaml with dotted overrides, e.g. {"train.epochs": 2}."""
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return validate_params(with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides))
+
+
+def with_overrides(raw: dict, overrides: dict) -> dict:
+    """`raw` (params.yaml as loaded) with dotted keys set in place, e.g. {"train.epochs": 2}; returns `raw`."""
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node[key]
         node[leaf] = value
-    return validate_params(raw)
+    return raw
 
 
 TINY = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, with_overrides
 
 from latentzoo.config import RUNTIME_KEYS
 from latentzoo.storage import project_root
@@ -194,14 +194,7 @@ def test_runtime_knobs_re_run_nothing_and_every_other_knob_feeds_a_stage():
 
 def set_params(project: Path, **changes) -> None:
     path = project / "params.yaml"
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(yaml.safe_dump(with_overrides(yaml.safe_load(path.read_text()), changes), sort_keys=False))
 
 
 @pytest.mark.parametrize(

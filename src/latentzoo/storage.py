@@ -15,16 +15,16 @@ from pathlib import Path
 QUEUED_EXPERIMENTS = (".dvc", "tmp", "exps")  # where DVC runs a queued experiment: a temporary copy of the repo
 
 
-def project_root(cwd: Path | None = None) -> Path:
-    """The project a stage works for: the working directory, or, for an experiment DVC runs from its queue (in a
-    temporary copy under <project>/.dvc/tmp/exps/), the project itself, so that the experiment's runs land in
-    the project's mlflow.db and .ray_results like every other run's instead of vanishing with the copy."""
-    cwd = Path(cwd or Path.cwd()).resolve()
+def project_root(path: Path | None = None) -> Path:
+    """The project a stage works for: `path` (default: the working directory), resolved, or, for an experiment DVC
+    runs from its queue (in a temporary copy under <project>/.dvc/tmp/exps/), the project itself, so that the
+    experiment's runs land in the project's mlflow.db and .ray_results instead of vanishing with the copy."""
+    path = Path(path or Path.cwd()).resolve()
     n = len(QUEUED_EXPERIMENTS)
-    for i in range(len(cwd.parts) - n):
-        if cwd.parts[i : i + n] == QUEUED_EXPERIMENTS:
-            return Path(*cwd.parts[:i])
-    return cwd
+    for i in range(len(path.parts) - n + 1):
+        if path.parts[i : i + n] == QUEUED_EXPERIMENTS:
+            return Path(*path.parts[:i])
+    return path
 
 
 def storage_location(storage_path: str | None, root: Path) -> str:

@@ -27,7 +27,7 @@ def tracking_uri(root: Path | None = None) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    root = Path(root).resolve() if root else project_root()
+    root = project_root(root)
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -72,7 +72,7 @@ def experiment_id(uri: str, name: str, root: Path | None = None) -> str:
             return found.experiment_id
         location = None
         if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-            location = ((Path(root).resolve() if root else project_root()) / "mlartifacts" / name).as_uri()
+            location = (project_root(root) / "mlartifacts" / name).as_uri()
         return mlflow.create_experiment(name, artifact_location=location)
     except Exception as err:  # unreachable server, locked database, ...
         raise LatentzooError(

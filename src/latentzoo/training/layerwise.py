@@ -141,7 +141,7 @@ def parent_run(
     params: Params, stage: str, shard_dir: Path, root: Path | None, init: Path | None = None
 ) -> TrackedRun | None:
     """The stage's parent run, reopened when an interrupted attempt with the same inputs started one."""
-    root = Path(root).resolve() if root else project_root()
+    root = project_root(root)
     data_sha = sha256_file(Path(shard_dir) / "manifest.json")
     key = run_name(
         MODEL,

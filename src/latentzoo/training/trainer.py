@@ -202,7 +202,7 @@ def train_model(
 
     A `phase` trains one step of a multi-run recipe (see `Phase`) as its own Ray run and MLflow run.
     """
-    root = Path(root).resolve() if root else project_root()
+    root = project_root(root)
     data = training_data(params, model_name, shard_dir)
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
     storage = storage_location(params.ray.storage_path, root)

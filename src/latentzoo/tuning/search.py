@@ -134,7 +134,7 @@ def open_trial_run(ctx: dict, trial_id: str, number: int, weights: dict) -> Trac
 
 def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path, root: Path | None = None) -> dict:
     """Search the loss weights of `model_name`; write the best to `out_file` (YAML) and return that record."""
-    root = Path(root).resolve() if root else project_root()
+    root = project_root(root)
     space = search_space(params, model_name)
     if not params.tune.enabled or not space:
         why = "tune.enabled is false" if not params.tune.enabled else f"tune.space has no entry for {model_name}"
