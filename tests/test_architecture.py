@@ -12,7 +12,7 @@ from conftest import ROOT
 
 SRC = ROOT / "src/latentzoo"
 LAYERS = [  # bottom first
-    {"errors", "atomic", "schema", "faults", "ddp"},
+    {"errors", "atomic", "schema", "params_reads", "faults", "ddp"},
     {"models"},
     {"config", "checkpoint", "storage"},
     {"data"},

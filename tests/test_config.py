@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from latentzoo import params_reads
 from latentzoo.config import Params, load_params, validate_params
 from latentzoo.errors import ConfigError
+from latentzoo.models import VAEConfig
 
 
 def raw_params() -> dict:
@@ -198,3 +201,16 @@ def test_tuned_weights_reach_the_train_params(tmp_path):
     best.write_text(yaml.safe_dump({"model": "simvq", "weights": {}}))
     with pytest.raises(Exception, match="holds weights for model 'simvq', not 'vae'"):
         apply_tuned(params, "vae", best)
+
+
+def test_a_stage_records_the_params_keys_it_reads_and_not_those_code_set():
+    with params_reads.recorded() as reads:
+        params = load_params(ROOT / "params.yaml")
+        assert reads == set()  # validation reads everything; it is not the stage reading
+        params.seed, params.train.lr, params.tune.space_for("vae"), params.vae  # a section itself: navigation
+        trial = params.updated(**{"train.epochs": 3, "vae.beta": 2.0})
+        trial.train.epochs, trial.vae.beta, trial.evaluate.model_dump()  # set by code; a dump is not a read
+        pickle.dumps(trial.vae)  # shipped to a Ray worker: read whole, but for the key code set
+    vae_keys = {f"vae.{k}" for k in VAEConfig.model_fields} - {"vae.beta"}
+    assert reads == {"seed", "train.lr", "tune.space.vae", *vae_keys}
+    assert params.train.lr > 0 and not params_reads.recording()  # outside the block nothing is recorded

@@ -160,15 +160,59 @@ def test_python_bytecode_is_not_an_input(committed_project):
 # ---------------------------------------------------------------- params: what re-runs a stage
 
 
-def stage_params() -> dict[str, list[str]]:
+def stage_params(project: Path = ROOT) -> dict[str, list[str]]:
     """{stage: its params keys}, foreach stages expanded over params.yaml's models (as `dvc stage list` names them)."""
-    models = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]
+    models = yaml.safe_load((project / "params.yaml").read_text())["models"]
     found = {}
-    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+    for name, stage in yaml.safe_load((project / "dvc.yaml").read_text())["stages"].items():
         for item in models if "foreach" in stage else [None]:
             keys = [str(k).replace("${item}", str(item)) for k in stage.get("do", stage).get("params", [])]
             found[f"{name}@{item}" if item else name] = keys
     return found
+
+
+def within(key: str, keys: list[str] | tuple[str, ...]) -> bool:
+    """Is dotted `key` one of `keys` or inside one of them ('vae.beta' is within 'vae')?"""
+    return any(key == k or key.startswith(k + ".") for k in keys)
+
+
+def stage_of(argv: list[str]) -> str:
+    """The stage a recorded process ran: ['pipelines/train.py', ..., '--model', 'vae', ...] → 'train@vae'."""
+    name = Path(argv[0]).stem
+    return f"{name}@{argv[argv.index('--model') + 1]}" if "--model" in argv else name
+
+
+def compare_reads(project: Path, records: Path) -> dict[str, dict[str, list[str]]]:
+    """{stage: {"undeclared": keys it read that dvc.yaml does not list, "unread": listed keys it never read}} from
+    the records `latentzoo.params_reads` wrote for each stage process of a `dvc repro` of `project`."""
+    declared = stage_params(project)
+    reads: dict[str, set[str]] = {}
+    for record in map(json.loads, (p.read_text() for p in records.glob("*.json"))):
+        if Path(record["argv"][0]).parent.name == "pipelines":
+            reads.setdefault(stage_of(record["argv"]), set()).update(record["reads"])
+    assert set(reads) == set(declared), f"stages recorded {sorted(reads)} vs dvc.yaml's {sorted(declared)}"
+    found = {}
+    for stage, keys in reads.items():
+        undeclared = sorted(k for k in keys if not within(k, declared[stage]) and not within(k, RUNTIME_KEYS))
+        unread = sorted(d for d in declared[stage] if not any(within(k, [d]) or within(d, [k]) for k in keys))
+        if undeclared or unread:
+            found[stage] = {"undeclared": undeclared, "unread": unread}
+    return found
+
+
+def test_reads_are_compared_with_the_declared_keys(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text("models: [vae]\n")
+    stages = {"train": {"foreach": "${models}", "do": {"cmd": "x", "params": ["seed", "${item}", "train.lr"]}}}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    records = tmp_path / "records"
+    records.mkdir()
+    argv = ["/p/pipelines/train.py", "--model", "vae"]
+    reads = ["seed", "vae.beta", "train.cache_mb", "ray.num_cpus"]
+    (records / "1.json").write_text(json.dumps({"argv": argv, "reads": reads}))
+    (records / "2.json").write_text(json.dumps({"argv": ["ray/default_worker.py"], "reads": ["data.source"]}))
+    assert compare_reads(project, records) == {"train@vae": {"undeclared": ["train.cache_mb"], "unread": ["train.lr"]}}
 
 
 def leaf_keys(tree: dict, prefix: str = "") -> set[str]:

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
+from test_lineage import compare_reads
+
+from latentzoo import params_reads
 
 pytestmark = pytest.mark.ray
 
@@ -66,7 +69,8 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
     }
-    first = run([DVC, "repro"], project, env)
+    records = project.parent / "params-reads"  # every stage process writes the params keys it read
+    first = run([DVC, "repro"], project, {**env, params_reads.RECORD_ENV: str(records)})
     families = FAMILIES
     stages = (f"{s}@{m}" for s in ("tune", "train", "evaluate") for m in families)
     for stage in ("prepare", "shard", "classifier", *stages, "pretrain", "finetune", "report"):
@@ -100,6 +104,8 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     assert "test_neg_elbo" in shown and "test_accuracy" in shown
     run([DVC, "plots", "show"], project, env)
     assert "reconstructions.png" in (project / "dvc_plots/index.html").read_text()
+
+    assert compare_reads(project, records) == {}, "stages read params keys dvc.yaml does not list, or the reverse"
 
     second = run([DVC, "repro"], project, env)
     assert "Running stage" not in second.stdout

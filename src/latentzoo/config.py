@@ -8,12 +8,14 @@ anything else starts. Each model family brings its own section (its config class
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from latentzoo import params_reads
 from latentzoo.errors import ConfigError
 from latentzoo.models import (
     REGISTRY,
@@ -154,6 +156,11 @@ class TuneConfig(Section):
     max_concurrent_trials: int | None = Field(default=None, ge=1)  # None: cluster CPUs // cpus_per_trial
     space: dict[str, dict[str, SearchRange]] = Field(default_factory=dict)  # {model: {loss weight: range}}
 
+    def space_for(self, model: str) -> dict[str, SearchRange]:
+        """`model`'s search ranges (empty: nothing to search), read as the one key tune.space.<model>."""
+        params_reads.note(self, f"space.{model}")
+        return self.__dict__["space"].get(model, {})
+
 
 # Knobs that change how a stage runs, not what it computes: no stage lists them in dvc.yaml's params, so changing
 # one re-runs nothing (tests/test_lineage.py checks dvc.yaml against this list and params.yaml's keys).
@@ -249,7 +256,8 @@ class Params(Section):
                     raise ConfigError(f"params.updated: {dotted} is not a key of params")
                 node = node[key]
             node[leaf] = value
-        return validate_params(raw, source="params (updated)")
+        derived = params_reads.derived_keys(self) | set(changes)
+        return validate_params(raw, source="params (updated)", derived=derived)
 
 
 # ---------------------------------------------------------------- loading
@@ -287,15 +295,19 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{key}: {msg}, got {value!r}"
 
 
-def validate_params(raw: dict[str, Any], source: str = "params") -> Params:
-    """Validate a params dict; raise ConfigError listing every problem, one per line."""
+def validate_params(raw: dict[str, Any], source: str = "params", derived: Iterable[str] = ()) -> Params:
+    """Validate a params dict; raise ConfigError listing every problem, one per line. `derived`: the keys code set
+    (for `params_reads`, which records what a stage reads)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
-        return Params.model_validate(raw)
+        with params_reads.paused():
+            params = Params.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+    params_reads.label(params, derived)
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -27,9 +27,9 @@ from latentzoo.errors import TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun
-from latentzoo.training.loop import run_loop, tune_session
-from latentzoo.training.trainer import DONE_MARKER, TrainingData, connect_ray, run_name, training_data
-from latentzoo.tuning.tuned import with_weights
+from latentzoo.training.loop import TrainJob, run_loop, tune_session
+from latentzoo.training.trainer import DONE_MARKER, connect_ray, run_name, training_data
+from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"
 
@@ -43,7 +43,7 @@ def search_space(params: Params, model_name: str) -> dict:
 
     return {
         key: (tune.loguniform if bounds.log else tune.uniform)(bounds.low, bounds.high)
-        for key, bounds in params.tune.space.get(model_name, {}).items()
+        for key, bounds in params.tune.space_for(model_name).items()
     }
 
 
@@ -67,8 +67,9 @@ def search_name(params: Params, model_name: str, manifest_sha: str) -> str:
 
 
 def run_trial(config: dict, ctx: dict) -> None:
-    """Tune function trainable: the train stage's loop (`run_loop`) with the sampled weights in `config`, run in
-    the trial's own process with Tune's session (`ray.tune.report` / `get_checkpoint`) in place of Ray Train's.
+    """Tune function trainable: the train stage's loop (`run_loop`) on the search's job (`ctx["job"]`) with the
+    sampled weights in `config`, run in the trial's own process with Tune's session (`ray.tune.report` /
+    `get_checkpoint`) in place of Ray Train's.
 
     Ray recommends a TorchTrainer inside the function trainable for trials that need several DDP workers. On
     Ray 2.60 that leaks each trial's worker placement group whenever ASHA stops the trial (ray-project/ray#54305:
@@ -80,10 +81,10 @@ def run_trial(config: dict, ctx: dict) -> None:
 
     trial = ray.tune.get_context()
     trial_id, number = trial.get_trial_id(), trial_number(trial.get_trial_dir())
-    params = trial_params(ctx["params"], ctx["model"], config)
+    job: TrainJob = ctx["job"]
     run = open_trial_run(ctx, trial_id, number, config)
-    job = TrainingData(**ctx["data"]).job(params, ctx["model"], run)
-    session = tune_session(params.train.use_gpu)
+    job = replace(job, model_config=section_with_weights(job.model_config, config), run=run)
+    session = tune_session(job.train.use_gpu)
     reached = [0]  # the last epoch reported
 
     def report(metrics, checkpoint=None):
@@ -95,7 +96,7 @@ def run_trial(config: dict, ctx: dict) -> None:
         fail_if_planned("tune.trial", ctx["fail_trial"], number)
         run_loop(job, replace(session, report=report))
     except SystemExit:  # Tune ends a trial it stops (ASHA, or its last epoch) with sys.exit inside report
-        if reached[0] < params.train.epochs:
+        if reached[0] < job.train.epochs:
             status = "KILLED"
         raise
     except BaseException:
@@ -153,10 +154,9 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
 
     parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
-    ctx = {
-        "params": params,
+    ctx = {  # what a trial gets: the job of a trial without weights, and its MLflow parent
+        "job": data.job(trial_params(params, model_name, {}), model_name),
         "model": model_name,
-        "data": asdict(data),
         "parent": parent,
         "root": str(root),
         "experiment": experiment,
@@ -274,7 +274,7 @@ def open_search_run(params: Params, model_name, name, folder: RunFolder, root: P
         "latentzoo.model": model_name,
         "latentzoo.ray_run": name,
     }
-    logged = {"tune": params.tune.model_dump(exclude={"space"}), "space": params.tune.space.get(model_name, {})}
+    logged = {"tune": params.tune.model_dump(exclude={"space"}), "space": params.tune.space_for(model_name)}
     return TrackedRun.open(
         params.tracking, folder, family=model_name, name=f"tune-{model_name}", tags=tags, params=logged, root=root
     )

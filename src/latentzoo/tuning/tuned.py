@@ -11,11 +11,17 @@ import yaml
 
 from latentzoo.config import Params
 from latentzoo.errors import TrainingError
+from latentzoo.schema import Section
 
 
 def with_weights(params: Params, model_name: str, weights: dict[str, float]) -> Params:
     """Params with `weights` set in the model's section (validated again, so a bad weight is a clear error)."""
     return params.updated(**{f"{model_name}.{key}": value for key, value in weights.items()})
+
+
+def section_with_weights(section: Section, weights: dict[str, float]) -> Section:
+    """A model's section with `weights` set, validated again (a tune trial's weights, in the trial's process)."""
+    return type(section).model_validate({**section.model_dump(), **weights})
 
 
 def apply_tuned(params: Params, model_name: str, tuned_file: Path):
