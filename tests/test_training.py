@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from latentzoo import faults
 from latentzoo.checkpoint import load_model
 from latentzoo.errors import ShardError
+from latentzoo.models import VAEConfig, build_model
+from latentzoo.training.loop import seed_stream
 from latentzoo.training.trainer import TrainOutputs, run_name, train_model
 
 pytestmark = pytest.mark.ray
@@ -40,6 +47,13 @@ def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params,
     assert meta["model_name"] == "vae" and meta["epoch"] == 3
     assert model(torch.rand(2, 1, 8, 8)).recon.shape == (2, 1, 8, 8)
     assert (out.model_dir / "reconstructions.png").exists() and (out.model_dir / "samples.png").exists()
+
+    params = params.updated(**{"ray.storage_path": str(tmp_path / "ray-again")})  # a second run, same seed
+    again = outputs(tmp_path / "again")
+    train_model(params, "vae", digits_shards, again, root=tmp_path)
+    timings = ("train_time_s", "epoch_time_s", "data_wait_s")
+    runs = [[{k: v for k, v in r.items() if k not in timings} for r in read_csv(o.plots_file)] for o in (out, again)]
+    assert runs[0] == runs[1]  # every loss and metric of every epoch, to the last bit
 
     from mlflow.tracking import MlflowClient
 
@@ -174,3 +188,34 @@ def test_cosine_schedule_depends_on_the_epoch_alone():
     cosine = [lr_at(e, 4, 1.0, "cosine") for e in range(4)]
     assert cosine[0] == 1.0 and cosine[2] == pytest.approx(0.5) and cosine == sorted(cosine, reverse=True)
     assert cosine[-1] > 0  # the last epoch still learns
+
+
+def forward_on_each_rank(rank: int, world: int, port: int, seed: int, out_dir: str) -> None:
+    """One DDP process (gloo): the same VAE weights on every rank, then one training forward pass of the same
+    images after the loop's per-rank seeding; saves this rank's reconstructions."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(seed)  # as run_loop: identical initial weights
+    model = DDP(build_model("vae", VAEConfig(latent_dim=4, hidden_channels=8, fc_hidden=32), (1, 8, 8)))
+    seed_stream(seed, rank, epoch=0)
+    out = model(torch.full((4, 1, 8, 8), 0.5))  # ε and the binarisation come from the global generator
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({"recon": out.recon.detach(), "weights": weights}, Path(out_dir) / f"{rank}.pt")
+    dist.destroy_process_group()
+
+
+def two_rank_forward(seed: int, out_dir: Path) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir.mkdir()
+    torch.multiprocessing.spawn(forward_on_each_rank, args=(2, port, seed, str(out_dir)), nprocs=2)
+    return [torch.load(out_dir / f"{rank}.pt") for rank in range(2)]
+
+
+def test_ranks_draw_different_noise_from_the_same_weights_reproducibly(tmp_path):
+    first, second = two_rank_forward(7, tmp_path / "a")
+    assert torch.equal(first["weights"], second["weights"])  # the same model on both ranks
+    assert not torch.allclose(first["recon"], second["recon"])  # the same images, different ε and binarisation
+    again = two_rank_forward(7, tmp_path / "b")
+    assert all(torch.equal(a["recon"], b["recon"]) for a, b in zip((first, second), again))  # same seed, same noise

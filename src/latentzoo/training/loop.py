@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
@@ -160,6 +161,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
     for epoch in range(start_epoch, train.epochs):
         if checkpoint is None:
             fail_if_planned("train.epoch", job.fail_at_epoch, epoch)
+        seed_stream(job.seed, rank, epoch)
         started = time.perf_counter()
         set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
         batches = train_batches(
@@ -192,6 +194,17 @@ def run_loop(job: TrainJob, session: Session) -> None:
         report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
         if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
             log_epoch(job, row, epoch + 1)
+
+
+def seed_stream(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch's global generator for one epoch of one rank from (seed, rank, epoch).
+
+    The weights start the same on every rank (`torch.manual_seed(seed)` before the model is built); the noise drawn
+    after that (the VAE's ε, dynamic binarisation, masking noise, dropout, prior samples) differs between ranks, so
+    the global batch holds as many independent draws as samples, and a resumed epoch draws what it would have
+    drawn without the interruption. (Shard order and shuffles are seeded by (seed, epoch, rank) in the loader.)
+    """
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
 
 
 def prepare(session: Session, model: nn.Module, adversary: Adversary | None) -> nn.Module:
