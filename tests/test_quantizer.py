@@ -179,6 +179,29 @@ def test_restart_reseeds_unused_codes_from_batch(ema):
         (quantized.sum() + losses["codebook"] + losses["commitment"]).backward()  # still differentiable
 
 
+def test_more_dead_codes_than_rows_restart_without_duplicates():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(256, 4, restart_after=1)
+    with torch.no_grad():
+        vq.codebook.fill_(100.0)
+        vq.codebook[0] = 0.0
+    z = randn(16, 4)  # 255 dead codes, 16 rows to restart them from
+    vq(z)
+    assert len({tuple(r) for r in vq.codebook.tolist()}) == 1 + 16 + 1  # code 0, 16 distinct rows, the rest at 100
+    assert int((vq.steps_unused == 0).sum()) == 1 + 16  # the other dead codes wait for the next steps
+    for step in range(1, 20):
+        vq(randn(16, 4, seed=step))  # new batches: the longest-dead codes are restarted first
+    assert len({tuple(r) for r in vq.codebook.tolist()}) == 256  # none left at 100, no two codes alike
+
+
+def test_the_initial_codebook_is_vector_quantize_pytorchs():
+    torch.manual_seed(0)
+    codebook = VectorQuantizer(512, 64).codebook.detach()
+    bound = (6 / (512 * 64)) ** 0.5  # kaiming-uniform of a (1, K, D) tensor
+    assert codebook.abs().max() <= bound and codebook.abs().max() > 0.99 * bound
+    assert abs(codebook.std().item() - bound / 3**0.5) < 0.01 * bound
+
+
 def test_restart_waits_restart_after_steps():
     vq = VectorQuantizer(4, 2, restart_after=3)
     with torch.no_grad():
