@@ -37,11 +37,33 @@ def test_test_metrics_are_in_range(untrained_vae, digits_shards, tiny_params):
     result = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
     assert result["test_images"] == 359
     assert result["test_neg_elbo"] > 0 and result["test_kl"] >= 0
+    assert 0 < result["test_nll"] <= result["test_neg_elbo"] + 0.5  # the IWAE bound: tighter, up to noise
+    assert result["test_binarized"] == 1 and result["test_nll_samples"] == tiny_params().evaluate.nll_samples
     assert 0 < result["test_mse"] < 1 and result["test_psnr"] > 0
     assert -1 <= result["test_ssim"] <= 1
     assert 0 <= result["test_active_units"] <= tiny_params().vae.latent_dim
     again = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
     assert again == result  # seeded: the same binarisation and eps every time
+
+
+def test_every_family_is_scored_on_its_deterministic_reconstruction_of_the_unmodified_image(
+    untrained_vae, digits_shards, tiny_params
+):
+    from latentzoo.data.loader import eval_batches
+    from latentzoo.data.shards import load_manifest, shard_urls
+
+    result = evaluate_model(tiny_params(), untrained_vae, digits_shards, progress=False)
+    model, _ = load_model(untrained_vae)
+    urls = shard_urls(digits_shards, load_manifest(digits_shards), "test")
+    with torch.no_grad():
+        x = torch.cat([b for b, _ in eval_batches(urls, batch_size=512)])
+        expected = (model.decode(model.posterior(x)[0]) - x).pow(2).mean().item()  # at mu(x), grey-level x
+    assert result["test_mse"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_likelihood_is_switched_off_with_zero_samples(untrained_vae, digits_shards, tiny_params):
+    result = evaluate_model(tiny_params(**{"evaluate.nll_samples": 0}), untrained_vae, digits_shards, progress=False)
+    assert "test_nll" not in result and result["test_nll_samples"] == 0 and result["test_neg_elbo"] > 0
 
 
 def test_test_mse_is_the_mean_over_test_images(digits_shards, tiny_params, tmp_path):
@@ -76,19 +98,30 @@ def test_a_changed_test_shard_stops_evaluation(untrained_vae, digits_shards, tin
 def test_report_table_lists_every_model(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "train").mkdir()
-    (tmp_path / "eval/vae.json").write_text(json.dumps({"test_neg_elbo": 25.5, "test_psnr": 14.0}))
+    metrics = {
+        "test_neg_elbo": 25.5,
+        "test_nll": 24.25,
+        "test_nll_samples": 200,
+        "test_binarized": 1,
+        "test_psnr": 14.0,
+    }
+    (tmp_path / "eval/vae.json").write_text(json.dumps(metrics))
+    (tmp_path / "eval/resvae_gan.json").write_text(json.dumps({"test_neg_elbo": 60.0, "test_binarized": 0}))
     (tmp_path / "train/vae.json").write_text(json.dumps({"fit_time_s": 60.0, "epochs": 3}))
     (tmp_path / "plots/vae").mkdir(parents=True)
     (tmp_path / "plots/vae/samples.png").write_bytes(b"\x89PNG fake")
     report = build_report(
-        ["vae", "other"], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports"
+        ["vae", "resvae_gan", "other"], tmp_path / "eval", tmp_path / "train", tmp_path / "plots", tmp_path / "reports"
     )
     text = report.read_text()
-    assert "| vae | 25.5 | – |" in text and "| other | – |" in text
+    assert "| vae | – | 14 |" in text and "| other | – |" in text  # MSE, PSNR, ...
+    assert "| vae | binarised (dynamic, one fixed draw) | 25.5 | 24.25 | 200 |" in text  # the likelihood table
+    assert "| resvae_gan | grey levels (Bernoulli cross-entropy) | 60 | – |" in text
+    assert "| other | binarised" not in text and "| other | grey" not in text
     assert (tmp_path / "reports/images/vae-samples.png").exists()
     assert "images/vae-samples.png" in text
     page = (tmp_path / "reports/report.html").read_text()
-    assert "<td>25.5</td>" in page and "data:image/png;base64," in page and 'src="images/' not in page
+    assert "<td>24.25</td>" in page and "data:image/png;base64," in page and 'src="images/' not in page
 
 
 def test_report_shows_the_stacked_autoencoder_side_by_side(tmp_path):

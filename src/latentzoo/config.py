@@ -109,6 +109,7 @@ class EvaluateConfig(Section):
     batch_size: int = Field(default=256, ge=1)
     grid_size: int = Field(default=64, ge=1, le=1024)  # images per reconstruction / sample grid
     active_unit_threshold: float = Field(default=0.01, gt=0)  # Burda et al. 2015: Cov_x(E_q[z_d]) > threshold
+    nll_samples: int = Field(default=200, ge=0)  # k of the importance-sampled NLL (IWAE bound); 0: not computed
 
 
 class TrackingConfig(Section):

@@ -1,7 +1,13 @@
-"""Held-out evaluation of a trained model on the test shards (evaluate stage).
+"""Held-out evaluation of a trained model on the test shards (evaluate stage), one protocol for every family.
+
+Reconstructions x̂ = model.reconstruct(x) of the *unmodified* test image: the decoder mean at the posterior mean,
+or at the chosen codes; no sampling, no binarisation. Likelihood figures only for families with a likelihood
+(`Variational`), on the data that likelihood is over: dynamically binarised images (one fixed draw per
+evaluation, `binarized` = 1) or grey levels (`binarized` = 0), never compared across the two.
 
 Metrics, all means over the test split:
-  neg_elbo (nats/image) = E[-log p(x|z)] + KL(q(z|x) || p(z))   where the family defines an ELBO,
+  neg_elbo (nats/image) = E[-log p(x|z)] + KL(q(z|x) || p(z)), one sample of z,
+  nll (nats/image) = the importance-sampled bound with k = `evaluate.nll_samples` samples (`likelihood`),
   mse = mean (x - x̂)²,  psnr = 10·log10(1 / mse),  ssim (Wang et al. 2004),
   active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519),
   fcd_samples / fcd_recon and sharpness_samples / sharpness_recon against the test images (`quality`),
@@ -25,6 +31,7 @@ from latentzoo.evaluation import metrics as M
 from latentzoo.evaluation.feature_classifier import load_classifier
 from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import write_grids
+from latentzoo.evaluation.likelihood import importance_sampled_nll
 from latentzoo.evaluation.quality import quality_metrics
 from latentzoo.models.base import Coded, Generative, Variational
 from latentzoo.models.quantizer import CodeCounter
@@ -58,10 +65,16 @@ def evaluate_model(
         unit="img",
         disable=not progress,
     )
+    variational = isinstance(model, Variational)
+    k = params.evaluate.nll_samples if variational else 0
     for x, _ in eval_batches(urls, batch_size=params.evaluate.batch_size):
-        out = model(x, generator=generator)
+        data = torch.bernoulli(x, generator=generator) if variational and model.binarizes else x
+        out = model(data, generator=generator)  # the loss terms (binarising x again leaves it as it is)
+        recon = model.reconstruct(x)
         n = len(x)
-        per_image = {"mse": M.mse(out.recon, x), "psnr": M.psnr(out.recon, x), "ssim": M.ssim(out.recon, x)}
+        per_image = {"mse": M.mse(recon, x), "psnr": M.psnr(recon, x), "ssim": M.ssim(recon, x)}
+        if k:
+            per_image["nll"] = importance_sampled_nll(model, data, k, generator)
         for name, value in out.metrics.items():
             if name not in per_image:  # a family's own batch-mean "mse" is the same figure: count it once
                 sums[name] += float(value) * n
@@ -70,11 +83,11 @@ def evaluate_model(
         sums["loss"] += float(out.total) * n
         if codes:
             codes.add(out.codes)
-        if isinstance(model, Variational):
+        if variational:
             means.append(model.encode(x))  # the posterior means
         if count < quality_n:
             real.append(x[: quality_n - count])
-            recons.append(out.recon[: quality_n - count])
+            recons.append(recon[: quality_n - count])
         count += n
         bar.update(n)
     bar.close()
@@ -92,6 +105,9 @@ def evaluate_model(
         quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)
         result |= {f"test_{k}": v for k, v in quality.items()}
     result["test_images"] = count
+    if variational:
+        result["test_binarized"] = int(model.binarizes)  # the data the likelihood figures are over
+        result["test_nll_samples"] = k
     if figures_dir is not None:
         write_grids(model, urls, Path(figures_dir), params.evaluate.grid_size, params.seed)
     return result

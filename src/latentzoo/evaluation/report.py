@@ -15,8 +15,6 @@ from latentzoo.evaluation.figures import save_training_curves
 
 # Column order of the table; a metric a family does not define is shown as "–".
 COLUMNS = [
-    ("test_neg_elbo", "−ELBO (nats)"),
-    ("test_kl", "KL (nats)"),
     ("test_mse", "MSE"),
     ("test_psnr", "PSNR (dB)"),
     ("test_ssim", "SSIM"),
@@ -32,6 +30,19 @@ COLUMNS = [
     ("fit_time_s", "train time (s)"),
     ("epochs", "epochs"),
 ]
+
+# The likelihood table, for the families that have one; `test_binarized` says which data it is over.
+LIKELIHOOD_COLUMNS = [
+    ("test_neg_elbo", "−ELBO, 1 sample (nats)"),
+    ("test_nll", "NLL, importance-sampled (nats)"),
+    ("test_nll_samples", "k"),
+    ("test_kl", "KL (nats)"),
+]
+LIKELIHOOD_DATA = {1: "binarised (dynamic, one fixed draw)", 0: "grey levels (Bernoulli cross-entropy)"}
+PROTOCOL = (
+    "Reconstruction figures: the decoder mean at the posterior mean (or the chosen codes) of the unmodified "
+    "test image, for every family. Likelihoods compare only within one kind of data."
+)
 
 
 # The grids of each model shown side by side: (column title, file in plots/evaluate/<model>/).
@@ -102,6 +113,20 @@ def stacked_section(stacked: dict) -> list[str]:
     return lines
 
 
+def likelihood_section(rows: dict[str, dict]) -> list[str]:
+    """−ELBO and the importance-sampled NLL of the families with a likelihood, each labelled with its data."""
+    found = {name: row for name, row in rows.items() if "test_binarized" in row}
+    if not found:
+        return []
+    lines = ["", "## Likelihood (nats per test image; lower is better)", ""]
+    lines.append("| model | data | " + " | ".join(title for _, title in LIKELIHOOD_COLUMNS) + " |")
+    lines.append("|---|---|" + "---|" * len(LIKELIHOOD_COLUMNS))
+    for name, row in found.items():
+        cells = [_cell(row.get(key)) for key, _ in LIKELIHOOD_COLUMNS]
+        lines.append(f"| {name} | {LIKELIHOOD_DATA[int(row['test_binarized'])]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def read_curves(models: list[str], curves_dir: Path | None) -> dict[str, list[dict]]:
     """{model: per-epoch rows} from the train stage's plots CSVs (plots/train/<model>.csv), where present."""
     found = {}
@@ -121,11 +146,12 @@ def render_markdown(
     stacked: dict | None = None,
     curves: str | None = None,
 ) -> str:
-    lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", ""]
+    lines = ["# latentzoo report", "", "Test-split metrics of every model trained by the pipeline.", "", PROTOCOL, ""]
     lines.append("| model | " + " | ".join(title for _, title in COLUMNS) + " |")
     lines.append("|---|" + "---|" * len(COLUMNS))
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(row.get(key)) for key, _ in COLUMNS) + " |")
+    lines += likelihood_section(rows)
     lines += stacked_section(stacked or {})
     if images:  # one row per model, its grids side by side
         lines += [

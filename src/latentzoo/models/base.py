@@ -5,7 +5,7 @@ Every family is a `LatentModel`: `model(x)` returns a `ModelOutput`, `encode(x)`
 What only some families can do is declared by the small protocols below, and asked with `isinstance`:
 
     Generative   sample(n): images decoded from the prior                   (vae, resvae_gan)
-    Variational  posterior(x) = (mu, logvar) of q(z|x) = N(mu, diag sigma^2)  (vae, resvae_gan)
+    Variational  posterior(x) = (mu, logvar) of q(z|x), decoder_nll(z, x)     (vae, resvae_gan)
     Coded        codebook_size K: `ModelOutput.codes` are indices in 0..K-1  (vqvae, simvq)
     Adversarial  a critic D with its own optimizer groups and loss          (resvae_gan)
     Supervised   num_classes: `ModelOutput.logits` are class scores         (stacked_ae)
@@ -102,8 +102,17 @@ class Generative(Protocol):
 
 @runtime_checkable
 class Variational(Protocol):
+    """q(z|x) = N(mu, diag sigma^2), prior p(z) = N(0, I) and a decoder likelihood p(x|z): what the ELBO and the
+    importance-sampled likelihood (`evaluation.likelihood`) need."""
+
+    binarizes: bool  # the likelihood is over dynamically binarised images (x ~ Bernoulli(x)), not grey levels
+
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x → (mu, logvar) of q(z|x), each (B, D)."""
+        ...
+
+    def decoder_nll(self, z: Tensor, x: Tensor) -> Tensor:
+        """-log p(x|z) per image (B,), nats, for z (B, D)."""
         ...
 
 

@@ -87,6 +87,10 @@ class GaussianPosterior:
         """Deterministic reconstruction x̂ = E[p(x | z = mu(x))] (no binarisation, no sampling)."""
         return self.decode(self.encode(x))
 
+    def decoder_nll(self, z: Tensor, x: Tensor) -> Tensor:
+        """-log p(x|z) per image (B,), nats."""
+        return self._nll(self.decode_logits(z), x)
+
     def _mean(self, logits: Tensor) -> Tensor:
         return torch.sigmoid(logits) if self.cfg.likelihood == "bernoulli" else logits.clamp(0.0, 1.0)
 

@@ -35,6 +35,7 @@ def evaluate_stage(
         if k
         in (
             "test_neg_elbo",
+            "test_nll",
             "test_mse",
             "test_psnr",
             "test_utilisation",
