@@ -37,6 +37,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 REPORT = BENCH / "results.md"
+sys.path.insert(0, str(BENCH))
+
+from results_io import mean_std, stale_sources, summary  # noqa: E402
 
 
 @dataclass
@@ -139,20 +142,43 @@ def shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def machine_text(result: dict) -> str | None:
+    """'2 CPUs, no GPU; torch 2.13.0, ray 2.60.0' from what the JSON records."""
+    machine, versions = result.get("machine") or {}, result.get("versions") or {}
+    if not machine and not versions:
+        return None
+    parts = []
+    if machine.get("cpus"):
+        parts.append(f"{machine['cpus']} CPUs, {machine.get('gpu') or 'no GPU'}")
+    parts += [f"{k} {v}" for k, v in versions.items() if k != "python"]
+    return ", ".join(parts)
+
+
 def source_line(name: str, result: dict, settings: tuple[str, ...] = ()) -> str:
-    """Where a table comes from: the file, and the command and date when the JSON records them."""
+    """Where a table comes from: the file, command, date, commit and machine the JSON records, and whether the code
+    that produced it changed since (`results_io.stale_sources`)."""
     parts = [f"`{name}.json`"]
     date = result.get("date") or (result.get("machine") or {}).get("date")
     if result.get("command"):
         parts.append(f"`{result['command']}`")
     if date:
         parts.append(date)
+    if result.get("commit"):
+        parts.append(f"commit {result['commit'][:12]}{'+dirty' if result['commit'].endswith('+dirty') else ''}")
+    if machine_text(result):
+        parts.append(machine_text(result))
     recorded = [f"{key} {result[key]}" for key in settings if result.get(key) is not None]
     if recorded:
         parts.append("settings: " + ", ".join(recorded))
     if not result.get("command") and not date:
         parts.append("(command and date not recorded)")
     line = "Source: " + "; ".join(parts) + "."
+    stale = stale_sources(result)
+    if stale is None:
+        line += " **Freshness unknown: no source hashes recorded (measured before they were).**"
+    elif stale:
+        shown_files = ", ".join(f"`{p}`" for p in stale[:4]) + (f" and {len(stale) - 4} more" if len(stale) > 4 else "")
+        line += f" **Stale: {shown_files} changed since this was measured.**"
     if result.get("smoke"):
         line += " **Smoke run (small sizes): not a measurement.**"
     if result.get("note"):
@@ -348,30 +374,48 @@ def vae_quality_section(name: str, r: dict) -> list[str]:
     )
 
 
-def utilisation_ratio(util: dict, a: str, b: str) -> str:
-    return ratio(util[a] / util[b]) if util.get(a) is not None and util.get(b) else "–"
+def vae_nll_section(name: str, r: dict) -> list[str]:
+    """Mean ± std over seeds of −ELBO and the importance-sampled NLL, then the published anchors, each with the gap
+    in units of our standard deviation."""
+    nll = r["nll"]
+    rows = [
+        ["latentzoo VAE, −ELBO (1 sample)", mean_std(r["neg_elbo"]), "–"],
+        [f"latentzoo VAE, NLL (k = {r['k']})", mean_std(nll), "–"],
+    ]
+    for label, value in r.get("anchors", {}).items():
+        rows.append([label + " (published)", f"{value:.2f}", f"{nll['mean'] - value:+.2f}"])
+    return table(["model", "test nats per image (lower is better)", "our NLL minus it"], rows)
 
 
 def vq_mnist_section(name: str, r: dict) -> list[str]:
-    by = {(row["variant"], row["codebook_size"]): row for row in r["rows"]}
-    variants = list(dict.fromkeys(row["variant"] for row in r["rows"]))
+    """Utilisation (mean ± std over seeds) per variant and K; older files without a summary show their one run."""
+    found = r.get("summary") or [
+        {"variant": row["variant"], "codebook_size": row["codebook_size"], "utilisation": summary([row["utilisation"]])}
+        for row in r["rows"]
+    ]
+    by = {(s["variant"], s["codebook_size"]): s for s in found}
+    variants = list(dict.fromkeys(s["variant"] for s in found))
+    first = r["rows"][0]
     rows = []
-    for k in sorted({row["codebook_size"] for row in r["rows"]}):
-        util = {v: by[(v, k)]["utilisation"] for v in variants if (v, k) in by}
-        first = next(by[(v, k)] for v in variants if (v, k) in by)
-        rows.append(
-            [
-                f"{k:,}",
-                utilisation_ratio(util, "simvq", "vq"),
-                utilisation_ratio(util, "simvq", "vqtorch-simvq"),
-                *[fmt(100 * util[v], ".1f", "%") if v in util else "–" for v in variants],
-                f"{first.get('train_images', '?')} × {first.get('epochs', '?')}",
-            ]
-        )
-    lines = table(["K", "simvq vs vq (utilisation)", "simvq vs vqtorch-simvq", *variants, "images × epochs"], rows)
+    for k in sorted({s["codebook_size"] for s in found}):
+        cells = [mean_std(scaled(by[(v, k)]["utilisation"], 100), ".1f") if (v, k) in by else "–" for v in variants]
+        rows.append([f"{k:,}", *cells])
+    lines = table(["K", *[f"{v} (% used)" for v in variants]], rows)
+    budget = f"{first.get('train_images', '?')} images × {first.get('epochs', '?')} epochs"
+    if "summary" not in r:  # one seed, targets judged without intervals: do not repeat its verdicts
+        return lines + ["", f"Test-split codebook utilisation ({budget}). Targets: not judged (one seed)."]
     targets = r.get("targets", [])
-    passed = sum(t.startswith("PASS") for t in targets)
-    return lines + ["", f"Test-split codebook utilisation. Targets: {passed}/{len(targets)} PASS."]
+    counts = {word: sum(t.startswith(word) for t in targets) for word in ("PASS", "FAIL", "NOT MEASURED")}
+    tally = ", ".join(f"{n} {word}" for word, n in counts.items() if n) or "none"
+    return lines + ["", f"Test-split codebook utilisation ({budget}). Targets: {tally}.", *targets_list(targets)]
+
+
+def scaled(s: dict, factor: float) -> dict:
+    return {**s, "mean": s["mean"] * factor, "std": s["std"] * factor}
+
+
+def targets_list(targets: list[str]) -> list[str]:
+    return ["", *[f"- {t}" for t in targets]] if targets else []
 
 
 def tune_section(name: str, r: dict) -> list[str]:
@@ -472,6 +516,7 @@ SPEED = [
     ("repro_timing", "`make repro`: clean and no-op", repro_section, ("params", "models", "epochs")),
 ]
 QUALITY = [
+    ("vae_nll", "VAE likelihood on dynamically binarised MNIST", vae_nll_section, ("epochs", "k", "seeds")),
     ("vae_mnist", "VAE on MNIST", vae_quality_section, ("epochs", "workers", "global_batch_size")),
     ("vq_mnist", "VQ codebook utilisation on MNIST", vq_mnist_section, ("device", "torch")),
     (

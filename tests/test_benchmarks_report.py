@@ -89,3 +89,30 @@ def test_a_file_missing_fields_does_not_break_the_report(run_all, tmp_path: Path
     report = run_all.render_report(tmp_path)
     assert "Could not render this file (KeyError" in report
     assert "`tune_mnist.json`" in report and "unreadable" in report
+
+
+def test_the_report_says_where_a_result_came_from_and_flags_it_when_its_code_changed(run_all, tmp_path: Path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_io
+
+    record = results_io.provenance()
+    assert record["commit"] and record["machine"]["cpus"] >= 1 and "torch" in record["versions"]
+    assert "benchmarks/results_io.py" in record["sources"]  # the files loaded in this process
+    fresh = {**LOADER, **record, "smoke": False}
+    changed = {**fresh, "sources": {**record["sources"], "benchmarks/results_io.py": "0" * 64}}
+    for name, result in (("loader_speed", fresh), ("repro_timing", changed), ("vae_mnist", VAE)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    report = run_all.render_report(tmp_path)
+    assert f"commit {record['commit'][:12]}" in report and "CPUs" in report
+    assert "**Stale: `benchmarks/results_io.py` changed since this was measured.**" in report
+    assert report.count("Stale:") == 1 and "Freshness unknown" in report  # vae_mnist: no hashes recorded
+
+
+def test_a_difference_is_called_only_when_the_intervals_do_not_overlap():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from results_io import differs, mean_std, summary
+
+    a, b, c = summary([1.0, 1.2, 1.1]), summary([1.15, 1.3, 1.25]), summary([2.0, 2.1, 1.9])
+    assert a["n"] == 3 and abs(a["mean"] - 1.1) < 1e-12 and abs(a["std"] - 0.1) < 1e-12
+    assert not differs(a, b) and differs(a, c) and differs(c, a)
+    assert mean_std(a) == "1.10 ± 0.10 (n=3)" and mean_std(None) == "–"

@@ -1,0 +1,116 @@
+"""The VAE's test likelihood on dynamically binarised MNIST, as VAE papers report it, over several seeds.
+
+For each seed: the pipeline's VAE (params.yaml's `vae` section unless overridden) trained with Adam on the 60,000
+training digits, dynamically binarised each step (x ~ Bernoulli(x), inside the model), then scored on the 10,000
+test digits binarised once (seeded): −ELBO with one sample of z, and the importance-sampled NLL with k samples of
+q(z|x) (`latentzoo.evaluation.likelihood`, the evaluate stage's code). Reported as mean ± standard deviation over
+the seeds, beside the published anchors (pythae's VAE, k = 200: 89.78 nats; VampPrior: 85.6).
+
+    .venv/bin/python benchmarks/vae_nll.py --data ../shared/data/mnist --seeds 0 1 2 --epochs 10 --k 200
+
+Tensors stay in memory and the loop is plain PyTorch (no Ray): this measures the model and the bound, not the
+pipeline's speed (`vae_mnist.py` does that). Writes benchmarks/results/vae_nll.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from mnist_data import load_mnist  # noqa: E402
+from results_io import summary, write_result  # noqa: E402
+
+from latentzoo.evaluation.likelihood import importance_sampled_nll  # noqa: E402
+from latentzoo.models.vae import VAE, VAEConfig  # noqa: E402
+
+ANCHORS = {"pythae VAE (k = 200)": 89.78, "VampPrior (Tomczak & Welling, 2018)": 85.6}
+
+
+def train(model: VAE, images: Tensor, args, seed: int) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    order = torch.Generator().manual_seed(seed)
+    model.train()
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        total = 0.0
+        for idx in torch.randperm(len(images), generator=order).split(args.batch_size):
+            loss = model(images[idx]).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(idx)
+        print(f"  seed {seed} epoch {epoch + 1}/{args.epochs}: train loss {total / len(images):.2f}", flush=True)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def score(model: VAE, images: Tensor, k: int, seed: int) -> dict:
+    """-ELBO (one z) and NLL_k, nats per image, on one seeded binarisation of `images`."""
+    model.eval()
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    neg_elbo = nll = 0.0
+    start = time.perf_counter()
+    for x in images.split(500):
+        x = torch.bernoulli(x, generator=generator)
+        neg_elbo += float(model(x, generator=generator).metrics["neg_elbo"]) * len(x)
+        nll += float(importance_sampled_nll(model, x, k, generator).sum())
+    return {"neg_elbo": neg_elbo / len(images), "nll": nll / len(images), "eval_s": time.perf_counter() - start}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--k", type=int, default=200, help="importance samples per test image")
+    ap.add_argument("--train-images", type=int, default=None)
+    ap.add_argument("--test-images", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = VAEConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["vae"])
+    data = Path(args.data)
+    train_images = load_mnist(data, "train", args.train_images)
+    test_images = load_mnist(data, "test", args.test_images)
+
+    rows = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        model = VAE(cfg, (1, 28, 28))
+        train_s = train(model, train_images, args, seed)
+        row = {"seed": seed, "train_s": train_s, **score(model, test_images, args.k, seed)}
+        print(f"seed {seed}: test -ELBO {row['neg_elbo']:.2f}, NLL (k={args.k}) {row['nll']:.2f} nats", flush=True)
+        rows.append(row)
+    result = {
+        "model": cfg.model_dump(),
+        "train_images": len(train_images),
+        "test_images": len(test_images),
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "k": args.k,
+        "seeds": args.seeds,
+        "rows": rows,
+        "neg_elbo": summary([r["neg_elbo"] for r in rows]),
+        "nll": summary([r["nll"] for r in rows]),
+        "anchors": ANCHORS,
+    }
+    write_result("vae_nll", result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
