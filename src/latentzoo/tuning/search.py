@@ -141,7 +141,8 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
         why = "tune.enabled is false" if not params.tune.enabled else f"tune.space has no entry for {model_name}"
         return write_best(out_file, {"model": model_name, "searched": False, "reason": why, "weights": {}})
 
-    data = training_data(params, model_name, shard_dir)
+    trial = trial_params(params, model_name, {})  # what every trial trains with, but for its sampled weights
+    data = training_data(trial, model_name, shard_dir)  # checked for one worker, as a trial runs
     name = search_name(params, model_name, data.manifest_sha)
     folder = RunFolder(storage_location(params.ray.storage_path, root), name)
     if folder.exists(DONE_MARKER):  # a finished search with identical inputs (outputs deleted): search again
@@ -155,7 +156,7 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
     parent = open_search_run(params, model_name, name, folder, root)
     experiment = f"{params.tracking.experiment_prefix}-{model_name}"
     ctx = {  # what a trial gets: the job of a trial without weights, and its MLflow parent
-        "job": data.job(trial_params(params, model_name, {}), model_name),
+        "job": data.job(trial, model_name),
         "model": model_name,
         "parent": parent,
         "root": str(root),
