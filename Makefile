@@ -35,7 +35,7 @@ queue: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --timeout=600
+	$(BIN)/python -m pytest -q --timeout=600 --durations=15
 
 # Browse runs: http://127.0.0.1:5000/#/experiments
 mlflow-ui: $(STAMP)

@@ -46,6 +46,7 @@ def project(tmp_path: Path) -> Path:
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
     params["resvae_gan"].update(width=8, blocks=0, latent_channels=2, disc_width=8, disc_start=10)
     params["classifier"].update(epochs=2, width=8, feature_dim=16, num_samples=200)
+    params["evaluate"].update(nll_samples=20)
     params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}, "resvae_gan": {}})
     params["stacked_ae"].update(layers=[32], pretrain_epochs=1)  # several layers: test_layerwise
     params["finetune"].update(epochs=2, baseline=False, probe=False)  # those two runs: test_layerwise
