@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,8 @@ def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path,
         (project / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, project / name)
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    monkeypatch.setenv("PATH", f"{BIN}:{os.environ['PATH']}")  # the job's `python` and `dvc`
+    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != BIN)
+    monkeypatch.setenv("PATH", f"{BIN}:{plain_path}")  # the head's, so the job's `python` and `dvc`
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port = free_port()
     with local_head(num_cpus=1, dashboard_port=port) as head:
@@ -117,7 +119,7 @@ def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path,
             capture_output=True,
             text=True,
             timeout=600,
-            env={**os.environ, **head.auth},
+            env={**os.environ, **head.auth, "PATH": plain_path},  # `.venv/bin/latentzoo submit` from a plain shell
         )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage 'shard'" in done.stdout  # the job's logs streamed here
@@ -127,12 +129,80 @@ def test_submit_runs_stages_on_the_cluster_and_brings_the_outputs_back(tmp_path,
     assert any((project / ".dvc/cache").rglob("*")), "the outputs are in the local DVC cache"
 
 
-def test_unpack_refuses_paths_outside_the_workspace(tmp_path):
+@pytest.fixture
+def workspace(tmp_path) -> Path:
+    """A DVC workspace with the project's dvc.yaml and params.yaml (what `unpack` checks a results tar against)."""
+    ws = tmp_path / "ws"
+    (ws / ".dvc").mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config"):
+        shutil.copy(ROOT / name, ws / name)
+    subprocess.run([str(BIN / "dvc"), "config", "--local", "core.no_scm", "true"], cwd=ws, check=True)
+    return ws
+
+
+def results_tar(lock_outs: list[str], files: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A results tar as a job would pack it: dvc.lock listing `lock_outs` (stage shard), then `files`, `links`."""
+    lock = {"schema": "2.0", "stages": {"shard": {"cmd": "x", "outs": [{"path": p, "md5": "1"} for p in lock_outs]}}}
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        info = tarfile.TarInfo("../escape.txt")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(tarfile.OutsideDestinationError):
-        unpack(buffer.getvalue(), tmp_path / "ws")
-    assert not (tmp_path / "escape.txt").exists()
+        for name, data in {"dvc.lock": yaml.safe_dump(lock).encode(), **files}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("tar", "refusal"),
+    [
+        (  # a planted hook and a package file beside a real output
+            results_tar(
+                ["data/shards"],
+                {"data/shards/manifest.json": b"{}", ".git/hooks/post-checkout": b"#!/bin/sh\necho owned\n"},
+            ),
+            ".git/hooks/post-checkout, which is no output",
+        ),
+        (results_tar(["data/shards"], {"src/latentzoo/__init__.py": b"import os"}), "src/latentzoo/__init__.py"),
+        (  # a lock that lists the target as an output
+            results_tar(["src/latentzoo/__init__.py"], {"src/latentzoo/__init__.py": b"import os"}),
+            "outputs dvc.yaml does not declare",
+        ),
+        (results_tar(["data/shards"], {}, links={"data/shards/x": "/etc/passwd"}), "not a plain file or folder"),
+        (results_tar(["data/shards"], {"../escape.txt": b"x"}), "../escape.txt, which is no output"),
+    ],
+    ids=["planted-hook", "package-file", "lock-lists-code", "symlink", "outside"],
+)
+def test_unpack_takes_only_the_outputs_the_lock_lists_and_dvc_yaml_declares(workspace, tar, refusal):
+    def files():  # but DVC's own .dvc/tmp
+        return sorted(p.relative_to(workspace) for p in workspace.rglob("*") if ".dvc" not in p.parts)
+
+    before = files()
+    with pytest.raises(LatentzooError, match=re.escape(refusal)):
+        unpack(tar, workspace)
+    assert files() == before  # nothing written
+    assert not (workspace.parent / "escape.txt").exists()
+
+
+def test_a_results_tar_without_a_lock_is_refused(workspace):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w"):
+        pass
+    with pytest.raises(LatentzooError, match="no dvc.lock"):
+        unpack(buffer.getvalue(), workspace)
+
+
+def test_the_job_runs_the_uploaded_code_whatever_the_runtime_env_file_says():
+    env = runtime_env(ROOT / "infra/kuberay/runtime-env.yaml")
+    assert env["env_vars"]["PYTHONPATH"] == "src" and env["working_dir"] == "."
+
+
+def test_dvc_is_found_beside_the_running_python(monkeypatch):
+    from latentzoo.submit import tool
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert tool("dvc") == str(BIN / "dvc") and Path(tool("dvc")).exists()
+    assert tool("no-such-tool") == "no-such-tool"

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import io
 import os
+import posixpath
 import shlex
 import subprocess
 import sys
@@ -94,8 +95,8 @@ def run_job(command: list[str], results: str, submission_id: str) -> int:
     workdir = Path.cwd()
     before = locked_outputs(workdir / "dvc.lock")
     if not (workdir / ".git").exists():  # the upload leaves .git out: DVC works without an SCM in the job's copy
-        subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], check=True)
-    status = subprocess.call(command)
+        subprocess.run([tool("dvc"), "config", "--local", "core.no_scm", "true"], check=True)
+    status = subprocess.call([tool(command[0]), *command[1:]] if command else command)
     if status == 0:
         where = write_bytes(results, f"{submission_id}.tar", pack_changed(workdir, before))
         print(f"submit: outputs packed into {where}", flush=True)
@@ -123,7 +124,9 @@ def runtime_env(extra: Path | None) -> dict:
     env["working_dir"] = "."
     env["excludes"] = sorted(set(env.get("excludes", [])) | set(EXCLUDES))
     env_vars = dict(env.get("env_vars", {}))
-    env_vars.setdefault("PYTHONPATH", "src")  # the uploaded package, relative to the working dir
+    # The uploaded package, relative to the working dir, always: a runtime-env file's PYTHONPATH (the RayJob's,
+    # infra/kuberay/runtime-env.yaml, points at the cluster's shared checkout) would run other code than this.
+    env_vars["PYTHONPATH"] = "src"
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking.startswith(("http://", "https://")):  # a tracking server the cluster reaches too
         env_vars.setdefault("MLFLOW_TRACKING_URI", tracking)
@@ -176,19 +179,60 @@ def submit_when_ready(client, timeout_s: float = 120.0, **job) -> None:
 
 
 def unpack(data: bytes, workspace: Path) -> list[str]:
-    """Extract the job's outputs over the workspace and store them in the DVC cache (`dvc commit`)."""
+    """Extract the job's outputs over the workspace and store them in the DVC cache (`dvc commit`).
+
+    The tar comes from a shared location anyone with access to it could have written, so nothing in it is trusted:
+    it is checked whole before anything is written (`checked_members`), and what is extracted is only its
+    `dvc.lock` and the outputs that lock lists, each an output the workspace's own dvc.yaml declares."""
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        names = tar.getnames()
-        tar.extractall(workspace, filter="data")
+        members = checked_members(tar, declared_outputs(workspace))
+        tar.extractall(workspace, members=members, filter="data")
     lock = yaml.safe_load((workspace / "dvc.lock").read_text()) or {}
     stages = list(lock.get("stages", {}))  # the stages with a record; their outputs are all here now
     done = subprocess.run(
-        ["dvc", "commit", "--force", "--quiet", *stages], cwd=workspace, capture_output=True, text=True
+        [tool("dvc"), "commit", "--force", "--quiet", *stages], cwd=workspace, capture_output=True, text=True
     )
     if done.returncode:
         raise LatentzooError(f"dvc commit of the job's outputs failed: {done.stderr.strip()[-500:]}")
-    print(f"submit: {len(names)} path(s) back in the workspace and committed to the DVC cache", flush=True)
-    return names
+    print(f"submit: {len(members)} path(s) back in the workspace and committed to the DVC cache", flush=True)
+    return [m.name for m in members]
+
+
+def declared_outputs(workspace: Path) -> set[str]:
+    """The output paths of the workspace's dvc.yaml (foreach stages expanded), as DVC resolves them."""
+    from dvc.repo import Repo
+
+    with Repo(str(workspace)) as repo:
+        return {str(Path(out.fs_path).relative_to(Path(repo.root_dir).resolve())) for out in repo.index.outs}
+
+
+def checked_members(tar: tarfile.TarFile, declared: set[str]) -> list[tarfile.TarInfo]:
+    """Every member of the results tar, if each is `dvc.lock` or inside an output that lock lists and dvc.yaml
+    declares, and is a plain file or folder; else a LatentzooError naming the first offender, before anything
+    is written."""
+    names = tar.getnames()
+    if "dvc.lock" not in names or not tar.getmember("dvc.lock").isfile():
+        raise LatentzooError("the job's results hold no dvc.lock file: refusing to unpack them")
+    lock = yaml.safe_load(tar.extractfile("dvc.lock").read()) or {}
+    listed = {out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+    undeclared = sorted(listed - declared)
+    if undeclared:
+        raise LatentzooError(f"the job's dvc.lock lists outputs dvc.yaml does not declare: {undeclared}; refused")
+    members = tar.getmembers()
+    for member in members:
+        name = posixpath.normpath(member.name)
+        inside = name == "dvc.lock" or any(name == out or name.startswith(out + "/") for out in listed)
+        if not (member.isfile() or member.isdir()):
+            raise LatentzooError(f"the job's results hold {member.name}, not a plain file or folder: refused")
+        if name.startswith(("/", "..")) or not inside:
+            raise LatentzooError(f"the job's results hold {member.name}, which is no output of its dvc.lock: refused")
+    return members
+
+
+def tool(name: str) -> str:
+    """A console script of this installation (dvc beside the running Python), whatever PATH says; else `name`."""
+    beside = Path(sys.executable).with_name(name)
+    return str(beside) if beside.exists() else name
 
 
 @cli_errors
