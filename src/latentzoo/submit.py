@@ -71,9 +71,12 @@ def read_bytes(location: str, name: str) -> bytes:
 
 def locked_outputs(lock_file: Path) -> dict[str, str]:
     """{output path: its md5} of every stage in a dvc.lock."""
-    if not lock_file.exists():
-        return {}
-    lock = yaml.safe_load(lock_file.read_text()) or {}
+    return lock_outputs(lock_file.read_bytes()) if lock_file.exists() else {}
+
+
+def lock_outputs(lock_text: bytes | str) -> dict[str, str]:
+    """{output path: its md5} of every stage in the text of a dvc.lock."""
+    lock = yaml.safe_load(lock_text) or {}
     return {
         out["path"]: out.get("md5", "") for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])
     }
@@ -210,21 +213,19 @@ def checked_members(tar: tarfile.TarFile, declared: set[str]) -> list[tarfile.Ta
     """Every member of the results tar, if each is `dvc.lock` or inside an output that lock lists and dvc.yaml
     declares, and is a plain file or folder; else a LatentzooError naming the first offender, before anything
     is written."""
-    names = tar.getnames()
-    if "dvc.lock" not in names or not tar.getmember("dvc.lock").isfile():
+    members = tar.getmembers()
+    lock = next((m for m in members if m.name == "dvc.lock" and m.isfile()), None)
+    if lock is None:
         raise LatentzooError("the job's results hold no dvc.lock file: refusing to unpack them")
-    lock = yaml.safe_load(tar.extractfile("dvc.lock").read()) or {}
-    listed = {out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+    listed = set(lock_outputs(tar.extractfile(lock).read()))
     undeclared = sorted(listed - declared)
     if undeclared:
         raise LatentzooError(f"the job's dvc.lock lists outputs dvc.yaml does not declare: {undeclared}; refused")
-    members = tar.getmembers()
     for member in members:
-        name = posixpath.normpath(member.name)
-        inside = name == "dvc.lock" or any(name == out or name.startswith(out + "/") for out in listed)
+        name = posixpath.normpath(member.name)  # "data/../../x" is "../x": outside every output
         if not (member.isfile() or member.isdir()):
             raise LatentzooError(f"the job's results hold {member.name}, not a plain file or folder: refused")
-        if name.startswith(("/", "..")) or not inside:
+        if name != "dvc.lock" and not any(name == out or name.startswith(out + "/") for out in listed):
             raise LatentzooError(f"the job's results hold {member.name}, which is no output of its dvc.lock: refused")
     return members
 
