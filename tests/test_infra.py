@@ -308,3 +308,83 @@ def test_the_mlflow_server_takes_basic_auth_and_allowed_hosts(tmp_path):
     args = done.stdout.splitlines()
     assert option(args, "--app-name") == "basic-auth" and option(args, "--allowed-hosts") == "mlflow.example.org"
     assert "WARNING" not in done.stderr
+
+
+# ---------------------------------------------------------------- nobody else in (Ray token, MLflow auth, network)
+
+PART_OF = {"app.kubernetes.io/part-of": "latentzoo"}
+
+
+def pod_templates(cluster_spec: dict) -> list[dict]:
+    return [group["template"] for group in [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]]
+
+
+def secret_env(container: dict) -> dict[str, tuple[str, str]]:
+    """{env var: (secret, key)} of a container's variables taken from Secrets."""
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+@pytest.mark.parametrize("name", sorted(cluster_specs()))
+def test_every_ray_cluster_requires_the_token_and_logs_in_to_mlflow(name):
+    spec = cluster_specs()[name]
+    assert spec["authOptions"] == {"mode": "token"}  # KubeRay sets RAY_AUTH_MODE / RAY_AUTH_TOKEN from its Secret
+    assert tuple(int(p) for p in spec["rayVersion"].split(".")) >= (2, 52)  # Ray's token auth
+    mlflow = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow")
+    server_env = secret_env(mlflow["spec"]["template"]["spec"]["containers"][0])
+    for template in pod_templates(spec):
+        assert template["metadata"]["labels"].items() >= PART_OF.items()  # admitted by the network policy
+        for container in template["spec"]["containers"]:
+            env = secret_env(container)
+            assert env["MLFLOW_TRACKING_USERNAME"] == server_env["MLFLOW_AUTH_ADMIN_USERNAME"]
+            assert env["MLFLOW_TRACKING_PASSWORD"] == server_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    if name.startswith("RayJob"):  # its submitter is a container of the head pod, so the policy admits it too
+        assert only("RayJob")["spec"]["submissionMode"] == "SidecarMode"
+
+
+def test_mlflow_runs_its_basic_auth_app_with_users_on_its_volume():
+    mlflow = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow")
+    pod = mlflow["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert set(secret_env(container)) == {
+        "MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    }
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mount = next(m for m in container["volumeMounts"] if config_path.is_relative_to(m["mountPath"]))
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+    config_map = next(c for c in of_kind("ConfigMap") if c["metadata"]["name"] == volume["configMap"]["name"])
+    import configparser
+
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"][config_path.name])
+    store = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "store")
+    assert ini["mlflow"]["database_uri"] == f"sqlite:///{store}/basic_auth.db"  # kept with the runs, not the pod
+    assert "admin_password" not in ini["mlflow"]  # from the Secret only
+    assert pod["metadata"]["labels"].items() >= PART_OF.items()
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"  # the one route the auth app leaves open
+
+
+def test_only_the_projects_pods_reach_ray_and_mlflow():
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind("NetworkPolicy")}
+    ray, mlflow = policies["latentzoo-ray"], policies["latentzoo-mlflow"]
+    for policy in (ray, mlflow):
+        assert policy["policyTypes"] == ["Ingress"]
+        for rule in policy["ingress"]:
+            for peer in rule["from"]:  # no rule admits everyone: each names pods by label
+                assert peer["podSelector"]["matchLabels"]
+    assert ray["podSelector"]["matchLabels"].items() >= PART_OF.items()
+    project_rule, operator_rule = ray["ingress"]
+    assert project_rule["from"] == [{"podSelector": {"matchLabels": PART_OF}}]
+    assert operator_rule["from"][0]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    assert [p["port"] for p in operator_rule["ports"]] == [8265]  # the operator polls the job API, nothing else
+    deployment = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow")
+    assert mlflow["podSelector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    (rule,) = mlflow["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": PART_OF}}] and [p["port"] for p in rule["ports"]] == [5000]
