@@ -47,8 +47,11 @@ VARIANTS = {
     "spatial_1x7x7": ("resvae_gan", SPATIAL | {"latent_channels": 1}),
 }
 REPORTED = (
-    "test_fcd_samples",
-    "test_fcd_recon",
+    "test_fid_samples",
+    "test_fid_recon",
+    "test_kid_samples",
+    "test_precision",
+    "test_recall",
     "test_sharpness_samples",
     "test_sharpness_recon",
     "test_mse",
@@ -136,7 +139,7 @@ def main() -> int:
     rows = result["variants"]
     if {"vae", "resvae_gan"} <= set(rows):
         full, vae = rows["resvae_gan"], rows["vae"]
-        result["fcd_samples_ratio_resvae_gan_over_vae"] = full["test_fcd_samples"] / vae["test_fcd_samples"]
+        result["fid_samples_ratio_resvae_gan_over_vae"] = full["test_fid_samples"] / vae["test_fid_samples"]
         result["sharpness_gap_resvae_gan"] = abs(1 - full["test_sharpness_samples"])
         result["sharpness_gap_vae"] = abs(1 - vae["test_sharpness_samples"])
     write_result("resvae_mnist", result)

@@ -471,17 +471,22 @@ def stacked_section(name: str, r: dict) -> list[str]:
     return lines
 
 
+def fid(row: dict, which: str):
+    """FID on the classifier features; results from before torchmetrics call the same figure FCD."""
+    return row.get(f"test_fid_{which}", row.get(f"test_fcd_{which}"))
+
+
 def resvae_section(name: str, r: dict) -> list[str]:
-    vae = (r["variants"].get("vae") or {}).get("test_fcd_samples")
+    vae = fid(r["variants"].get("vae") or {}, "samples")
     rows = []
     for variant, v in r["variants"].items():
-        fcd = v.get("test_fcd_samples")
+        fcd = fid(v, "samples")
         rows.append(
             [
                 variant,
                 ratio(fcd / vae) if fcd is not None and vae else "–",
                 fmt(fcd, ".2f"),
-                fmt(v.get("test_fcd_recon"), ".2f"),
+                fmt(fid(v, "recon"), ".2f"),
                 fmt(v.get("test_sharpness_samples"), ".2f"),
                 fmt(v.get("test_neg_elbo"), ".1f"),
                 fmt(v.get("test_mse"), ".4f"),
@@ -491,9 +496,9 @@ def resvae_section(name: str, r: dict) -> list[str]:
     return table(
         [
             "variant",
-            "FCD samples vs vae",
-            "FCD samples",
-            "FCD recon",
+            "FID samples vs vae",
+            "FID samples (classifier features)",
+            "FID recon",
             "sharpness (data = 1)",
             "−ELBO",
             "MSE",

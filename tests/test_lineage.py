@@ -140,14 +140,15 @@ def edit(path: Path) -> None:
     path.write_text(path.read_text() + "\n# edited\n")
 
 
-def test_editing_the_fcd_code_changes_the_stages_that_run_it(committed_project):
+def test_editing_the_feature_classifier_changes_the_stages_that_run_it(committed_project):
     edit(committed_project / "src/latentzoo/evaluation/feature_classifier.py")
     models = yaml.safe_load((committed_project / "params.yaml").read_text())["models"]
     assert changed_stages(committed_project) == {"classifier", *(f"evaluate@{m}" for m in models)}
 
 
-def test_editing_the_report_code_changes_the_report_only(committed_project):
-    edit(committed_project / "src/latentzoo/evaluation/report.py")
+@pytest.mark.parametrize("code", ["evaluation/report.py", "evaluation/templates/report.md.j2"])
+def test_editing_the_report_code_changes_the_report_only(committed_project, code):
+    edit(committed_project / "src/latentzoo" / code)
     assert changed_stages(committed_project) == {"report"}
 
 

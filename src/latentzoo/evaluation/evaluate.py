@@ -10,7 +10,8 @@ Metrics, all means over the test split:
   nll (nats/image) = the importance-sampled bound with k = `evaluate.nll_samples` samples (`likelihood`),
   mse = mean (x - x̂)²,  psnr = 10·log10(1 / mse),  ssim (Wang et al. 2004),
   active_units = #{d : Var_x(E_q[z_d | x]) > threshold}  (Burda et al., arXiv 1509.00519),
-  fcd_samples / fcd_recon and sharpness_samples / sharpness_recon against the test images (`quality`),
+  fid_samples / fid_recon (on the classifier stage's features), kid_samples, precision / recall / density /
+  coverage of samples, sharpness_samples / sharpness_recon, all against the test images (`quality`),
   and for families with a codebook: utilisation = #{codes used} / K over the whole split, perplexity = exp(H(p))
   of the code histogram p, dead_codes = K - #{codes used}.
 """
@@ -48,8 +49,8 @@ def evaluate_model(
 ) -> dict:
     """Test-split metrics of the model in `model_path`. With `figures_dir`, grids of
     test reconstructions and prior samples there (`write_grids`), and a family with a codebook gets its usage
-    histogram (codebook_usage.png); with `classifier_path` (the classifier stage's network), FCD and sharpness of
-    reconstructions and samples (`evaluation.quality`)."""
+    histogram (codebook_usage.png); with `classifier_path` (the classifier stage's network), FID, KID,
+    precision/recall/density/coverage and sharpness of reconstructions and samples (`evaluation.quality`)."""
     manifest, split_urls = checked_shards(shard_dir, ("test",))
     urls = split_urls["test"]
     model, meta = load_model(model_path)
@@ -102,7 +103,8 @@ def evaluate_model(
             )
     if classifier_path is not None:
         samples = model.sample(len(torch.cat(real)), generator=generator) if isinstance(model, Generative) else None
-        quality = quality_metrics(load_classifier(classifier_path), torch.cat(real), torch.cat(recons), samples)
+        classifier = load_classifier(classifier_path)
+        quality = quality_metrics(classifier, torch.cat(real), torch.cat(recons), samples, params.seed)
         result |= {f"test_{k}": v for k, v in quality.items()}
     result["test_images"] = count
     if variational:

@@ -1,14 +1,11 @@
-"""The small classifier whose features define the Fréchet classifier distance (FCD) of every model's samples.
+"""The small classifier whose features every model's sample-quality metrics are measured on (`quality`).
 
 FID measures sample quality in the feature space of an ImageNet Inception network; nothing can be downloaded
 here and digits are not ImageNet, so the pipeline trains its own feature network on the training split (the
-`classifier` stage, a DVC output every evaluation reuses) and measures
-
-    FCD = ‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2})
-
-between the features of real test images (r) and of generated images (g) (Heusel et al., arXiv 1706.08500).
-The network: two conv blocks (the second strided), average pooling to a 4x4 grid, a `feature_dim` layer (the
-features, after ReLU), and a linear head over the classes.
+`classifier` stage, a DVC output every evaluation reuses) and gives it to torchmetrics' FID and KID and to prdc
+as their feature extractor: "FID (classifier features)", never Inception's. The network: two conv blocks (the
+second strided), average pooling to a 4x4 grid, a `feature_dim` layer (the features, after ReLU), and a linear
+head over the classes.
 """
 
 from __future__ import annotations
@@ -122,22 +119,3 @@ def load_classifier(path: Path) -> FeatureClassifier:
     except (KeyError, TypeError, RuntimeError, ValueError) as err:
         raise LatentzooError(f"{path}: not a latentzoo feature classifier ({type(err).__name__}: {err})") from None
     return model.eval()
-
-
-def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
-    """‖μ_r − μ_g‖² + Tr(Σ_r + Σ_g − 2 (Σ_r Σ_g)^{1/2}) of two (N, D) feature sets (N ≥ 2 each).
-
-    Tr (Σ_r Σ_g)^{1/2} = Σ_i sqrt(λ_i) over the eigenvalues λ_i of the symmetric PSD matrix
-    Σ_r^{1/2} Σ_g Σ_r^{1/2} (similar to Σ_r Σ_g): symmetric eigensolvers only, no complex square roots.
-    """
-    mu_r, mu_g = real.mean(0), fake.mean(0)
-    cov_r, cov_g = np.atleast_2d(np.cov(real, rowvar=False)), np.atleast_2d(np.cov(fake, rowvar=False))
-    root_r = psd_sqrt(cov_r)
-    eigenvalues = np.linalg.eigvalsh(root_r @ cov_g @ root_r).clip(min=0)
-    return float(((mu_r - mu_g) ** 2).sum() + np.trace(cov_r) + np.trace(cov_g) - 2 * np.sqrt(eigenvalues).sum())
-
-
-def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    """The symmetric square root of a symmetric PSD matrix (eigenvalues clipped at 0)."""
-    values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(values.clip(min=0))) @ vectors.T

@@ -1,13 +1,17 @@
-"""Reconstruction and latent-usage metrics: pure functions on tensors, no I/O.
+"""Reconstruction and latent-usage metrics: pure functions on tensors, no I/O. PSNR and SSIM are torchmetrics';
+what no library has (active units, codebook perplexity, Laplacian sharpness) is written here.
 
 Images are float tensors (B, C, H, W) with values in [0, data_range]; per-image metrics return shape (B,).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -16,47 +20,32 @@ def mse(x: Tensor, y: Tensor) -> Tensor:
 
 
 def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
-    """Peak signal-to-noise ratio per image in dB, (B,): 10 log10(L^2 / MSE).
+    """Peak signal-to-noise ratio per image in dB, (B,): 10 log10(L^2 / MSE) (torchmetrics).
 
-    MSE is clamped at 1e-10, so identical images give a finite 100 dB at L = 1 instead of inf.
+    Capped at 10 log10(L^2 / 1e-10) (100 dB at L = 1), so identical images give a finite figure instead of inf.
     """
-    return 10.0 * torch.log10(data_range**2 / mse(x, y).clamp_min(1e-10))
+    value = peak_signal_noise_ratio(x.float(), y.float(), data_range=data_range, reduction="none", dim=(1, 2, 3))
+    return value.clamp(max=10.0 * math.log10(data_range**2 / 1e-10))
 
 
-def gaussian_window(size: int, sigma: float = 1.5) -> Tensor:
-    """Normalised 2-D Gaussian kernel (size, size), the outer product of a 1-D one."""
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords.pow(2) / (2 * sigma**2))
-    g = g / g.sum()
-    return g[:, None] * g[None, :]
-
-
-def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, window_size: int = 11, sigma: float = 1.5) -> Tensor:
-    """Structural similarity per image, (B,), Wang et al. 2004 (IEEE TIP 13(4)), in [-1, 1]:
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5) -> Tensor:
+    """Structural similarity per image, (B,), Wang et al. 2004 (IEEE TIP 13(4)), in [-1, 1] (torchmetrics):
 
         SSIM = (2 mu_x mu_y + C1)(2 sigma_xy + C2) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2)),
         C1 = (0.01 L)^2, C2 = (0.03 L)^2,
 
-    local statistics under a Gaussian window (sigma 1.5), each channel separately, 'valid' positions only,
-    averaged over channels and positions. The window is min(window_size, H, W) rounded down to odd, so 11x11 for
-    MNIST/CIFAR sizes and 7x7 for 8x8 digits.
+    local statistics under a Gaussian window (sigma 1.5: 11x11), each channel separately, in float64, averaged
+    over channels and the 'valid' positions of Wang et al.'s reference code: torchmetrics' SSIM map without the
+    reflect-padded border torchmetrics adds. An image no larger than the window (the 8x8 digits) has no valid
+    position and keeps torchmetrics' padded map.
     """
-    size = min(window_size, x.shape[-2], x.shape[-1])
-    size -= 1 - size % 2  # odd, so the window has a centre
-    channels = x.shape[1]
-    window = gaussian_window(size, sigma).to(x.device).expand(channels, 1, size, size)
-    x, y = x.double(), y.double()
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, window, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x.pow(2)
-    var_y = blur(y * y) - mu_y.pow(2)
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x.pow(2) + mu_y.pow(2) + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(dim=1).float()
+    _, full = structural_similarity_index_measure(
+        x.double(), y.double(), sigma=sigma, data_range=data_range, reduction="none", return_full_image=True
+    )
+    pad = int(3.5 * sigma + 0.5)  # torchmetrics' window is 2 pad + 1 wide
+    if min(x.shape[-2], x.shape[-1]) > 2 * pad:
+        full = full[..., pad:-pad, pad:-pad]
+    return full.flatten(1).mean(dim=1).float()
 
 
 def active_units(mu: Tensor, threshold: float = 0.01) -> int:

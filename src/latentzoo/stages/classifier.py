@@ -1,4 +1,4 @@
-"""The classifier stage: the feature network of the FCD, trained on the training split."""
+"""The classifier stage: the feature network of FID, KID and precision/recall, trained on the training split."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from latentzoo.evaluation.feature_classifier import save_classifier, train_class
 
 
 def classifier_stage(params: Params, shard_dir: Path, out_dir: Path, metrics_file: Path) -> dict:
-    """Train the feature classifier of the FCD on the training split; its test accuracy is a DVC metric."""
+    """Train the feature network of the sample-quality metrics on the training split; its test accuracy is a DVC
+    metric."""
     shard_dir = Path(shard_dir)
     manifest, urls = checked_shards(shard_dir, ("train", "test"))
     model, result = train_classifier(params.classifier, urls["train"], urls["test"], params.seed)
@@ -21,6 +22,6 @@ def classifier_stage(params: Params, shard_dir: Path, out_dir: Path, metrics_fil
     atomic_write_json(Path(metrics_file), result)
     print(
         f"classifier: test accuracy {result['test_accuracy']:.4f} ({result['train_images']} training images, "
-        f"{result['train_time_s']:.1f}s); FCD features in {Path(out_dir) / WEIGHTS_FILE}"
+        f"{result['train_time_s']:.1f}s); quality-metric features in {Path(out_dir) / WEIGHTS_FILE}"
     )
     return result
