@@ -37,9 +37,10 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --timeout=600 --durations=15
 
-# Browse runs: http://127.0.0.1:5000/#/experiments
+# Browse runs: http://127.0.0.1:5000/#/experiments (MLFLOW_PORT=... for another port)
+MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf data/prepared data/shards models metrics plots reports .ray_results

@@ -416,3 +416,28 @@ def test_sigterm_mid_write_keeps_the_previous_output(tmp_path):
     assert done.stderr == "terminated: nothing was written under the final output names\n"
     assert [p.name for p in out.iterdir()] == ["train.npz"] and (out / "train.npz").read_bytes() == b"previous run"
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # the temporary directory is removed
+
+
+def test_a_ray_address_with_no_head_is_one_line_within_seconds(digits_shards, tmp_path):
+    """RAY_ADDRESS naming no listening head: one line and exit 2 within seconds (`ray.init` retries for a minute,
+    then prints a traceback), before any output or MLflow run."""
+    import time
+
+    from conftest import ROOT
+
+    from latentzoo.local_cluster import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    stage = [sys.executable, str(ROOT / "pipelines/train.py"), "--params", str(ROOT / "params.yaml")]
+    stage += ["--model", "vae", "--shards", str(digits_shards), "--out", str(tmp_path / "models/vae")]
+    stage += ["--metrics", str(tmp_path / "m.json"), "--plots", str(tmp_path / "p.csv")]
+    env = {**os.environ, "RAY_ADDRESS": address, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    started = time.monotonic()
+    done = subprocess.run(stage, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: RAY_ADDRESS={address}: no Ray head answers there (Connection refused); start the cluster (ray "
+        "start --head, or make repro's local head) or unset RAY_ADDRESS to run on a local one"
+    ]
+    assert time.monotonic() - started < 60  # interpreter, torch and the shard check included
+    assert not (tmp_path / "models").exists() and not (tmp_path / "m.json").exists()

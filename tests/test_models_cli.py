@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,50 @@ def test_models_are_registered_on_an_mlflow_server(ray_cluster, digits_shards, t
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
         assert torch.allclose(Reconstructor(served)(x), Reconstructor(local)(x))
+
+
+class Payload:
+    """Unpickling this creates `path`: the stand-in for code an attacker plants in a logged model."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_planted_pickle_in_a_logged_model_never_runs(registry, tmp_path, capsys):
+    """Someone with write access to the artifact store swaps a registered model's files for pickles whose loading
+    runs code. latentzoo reads the weights file alone, with weights_only: the payload does not run (MLflow's own
+    pyfunc loader, by contrast, does run it: the plant is real)."""
+    import contextlib
+    import pickle
+    import urllib.parse
+
+    import mlflow
+
+    from latentzoo.errors import LatentzooError
+    from latentzoo.tracking.models import log_trained_model
+    from latentzoo.tracking.runs import TrackedRun
+
+    _, _, model_dir = registry
+    run = TrackedRun.load(model_dir / "mlflow_run.json")
+    version = log_trained_model(run, model_dir / "model.pt", "vae")  # a version of its own to tamper with
+    location = mlflow.MlflowClient().get_model_version_download_uri("latentzoo-vae", version)
+    stored = Path(urllib.parse.urlparse(location).path)  # the local store's copy of the logged model
+    marker = tmp_path / "payload-ran"
+    (stored / "python_model.pkl").write_bytes(pickle.dumps(Payload(marker)))
+
+    model = load(f"models:/latentzoo-vae/{version}")  # what `latentzoo sample --model models:/...` does
+    main(["sample", "--model", f"models:/latentzoo-vae/{version}", "-n", "4", "-o", str(tmp_path / "s.png")])
+    assert not marker.exists() and model.reconstruct(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)
+    with contextlib.suppress(Exception):  # it fails after the payload ran
+        mlflow.pyfunc.load_model(f"models:/latentzoo-vae/{version}")
+    assert marker.exists()  # MLflow's loader unpickled the plant
+    marker.unlink()
+
+    weights = next(stored.rglob("model.pt"))
+    weights.write_bytes(pickle.dumps(Payload(marker)))  # the weights file itself a pickle
+    with pytest.raises(LatentzooError, match="not a readable latentzoo checkpoint"):
+        load(f"models:/latentzoo-vae/{version}")
+    assert not marker.exists()

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, stop_mlflow_server, wait_until_up
 from test_lineage import compare_reads
 
 from latentzoo import params_reads
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]  # the whole DAG, twice, and a queue: ~5 min alone
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 VENV = Path(os.sys.executable).parents[1]  # the venv running the tests (.venv under `make test`)
 DVC = str(VENV / "bin" / "dvc")
@@ -30,9 +34,12 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A copy of the project's pipeline (no outputs) in its own git repository, with tiny params."""
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the project's pipeline (no outputs) in its own git repository, with tiny params (one per module:
+    the browser check opens the MLflow UI on what the pipeline test ran)."""
+    tmp_path = tmp_path_factory.mktemp("pipeline") / "project"  # its parent holds the remote and the clone
+    tmp_path.mkdir()
     for name in ("src", "pipelines"):
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "Makefile"):  # the real .gitignore: what a clone commits
@@ -69,6 +76,7 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
         "PATH": without_venv(os.environ["PATH"]),  # stages' `python` is not the venv's
         "RAY_ADDRESS": ray.get_runtime_context().gcs_address,  # share the session's Ray
         "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5",  # the tiny runs last seconds
     }
     records = project.parent / "params-reads"  # every stage process writes the params keys it read
     first = run([DVC, "repro"], project, {**env, params_reads.RECORD_ENV: str(records)})
@@ -89,13 +97,14 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] == 1258
     report = (project / "reports/report.md").read_text()
-    assert all(report.count(f"| {family} |") == 3 for family in families)  # metrics, likelihood, grids rows
+    assert all(report.count(f"| {family} |") == 6 for family in families)  # 4 metric tables, likelihood, grids
     assert "| vae | binarised" in report and "| resvae_gan | grey levels" in report
     assert (project / "plots/evaluate/vae/reconstructions.png").exists()
     gan = json.loads((project / "metrics/evaluate/resvae_gan.json").read_text())
-    assert gan["test_fcd_samples"] > 0 and gan["test_sharpness_samples"] > 0 and gan["test_mean_sigma"] > 0
+    assert gan["test_fid_samples"] > 0 and gan["test_sharpness_samples"] > 0 and gan["test_mean_sigma"] > 0
     assert json.loads((project / "metrics/classifier.json").read_text())["test_accuracy"] > 0.1
-    assert "FCD samples" in report and "images/resvae_gan-samples.png" in report
+    assert "FID (classifier features)" in report and "images/resvae_gan-samples.png" in report
+    assert "[training run](http://127.0.0.1:5000/#/experiments/" in report  # each family links to its MLflow run
 
     stacked = json.loads((project / "metrics/finetune/stacked_ae.json").read_text())
     assert stacked["test_accuracy"] > 0.2
@@ -129,6 +138,16 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     version = client.get_model_version(registered["registered_model"], registered["model_version"])
     assert version.run_id == run_id and "test_neg_elbo" in version.tags  # the registry carries test metrics
     assert client.get_experiment_by_name("latentzoo-report") is not None
+    # What the MLflow UI shows: system metrics per node, the shards each run read, the champion alias, and one
+    # experiment comparing the families.
+    assert any(key.startswith("system/node0/cpu") for key in logged.data.metrics)
+    digest = run(["sha256sum", "data/shards/manifest.json"], project, env).stdout.split()[0]
+    datasets = {(i.dataset.digest, t.value) for i in logged.inputs.dataset_inputs for t in i.tags}
+    assert datasets == {(digest[:32], split) for split in ("train", "val", "test")}
+    assert str(client.get_model_version_by_alias("latentzoo-vae", "champion").version) == registered["model_version"]
+    compare = client.get_experiment_by_name("latentzoo-compare").experiment_id
+    compared = {r.info.run_name: r.data.metrics for r in client.search_runs([compare])}
+    assert set(compared) == set(families) and all("test_mse" in m for m in compared.values())
 
     git = ["git", "-c", "user.email=ci@latentzoo", "-c", "user.name=ci"]
     run([*git, "add", "-A"], project, env)
@@ -186,3 +205,56 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     sample = ["sample", "--model", "models/vae", "-n", "4", "-o", "samples.png"]
     run([str(VENV / "bin" / "latentzoo"), *sample], clone, env)
     assert (clone / "samples.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- the MLflow UI a user opens
+
+
+def page_text(url: str) -> str:
+    """The text of a page after headless Chromium ran its JavaScript (the MLflow UI is a single-page app)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    cmd += ["--window-size=2000,2000", "--virtual-time-budget=30000", "--dump-dom", url]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    dom = re.sub(r"<(style|script)\b.*?</\1>", " ", dom, flags=re.S)
+    return html.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom)))
+
+
+def shown(value: float) -> str:
+    """A metric as the UI prints it: rounded to 3 decimals, JavaScript's number format."""
+    text = repr(round(value, 3))
+    return text.removesuffix(".0")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (.ci/run installs Debian's)")
+def test_the_mlflow_ui_shows_every_family_side_by_side(project: Path):
+    """`make mlflow-ui` on the finished pipeline: the comparison experiment's runs page lists every family, and
+    comparing those runs shows each family's test metrics side by side."""
+    from mlflow.tracking import MlflowClient
+
+    from latentzoo.local_cluster import free_port
+
+    if not (project / "reports/report.md").exists():
+        pytest.fail("the pipeline test did not finish: no MLflow runs to look at")
+    port = free_port()
+    make = ["make", "-o", ".venv/.installed", "mlflow-ui", f"MLFLOW_PORT={port}"]
+    ui = subprocess.Popen(make, cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", ui)
+        client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("latentzoo-compare").experiment_id
+        runs = client.search_runs([experiment], "tags.`latentzoo.stage` = 'compare'", max_results=len(FAMILIES))
+        assert sorted(r.info.run_name for r in runs) == sorted(FAMILIES)
+
+        listing = page_text(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
+        assert "latentzoo-compare" in listing and all(f" {family} " in listing for family in FAMILIES)
+
+        ids = urllib.parse.quote(json.dumps([r.info.run_id for r in runs]))
+        compared = page_text(f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments=[%22{experiment}%22]")
+        assert f"Comparing {len(FAMILIES)} Runs" in compared
+        for r in runs:
+            assert r.info.run_id in compared
+            for key in ("test_mse",):  # the compare page lists the metrics the runs share
+                assert key in compared and shown(r.data.metrics[key]) in compared, (key, r.info.run_name)
+    finally:
+        stop_mlflow_server(ui)

@@ -59,68 +59,67 @@ def test_no_search_space_means_params_yaml_weights(digits_shards, tiny_params, t
     assert best == {"model": "vae", "searched": False, "reason": "tune.enabled is false", "weights": {}}
 
 
-DRIVER = """
-import sys
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from conftest import make_params, TINY
-from latentzoo.tuning.search import tune_model
-params = make_params(**{{**TINY, **{overrides!r}}})
-tune_model(params, "vae", Path({shards!r}), Path({out!r}), root=Path({root!r}))
-"""
-
-
 def finished_trials(experiment: Path, epochs: int) -> int:
     return sum(len(p.read_text().splitlines()) >= epochs for p in experiment.glob("run_trial_*/result.json"))
 
 
+def trial_ids(experiment: Path) -> set[str]:
+    return {json.loads(line)["trial_id"] for p in experiment.glob("run_trial_*/result.json") for line in p.open()}
+
+
 @pytest.mark.timeout(900)
-def test_interrupted_search_resumes_with_tuner_restore(ray_cluster, digits_shards, tmp_path, mlflow_uri):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_search_is_not_finished_and_resumes_its_trials(
+    ray_cluster, digits_shards, tmp_path, mlflow_uri, sig, status
+):
+    """Ctrl-C or SIGTERM mid-search, to the real stage script: exit 130 / 143, no best weights, the MLflow run not
+    FINISHED; the next attempt continues the same search (`Tuner.restore`): the trials that had finished are not
+    run again, and every trial of the first attempt is one of the search's."""
     import ray
+    from conftest import ROOT, TINY, with_overrides
+    from mlflow.tracking import MlflowClient
 
     overrides = {
+        **TINY,
         **SEARCH,
         "tune.searcher": "random",
         "tune.max_concurrent_trials": 1,
         "ray.storage_path": str(tmp_path / "ray"),
     }
-    out = tmp_path / "best.yaml"
-    script = DRIVER.format(
-        tests=str(Path(__file__).parent),
-        overrides=overrides,
-        shards=str(digits_shards),
-        out=str(out),
-        root=str(tmp_path),
-    )
+    params_file = tmp_path / "params.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params_file.write_text(yaml.safe_dump(with_overrides(raw, overrides)))
+    out = tmp_path / "tune/vae/best.yaml"
+    stage = [sys.executable, str(ROOT / "pipelines/tune.py"), "--params", str(params_file), "--model", "vae"]
+    stage += ["--shards", str(digits_shards), "--out", str(out)]
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    driver = subprocess.Popen(
-        [sys.executable, "-c", script],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    driver = subprocess.Popen(stage, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
     experiments = []
     while time.monotonic() < deadline and driver.poll() is None:
         experiments = list((tmp_path / "ray").glob("tune-vae-*/experiment_state-*.json"))
         if experiments and finished_trials(experiments[0].parent, 2) >= 1:
             break
-        time.sleep(2)
+        time.sleep(1)
     assert driver.poll() is None, "the search ended before it could be interrupted"
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver dies mid-search, like a killed `dvc repro`
-    driver.wait()
+    driver.send_signal(sig)  # to the stage alone, as `kill` or a Ctrl-C to dvc (which passes it on) would
+    _, err = driver.communicate(timeout=300)
+    assert driver.returncode == status, err[-3000:]
     assert not out.exists()
     experiment = experiments[0].parent
+    record = json.loads((experiment / "latentzoo_mlflow.json").read_text())
+    assert MlflowClient(mlflow_uri).get_run(record["run_id"]).info.status == "KILLED"
     done_before = {
         p.parent.name for p in experiment.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= 2
     }
+    first_ids = trial_ids(experiment)
 
-    from conftest import TINY, make_params
-
-    best = tune_model(make_params(**{**TINY, **overrides}), "vae", digits_shards, out, root=tmp_path)
-
+    again = subprocess.run(stage, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    best = yaml.safe_load(out.read_text())
     assert best["trials"]["total"] == 3 and best["experiment"] == str(experiment)
-    for name in done_before:  # a trial finished before the kill is not run again
+    assert first_ids <= trial_ids(experiment) and len(trial_ids(experiment)) == 3  # the same search, continued
+    for name in done_before:  # a trial finished before the interruption is not run again
         assert len((experiment / name / "result.json").read_text().splitlines()) == 2
-    assert json.loads((experiment / "latentzoo_mlflow.json").read_text())["run_id"]
+    assert json.loads((experiment / "latentzoo_mlflow.json").read_text())["run_id"] == record["run_id"]
+    assert MlflowClient(mlflow_uri).get_run(record["run_id"]).info.status == "FINISHED"

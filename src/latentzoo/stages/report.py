@@ -7,11 +7,13 @@ from pathlib import Path
 
 from latentzoo.config import Params
 from latentzoo.evaluation.report import build_report
-from latentzoo.tracking.runs import TrackedRun
+from latentzoo.tracking.runs import RUN_LINK, TrackedRun
 
+COMPARE = "compare"  # the experiment <prefix>-compare: a run per family, test metrics side by side
 MLFLOW_UI = (
-    "Browse the runs: `.venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000`, "
-    "then open http://127.0.0.1:5000/#/experiments (pick an experiment, then its Runs tab)."
+    "Browse the runs: `make mlflow-ui`, then open http://127.0.0.1:5000/#/experiments: `{compare}` holds a "
+    "run per family with its test metrics (select them all, then Compare); each family's experiment holds its "
+    "training runs, with system metrics, the shards they read and the registered model."
 )
 
 
@@ -21,6 +23,34 @@ def read_stacked(pretrain_metrics: Path | None, finetune_metrics: Path | None) -
     for key, path in (("pretrain", pretrain_metrics), ("finetune", finetune_metrics)):
         if path is not None and Path(path).exists():
             found[key] = json.loads(Path(path).read_text())
+    return found
+
+
+def log_comparison(experiment: str, eval_dir: Path, plots_dir: Path, models: list[str], report: TrackedRun) -> None:
+    """One run per family in one experiment, with that family's test metrics: MLflow's compare view shows every
+    family side by side (each family's own experiment holds its training runs). Each run is tagged with the
+    report run it belongs to and links to the family's training run."""
+    for name in models:
+        path = eval_dir / f"{name}.json"
+        if not path.exists():
+            continue
+        tags = {"latentzoo.stage": "compare", "latentzoo.model": name, "latentzoo.report_run": report.run_id}
+        link = plots_dir / name / RUN_LINK
+        if link.exists():
+            tags["latentzoo.training_run"] = json.loads(link.read_text())["run_id"]
+        run = TrackedRun.start(None, experiment, name, tags)
+        run.log_params({"model": name})
+        run.log_metrics(json.loads(path.read_text()))
+        run.finish()
+
+
+def run_links(models: list[str], plots_dir: Path) -> dict[str, str]:
+    """{model: URL of its training run in the MLflow UI}, as each evaluate stage recorded it beside its figures."""
+    found = {}
+    for name in models:
+        path = plots_dir / name / RUN_LINK
+        if path.exists():
+            found[name] = json.loads(path.read_text())["url"]
     return found
 
 
@@ -40,16 +70,18 @@ def report_stage(
         Path(train_dir),
         Path(plots_dir),
         Path(out_dir),
-        mlflow_hint=MLFLOW_UI,
+        mlflow_hint=MLFLOW_UI.format(compare=f"{params.tracking.experiment_prefix}-{COMPARE}"),
         stacked=read_stacked(pretrain_metrics, finetune_metrics),
         curves_dir=curves_dir,
+        links=run_links(list(params.models), Path(plots_dir)),
     )
     if params.tracking.enabled:
-        experiment = f"{params.tracking.experiment_prefix}-report"
-        run = TrackedRun.start(None, experiment, "report", {"latentzoo.stage": "report"})
+        prefix = params.tracking.experiment_prefix
+        run = TrackedRun.start(None, f"{prefix}-report", "report", {"latentzoo.stage": "report"})
         for name in ("report.md", "report.html", "metrics.json", "images"):
             if (Path(out_dir) / name).exists():
                 run.log_artifact(Path(out_dir) / name)
         run.finish()
+        log_comparison(f"{prefix}-{COMPARE}", Path(eval_dir), Path(plots_dir), list(params.models), run)
     print(f"report: {report}")
     return report

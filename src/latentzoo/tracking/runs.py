@@ -12,18 +12,25 @@ The run's record, `{"run_id": ..., "tracking_uri": ...}`, is written in two plac
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from latentzoo.config import TrackingConfig
+from latentzoo.data.shards import MANIFEST, load_manifest, sha256_file
 from latentzoo.storage import RunFolder
 from latentzoo.tracking import mlflow_runs
 
 RUN_RECORD = "latentzoo_mlflow.json"  # beside Ray's checkpoints: the MLflow run a rerun resumes
 RUN_FILE = "mlflow_run.json"  # beside a trained model: the MLflow run that trained it
+RUN_LINK = "mlflow_run.json"  # beside an evaluation's figures: {run_id, url} of the run that trained the model
+LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
+SYSTEM_METRICS_INTERVAL_S = 2.0  # MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
 
 
 @dataclass(frozen=True)
@@ -142,6 +149,19 @@ class TrackedRun:
             self.log_metrics(row, step=row["epoch"])
         return len(missing)
 
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: Mapping[str, Any]) -> None:
+        """A data input of the run, shown in MLflow's Datasets panel: `name`, a `digest` that changes with the data
+        (a content hash), where it is (`source`: a path or URL), how the run used it (`context`: train, val,
+        test) and a small `profile` (counts)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        with warnings.catch_warnings():  # a local path matches two equivalent local source types
+            warnings.simplefilter("ignore", UserWarning)
+            where = resolve_dataset_source(source)
+        dataset = Dataset(name, digest, where._get_source_type(), where.to_json(), None, json.dumps(dict(profile)))
+        self._client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Log a file, or a folder's contents under `artifact_path` (default: the folder's name)."""
         path = Path(path)
@@ -149,6 +169,35 @@ class TrackedRun:
             self._client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def ui_url(self, local_ui: str = LOCAL_UI) -> str:
+        """The run's page in the MLflow UI: on the tracking server itself, or, for a local store, on the UI that
+        `make mlflow-ui` serves."""
+        base = self.uri if self.uri.startswith(("http://", "https://")) else local_ui
+        experiment = self._client.get_run(self.run_id).info.experiment_id
+        return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
+
+    @contextmanager
+    def system_metrics(self, node_id: str, resume: bool = False) -> Iterator[None]:
+        """While the block runs, MLflow's SystemMetricsMonitor samples this machine (CPU, memory, disk, network, and
+        NVIDIA GPUs) into the run as `system/<node_id>/...`, steps continuing after a restart when `resume`. A
+        monitor that cannot start (the server is down) costs a warning, never the training."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not three INFO lines per worker
+        try:
+            monitor = SystemMetricsMonitor(
+                self.run_id, SYSTEM_METRICS_INTERVAL_S, resume_logging=resume, node_id=node_id, tracking_uri=self.uri
+            )
+            monitor.start()
+        except Exception as err:
+            logging.getLogger(__name__).warning("no system metrics for run %s: %s", self.run_id, err)
+            monitor = None
+        try:
+            yield
+        finally:
+            if monitor:
+                monitor.finish()
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():
@@ -171,6 +220,17 @@ class TrackedRun:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def log_shards(run: TrackedRun, shard_dir: Path, splits: tuple[str, ...]) -> None:
+    """The shards a stage read as MLflow datasets, one per split (`<folder>-<split>`): digest the manifest's
+    sha256 (its first 32 hex digits: what MLflow's digest column holds), source the shard folder."""
+    manifest = load_manifest(shard_dir)
+    digest = sha256_file(Path(shard_dir) / MANIFEST)
+    for split in splits:
+        entry = manifest["splits"][split]
+        profile = {"images": entry["count"], "shards": len(entry["shards"]), "manifest_sha256": digest}
+        run.log_dataset(f"{Path(shard_dir).name}-{split}", digest[:32], str(shard_dir), split, profile)
 
 
 def record_of(run: TrackedRun | None, **extra: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -87,6 +88,7 @@ class Session:
     checkpoint_cls: type  # ray.train.Checkpoint or ray.tune.Checkpoint
     prepare_model: Callable[[nn.Module], nn.Module]
     device: torch.device
+    node_rank: int | None = None  # set on one worker per node: the one that logs the node's system metrics
 
 
 def train_session() -> Session:
@@ -100,6 +102,7 @@ def train_session() -> Session:
         ray.train.Checkpoint,
         ray.train.torch.prepare_model,
         ray.train.torch.get_device(),
+        ctx.get_node_rank() if ctx.get_local_rank() == 0 else None,
     )
 
 
@@ -158,42 +161,43 @@ def run_loop(job: TrainJob, session: Session) -> None:
             f"{steps} steps of {train.batch_size} per worker per epoch"
         )
 
-    for epoch in range(start_epoch, train.epochs):
-        if checkpoint is None:
-            fail_if_planned("train.epoch", job.fail_at_epoch, epoch)
-        seed_stream(job.seed, rank, epoch)
-        started = time.perf_counter()
-        set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
-        batches = train_batches(
-            job.train_urls,
-            steps=steps,
-            batch_size=train.batch_size,
-            rank=rank,
-            world_size=world,
-            seed=job.seed,
-            epoch=epoch,
-            shuffle_buffer=train.shuffle_buffer,
-            cached=job.cached,
-            label_fraction=job.label_fraction,
-        )
-        row = {
-            "epoch": epoch + 1,
-            "lr": optimizer.param_groups[0]["lr"],
-            **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary, first_step=step),
-        }
-        step += steps
-        row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
-        row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
-        row["epoch_time_s"] = time.perf_counter() - started
-        row["replicas_in_sync"] = float(replicas_identical(model))
-        history.append(row)
-        if rank == 0:
-            say(format_epoch(job.tag, row, train.epochs))
-            if not row["replicas_in_sync"]:
-                say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
-        report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
-        if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
-            log_epoch(job, row, epoch + 1)
+    with node_metrics(job, session, resumed=state is not None):
+        for epoch in range(start_epoch, train.epochs):
+            if checkpoint is None:
+                fail_if_planned("train.epoch", job.fail_at_epoch, epoch)
+            seed_stream(job.seed, rank, epoch)
+            started = time.perf_counter()
+            set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
+            batches = train_batches(
+                job.train_urls,
+                steps=steps,
+                batch_size=train.batch_size,
+                rank=rank,
+                world_size=world,
+                seed=job.seed,
+                epoch=epoch,
+                shuffle_buffer=train.shuffle_buffer,
+                cached=job.cached,
+                label_fraction=job.label_fraction,
+            )
+            row = {
+                "epoch": epoch + 1,
+                "lr": optimizer.param_groups[0]["lr"],
+                **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary, first_step=step),
+            }
+            step += steps
+            row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
+            row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
+            row["epoch_time_s"] = time.perf_counter() - started
+            row["replicas_in_sync"] = float(replicas_identical(model))
+            history.append(row)
+            if rank == 0:
+                say(format_epoch(job.tag, row, train.epochs))
+                if not row["replicas_in_sync"]:
+                    say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
+            report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
+            if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
+                log_epoch(job, row, epoch + 1)
 
 
 def seed_stream(seed: int, rank: int, epoch: int) -> None:
@@ -275,6 +279,13 @@ def resume_state(checkpoint, tag: str | None) -> dict | None:
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def node_metrics(job: TrainJob, session: Session, resumed: bool):
+    """This node's system metrics into the run while the epochs run, from one worker per node (see Session)."""
+    if job.run and session.node_rank is not None:
+        return job.run.system_metrics(f"node{session.node_rank}", resume=resumed)
+    return contextlib.nullcontext()
 
 
 def log_epoch(job: TrainJob, row: dict, step: int) -> None:

@@ -14,7 +14,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from latentzoo.atomic import atomic_dir, atomic_write_json, atomic_write_text, json_text
-from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_model, load_state, save_state, weights_record
+from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_state, save_state, weights_record
 from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
@@ -32,7 +34,7 @@ from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.models import log_trained_model, registered_name
-from latentzoo.tracking.runs import RUN_FILE, TrackedRun, record_of
+from latentzoo.tracking.runs import RUN_FILE, TrackedRun, log_shards, record_of
 from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
 
 DONE_MARKER = "latentzoo_complete"
@@ -40,6 +42,8 @@ START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_START_TIMEOUT_S = 600
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.2
+RAY_CONNECT_TIMEOUT_S = 5.0
+SYSTEM_METRICS_ENV = "MLFLOW_SYSTEM_METRICS_"  # e.g. ..._SAMPLING_INTERVAL: read where the workers sample
 
 
 @dataclass
@@ -85,7 +89,8 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     # Ray Train's controller polls its workers every 2 s by default, and each epoch's report (and the end of the
     # run) waits for that poll: ~1.5 s per epoch and ~5 s per run on top of sub-second epochs here. Poll faster.
     os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
-    env_vars = {name: os.environ[name] for name in (START_TIMEOUT_ENV, POLL_INTERVAL_ENV)}
+    forwarded = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(SYSTEM_METRICS_ENV))]
+    env_vars = {name: os.environ[name] for name in forwarded}  # MLflow's system-metrics settings reach the workers
     if log_level in ("WARNING", "ERROR"):
         env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
     options = {
@@ -96,10 +101,30 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
     address = os.environ.get("RAY_ADDRESS")
     sigterm = signal.getsignal(signal.SIGTERM)
     if address:
+        check_ray_address(address)
         ray.init(address=address, **options)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     restore_sigterm(sigterm)
+
+
+def check_ray_address(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A ConfigError within seconds when RAY_ADDRESS (host:port of a head's GCS, or http(s)://host:port of its job
+    server) names no listening head: `ray.init` would retry for a minute and end in a traceback. Unset, or other
+    forms (`auto`, `ray://...`), are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    found = re.fullmatch(r"(?:https?://)?\[?([\w.\-:]+?)\]?:(\d+)/?", address)
+    if not found:
+        return
+    host, port = found.group(1), int(found.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(err, TimeoutError) else err.strerror or repr(err)
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray head answers there ({reason}); start the cluster "
+            f"(ray start --head, or make repro's local head) or unset RAY_ADDRESS to run on a local one"
+        ) from None
 
 
 def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
@@ -204,6 +229,7 @@ def train_model(
     """
     root = project_root(root)
     data = training_data(params, model_name, shard_dir)
+    check_ray_address()  # before an MLflow run is opened
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
     storage = storage_location(params.ray.storage_path, root)
     folder = RunFolder(storage, name)
@@ -224,6 +250,8 @@ def train_model(
         folder.remove()  # a finished run with identical inputs: train again from scratch
 
     run = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
+    if run:
+        log_shards(run, Path(shard_dir), ("train", "val"))  # MLflow's Datasets panel: what the run trained on
     state = finished_state(folder, params.train.epochs)  # an earlier attempt trained to the end, then failed
     if state is None:
         state, fit_seconds = fit(params, model_name, data, name, storage, run, phase)
@@ -234,7 +262,7 @@ def train_model(
         )
     final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, run, phase)
     if run:
-        finish_mlflow_run(params, run, model_name, data.image_shape, outputs, phase, state["history"])
+        finish_mlflow_run(params, run, model_name, outputs, phase, state["history"])
     folder.write_text(DONE_MARKER, "done\n")
     return final
 
@@ -268,9 +296,7 @@ def fit(
         return load_state(Path(d) / CHECKPOINT_FILE), fit_seconds
 
 
-def finish_mlflow_run(
-    params: Params, run: TrackedRun, model_name: str, image_shape, outputs, phase, history: list[dict]
-) -> None:
+def finish_mlflow_run(params: Params, run: TrackedRun, model_name: str, outputs, phase, history: list[dict]) -> None:
     """Epochs the run lacks (logged while the server was down), images, weights, config and curves to the run, the
     model registered, the run FINISHED. A server lost at this point is a clear error: the checkpoints stay, and the
     next attempt only does this part."""
@@ -280,7 +306,7 @@ def finish_mlflow_run(
             say(f"[{model_name}] logged {missing} epoch(s) MLflow had missed")
         log_run_artifacts(run, outputs)
         if params.tracking.log_models and phase is None:
-            register_model(run, model_name, image_shape, outputs.model_dir)
+            register_model(params, run, model_name, outputs.model_dir)
         run.finish()
     except Exception as err:
         reason = str(err).splitlines()[0][:300] if str(err) else ""
@@ -414,11 +440,13 @@ def write_outputs(
     return final
 
 
-def register_model(run: TrackedRun, model_name: str, image_shape, model_dir: Path) -> None:
-    """Log the final model to the run (PyTorch flavour), register it, and note the version beside the weights."""
-    model, _ = load_model(model_dir / WEIGHTS_FILE)
-    version = log_trained_model(run, model, model_name, image_shape)
-    record = run.record(registered_model=registered_name(model_name), model_version=version)
+def register_model(params: Params, run: TrackedRun, model_name: str, model_dir: Path) -> None:
+    """Log the final weights to the run as an MLflow model, register it, and note the version beside the weights."""
+    version = log_trained_model(run, model_dir / WEIGHTS_FILE, model_name)
+    champion_metric = "test_" + params.model_config_for(model_name).tune_metric.removeprefix("val_")  # minimised
+    record = run.record(
+        registered_model=registered_name(model_name), model_version=version, champion_metric=champion_metric
+    )
     atomic_write_json(model_dir / RUN_FILE, record, sort_keys=False)
 
 

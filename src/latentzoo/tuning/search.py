@@ -8,7 +8,9 @@ reconstruction MSE for the VQ families), so trials with different loss weights a
 
 MLflow: one parent run per search, one nested run per trial (params, per-epoch curves), the best trial tagged.
 An interrupted search resumes with `Tuner.restore`: the experiment path is a hash of everything that defines
-the search, so running the stage again finds it; an errored trial is recorded and the search goes on.
+the search, so running the stage again finds it; an errored trial is recorded and the search goes on. Ctrl-C or
+SIGTERM stops the search as Tune does (state saved) and the stage as an interrupted one: exit 130 / 143, no
+best weights written, the parent run KILLED until the next attempt resumes it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,12 +29,12 @@ import yaml
 
 from latentzoo.atomic import atomic_write_text
 from latentzoo.config import Params
-from latentzoo.errors import TrainingError
+from latentzoo.errors import Terminated, TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun
 from latentzoo.training.loop import TrainJob, run_loop, tune_session
-from latentzoo.training.trainer import DONE_MARKER, connect_ray, run_name, training_data
+from latentzoo.training.trainer import DONE_MARKER, check_ray_address, connect_ray, run_name, training_data
 from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"
@@ -143,6 +149,7 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
 
     trial = trial_params(params, model_name, {})  # what every trial trains with, but for its sampled weights
     data = training_data(trial, model_name, shard_dir)  # checked for one worker, as a trial runs
+    check_ray_address()  # before an MLflow run is opened
     name = search_name(params, model_name, data.manifest_sha)
     folder = RunFolder(storage_location(params.ray.storage_path, root), name)
     if folder.exists(DONE_MARKER):  # a finished search with identical inputs (outputs deleted): search again
@@ -163,13 +170,47 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
         "experiment": experiment,
         "fail_trial": planned("tune.trial"),
     }
-    results = make_tuner(params, space, metric, ctx, folder).fit()
+    with stop_on_sigterm() as terminated:
+        results = make_tuner(params, space, metric, ctx, folder).fit()
+    if terminated.is_set() or unfinished(results, params.tune.num_samples):
+        # Tune caught Ctrl-C (or the SIGTERM passed on to it), saved the search and returned: the stage is not done.
+        if parent:
+            parent.finish("KILLED")
+        raise Terminated() if terminated.is_set() else KeyboardInterrupt()
 
     best_record = summarise(results, model_name, metric, params)
     if parent:
         close_search_run(parent, best_record, stopped_early(results, params.tune.epochs))
     folder.write_text(DONE_MARKER, "done\n")
     return write_best(out_file, best_record)
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """While Tune runs, SIGTERM (what `kill`, a stopped job and Kubernetes send) is passed on to Tune as SIGUSR1,
+    which Tune handles as it does Ctrl-C: it stops the trials, saves the search for `Tuner.restore` and returns.
+    The event says a SIGTERM came. Before Tune has its handler in place, SIGTERM ends the stage as usual."""
+    terminated = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield terminated
+        return
+
+    def pass_on(signum, frame):
+        terminated.set()
+        if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Tune is not running (yet)
+            raise Terminated()
+        signal.raise_signal(signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def unfinished(results, num_samples: int) -> bool:
+    """Did the search stop before every trial ended (finished, stopped by ASHA, or errored)?"""
+    return results.num_terminated + results.num_errors < num_samples
 
 
 def concurrent_trials(params: Params) -> int:
