@@ -25,6 +25,7 @@ WEIGHTS = "weights"  # the artifact key of the weights file (model.pt)
 # with, under a warnings filter of its own that no "ignore" overrides; recording the warning drops it. A tensor model
 # is validated by its logged signature instead.
 with warnings.catch_warnings(record=True):
+
     class ReconstructionModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context) -> None:
             self.model = load_model(Path(context.artifacts[WEIGHTS]))[0]
