@@ -146,6 +146,25 @@ def test_failures_past_the_limit_are_a_clear_error(
     assert not (tmp_path / "models/vae").exists()  # nothing half-written under the final name
 
 
+def test_a_full_disk_while_writing_checkpoints_is_one_line(ray_cluster, digits_shards, tiny_params, tmp_path):
+    """Ray's storage on a real 64 KiB filesystem that the first checkpoints fill: a DiskFullError naming the run's
+    folder and the fix, not Ray's traceback; nothing under the outputs."""
+    from test_bad_input import small_filesystem
+
+    from latentzoo.errors import DiskFullError
+
+    with small_filesystem(tmp_path / "small") as small:
+        if small is None:
+            pytest.skip("no filesystem can be mounted here (not root): tests/test_bad_input.py injects ENOSPC")
+        storage = small / "ray"
+        untracked = {"train.num_workers": 1, "train.max_failures": 0, "tracking.enabled": False}
+        params = tiny_params(**untracked, **{"ray.storage_path": str(storage)})
+        full = rf"{storage}/\S+: no space left on device while training wrote its checkpoints \(.*set ray\.storage_path"
+        with pytest.raises(DiskFullError, match=full):
+            train_model(params, "vae", digits_shards, outputs(tmp_path), root=tmp_path)
+    assert not (tmp_path / "models").exists()
+
+
 def test_shard_problems_are_caught_before_ray_starts(digits_shards, tiny_params, tmp_path):
     params = tiny_params(**{"train.num_workers": 5})
     with pytest.raises(ShardError, match="3 shard\\(s\\) but train.num_workers is 5"):
@@ -219,3 +238,23 @@ def test_ranks_draw_different_noise_from_the_same_weights_reproducibly(tmp_path)
     assert not torch.allclose(first["recon"], second["recon"])  # the same images, different ε and binarisation
     again = two_rank_forward(7, tmp_path / "b")
     assert all(torch.equal(a["recon"], b["recon"]) for a, b in zip((first, second), again))  # same seed, same noise
+
+
+def test_ray_trains_sigint_handler_ends_the_stage_as_interrupted():
+    """Ray Train's SIGINT handler aborts the run and exits 0 from inside fit, and stays installed afterwards;
+    `fit_interruptibly` turns that exit into a KeyboardInterrupt (exit 130) and puts the previous handler back.
+    (Measured on a real stage: Ctrl-C after 3 of 8 epochs, exit 130, the rerun resumed from epoch 3.)"""
+    import signal
+    import sys
+
+    from latentzoo.training.trainer import fit_interruptibly
+
+    class RayTrainLike:
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *a: sys.exit(0))  # what DataParallelTrainer.fit leaves behind
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C mid-fit
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit_interruptibly(RayTrainLike())
+    assert signal.getsignal(signal.SIGINT) is before

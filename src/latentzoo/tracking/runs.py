@@ -23,6 +23,7 @@ from typing import Any
 
 from latentzoo.config import TrackingConfig
 from latentzoo.data.shards import MANIFEST, load_manifest, sha256_file
+from latentzoo.errors import TrainingError
 from latentzoo.storage import RunFolder
 from latentzoo.tracking import mlflow_runs
 
@@ -140,10 +141,14 @@ class TrackedRun:
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
         self._client.log_batch(self.run_id, metrics=items)
 
+    def logged_epochs(self, key: str = "val_loss") -> set[int]:
+        """The epochs (steps) at which the run holds `key`."""
+        return {m.step for m in self._client.get_metric_history(self.run_id, key)}
+
     def log_missing_epochs(self, history: list[dict], key: str = "val_loss") -> int:
         """Log each history row (step = its epoch) whose epoch has no `key` in the run yet, e.g. the epochs a dead
         worker checkpointed but never logged, or those logged while the server was down; returns how many."""
-        logged = {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        logged = self.logged_epochs(key)
         missing = [row for row in history if row["epoch"] not in logged]
         for row in missing:
             self.log_metrics(row, step=row["epoch"])
@@ -231,6 +236,16 @@ def log_shards(run: TrackedRun, shard_dir: Path, splits: tuple[str, ...]) -> Non
         entry = manifest["splits"][split]
         profile = {"images": entry["count"], "shards": len(entry["shards"]), "manifest_sha256": digest}
         run.log_dataset(f"{Path(shard_dir).name}-{split}", digest[:32], str(shard_dir), split, profile)
+
+
+def logging_failed(what: str, uri: str, err: Exception, kept: str, rerun: str) -> TrainingError:
+    """The error of a stage whose work is done and kept (`kept`) but whose final logging to MLflow failed: what the
+    next run does (`rerun`) once the server answers."""
+    reason = str(err).splitlines()[0][:300] if str(err) else ""
+    return TrainingError(
+        f"{what} finished, but logging it to MLflow at {uri} failed ({type(err).__name__}: {reason}); {kept}, so run "
+        f"the stage again once the server answers ({rerun}), or set tracking.enabled: false"
+    )
 
 
 def record_of(run: TrackedRun | None, **extra: Any) -> dict[str, Any]:

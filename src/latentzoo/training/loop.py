@@ -138,6 +138,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
     adversary = Adversary.of(model)
     steps = steps_per_epoch(job.num_train, world, train.batch_size)
     start_epoch, history, step = 0, [], 0
+    logged: set[int] = set()  # the epochs the MLflow run holds already
     checkpoint = session.get_checkpoint()
     state = resume_state(checkpoint, job.tag if rank == 0 else None) if checkpoint else None
     if state:
@@ -150,7 +151,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
             if job.run:
-                log_missing_epochs(job, history)
+                logged = log_missing_epochs(job, history)
     model = prepare(session, model, adversary)
     device = session.device
     nodes = count_nodes()
@@ -196,7 +197,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 if not row["replicas_in_sync"]:
                     say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
             report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
-            if rank == 0 and job.run:  # after the checkpoint: a restart never logs an epoch twice
+            if rank == 0 and job.run and epoch + 1 not in logged:  # after the checkpoint: never logged twice
                 log_epoch(job, row, epoch + 1)
 
 
@@ -296,12 +297,17 @@ def log_epoch(job: TrainJob, row: dict, step: int) -> None:
         say(f"[{job.tag}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
 
 
-def log_missing_epochs(job: TrainJob, history: list[dict]) -> None:
-    """On resume: log the checkpointed epochs MLflow has not seen (a worker died between checkpoint and log)."""
+def log_missing_epochs(job: TrainJob, history: list[dict]) -> set[int]:
+    """On resume: log the checkpointed epochs MLflow has not seen (a worker died between checkpoint and log), and
+    return every epoch the run holds. A stopped attempt's workers may have trained and logged an epoch or two
+    past the checkpoint Ray resumes from (they die after the driver); those are not logged again (the figures
+    kept are the stopped attempt's, which the per-epoch seeding makes the retrained epoch's too)."""
     try:
         job.run.log_missing_epochs(history)
+        return job.run.logged_epochs()
     except Exception as err:
         say(f"[{job.tag}] warning: could not bring the MLflow run up to date ({type(err).__name__}: {err})")
+        return set()
 
 
 def count_nodes() -> int:

@@ -9,6 +9,7 @@ change of params or data starts a fresh run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,13 +30,13 @@ from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_state, save
 from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
-from latentzoo.errors import ConfigError, ShardError, TrainingError, restore_sigterm
+from latentzoo.errors import ConfigError, ShardError, TrainingError, disk_full, restore_sigterm
 from latentzoo.evaluation.grids import write_grids
 from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.models import log_trained_model, registered_name
-from latentzoo.tracking.runs import RUN_FILE, TrackedRun, log_shards, record_of
+from latentzoo.tracking.runs import RUN_FILE, TrackedRun, log_shards, logging_failed, record_of
 from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
 
 DONE_MARKER = "latentzoo_complete"
@@ -281,10 +283,14 @@ def fit(
     trainer = make_trainer(params, job, name, storage)
     started = time.perf_counter()
     try:
-        result = trainer.fit()
+        result = fit_interruptibly(trainer)
     except TrainingFailedError as err:
         if run:
             run.finish("FAILED")
+        if "No space left on device" in str(err) or "DiskFullError" in str(err):  # a worker's, through Ray's report
+            raise disk_full(
+                f"{storage}/{name}", "training wrote its checkpoints", "or set ray.storage_path to a larger filesystem"
+            ) from None
         raise TrainingError(
             f"training {model_name} failed after {params.train.max_failures} retries: {root_cause(err)}. "
             f"Checkpoints are kept in {storage}/{name}; run the stage again to resume."
@@ -294,6 +300,31 @@ def fit(
         raise TrainingError(f"training {model_name} reported no checkpoint (see {storage}/{name})")
     with result.checkpoint.as_directory() as d:
         return load_state(Path(d) / CHECKPOINT_FILE), fit_seconds
+
+
+def fit_interruptibly(trainer):
+    """`trainer.fit()`, stopped cleanly by Ctrl-C or SIGTERM: the run aborted and its workers stopped before the
+    stage exits 130 / 143 (else they train on for a while after the driver is gone, writing checkpoints a rerun
+    may race with).
+
+    Ray Train installs a SIGINT handler during fit that aborts the run (its controller stops the workers), then
+    exits with status 0; it stays installed after fit, where it would swallow a Ctrl-C while the stage writes its
+    outputs. Its exit becomes a KeyboardInterrupt, SIGTERM (our Terminated) calls that same handler to abort the
+    run, and the SIGINT handler from before fit is put back."""
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit:  # only Ray Train's SIGINT handler exits from inside fit
+        raise KeyboardInterrupt() from None
+    except KeyboardInterrupt:  # our SIGTERM's Terminated (Ray may re-raise it as a plain KeyboardInterrupt)
+        abort = signal.getsignal(signal.SIGINT)
+        if callable(abort) and abort is not before:  # Ray Train's: aborts the run, then exits
+            with contextlib.suppress(Exception, SystemExit):
+                abort(signal.SIGINT, None)
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 def finish_mlflow_run(params: Params, run: TrackedRun, model_name: str, outputs, phase, history: list[dict]) -> None:
@@ -309,12 +340,8 @@ def finish_mlflow_run(params: Params, run: TrackedRun, model_name: str, outputs,
             register_model(params, run, model_name, outputs.model_dir)
         run.finish()
     except Exception as err:
-        reason = str(err).splitlines()[0][:300] if str(err) else ""
-        raise TrainingError(
-            f"training {model_name} finished, but logging it to MLflow at {run.uri} failed ({type(err).__name__}: "
-            f"{reason}); every epoch is checkpointed, so run the stage again once the server answers (it only "
-            f"logs), or set tracking.enabled: false"
-        ) from None
+        kept = "every epoch is checkpointed"
+        raise logging_failed(f"training {model_name}", run.uri, err, kept, "it only logs") from None
 
 
 def finished_state(folder: RunFolder, epochs: int) -> dict | None:
