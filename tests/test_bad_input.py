@@ -6,9 +6,11 @@ None of these start Ray.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -441,3 +443,59 @@ def test_a_ray_address_with_no_head_is_one_line_within_seconds(digits_shards, tm
     ]
     assert time.monotonic() - started < 60  # interpreter, torch and the shard check included
     assert not (tmp_path / "models").exists() and not (tmp_path / "m.json").exists()
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str = "64k"):
+    """A real filesystem of `size` (tmpfs) at `where`, where this process may mount one (root); else None."""
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    with small_filesystem(tmp_path / "small") as where:
+        yield where
+
+
+def test_a_full_disk_while_writing_shards_is_one_line(digits_shards, small_disk, tmp_path, monkeypatch):
+    """The shard stage on a filesystem that fills up: one line naming the output and the space left, exit 2, and
+    nothing left on the disk (the temporary folder removed). Without a mountable filesystem, an injected ENOSPC."""
+    import errno
+
+    from conftest import ROOT
+
+    from latentzoo.data.shards import write_shards
+    from latentzoo.errors import DiskFullError
+
+    prepared = digits_shards.parent / "prepared"
+    if small_disk is None:
+        import webdataset
+
+        def full(self, sample):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(webdataset.ShardWriter, "write", full)
+        with pytest.raises(DiskFullError, match=r"shards: no space left on device while writing it \("):
+            write_shards(prepared, tmp_path / "shards", maxcount=500, progress=False)
+        assert not any(tmp_path.glob("*shards*"))
+        return
+    out = small_disk / "shards"
+    stage = [sys.executable, str(ROOT / "pipelines/shard.py"), "--params", str(ROOT / "params.yaml")]
+    done = subprocess.run([*stage, "--prepared", str(prepared), "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip().splitlines()[-1]  # after the progress bar's
+    assert "Traceback" not in done.stderr
+    assert re.fullmatch(
+        rf"error: {out}: no space left on device while writing it \([\d.]+ MiB free on its filesystem\); free some "
+        r"space, or write it elsewhere",
+        line,
+    ), line
+    assert list(small_disk.iterdir()) == []  # no shard, no temporary folder

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from conftest import start_mlflow_server, stop_mlflow_server
@@ -14,6 +15,7 @@ from conftest import start_mlflow_server, stop_mlflow_server
 from latentzoo.errors import LatentzooError, TrainingError
 from latentzoo.local_cluster import free_port
 from latentzoo.tracking import mlflow_runs
+from latentzoo.tracking.runs import RUN_RECORD
 from latentzoo.training import trainer
 from latentzoo.training.trainer import TrainOutputs, train_model
 
@@ -87,5 +89,62 @@ def test_a_server_lost_during_training_costs_nothing(
         assert run.info.status == "FINISHED"
         assert [m.step for m in MlflowClient(uri).get_metric_history(run_id, "val_loss")] == [1, 2]
         assert json.loads((out.model_dir / "mlflow_run.json").read_text())["model_version"] == "1"
+    finally:
+        stop_mlflow_server(server)
+
+
+@pytest.mark.ray
+def test_a_server_lost_during_a_search_costs_no_trial(
+    ray_cluster, digits_shards, tiny_params, tmp_path, monkeypatch, capfd
+):
+    from mlflow.tracking import MlflowClient
+
+    from latentzoo.tuning import search
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    server = start_mlflow_server(tmp_path, port)
+    real_tuner = search.make_tuner
+
+    def tuner_after_the_server_dies(*args, **kwargs):
+        stop_mlflow_server(server)  # the search's run is open; no trial can open its own
+        return real_tuner(*args, **kwargs)
+
+    monkeypatch.setattr(search, "make_tuner", tuner_after_the_server_dies)
+    params = tiny_params(**{"tune.num_samples": 2, "tune.epochs": 1, "ray.storage_path": str(tmp_path / "ray")})
+    out = tmp_path / "best.yaml"
+    try:
+        with pytest.raises(
+            TrainingError,
+            match=rf"tune vae finished, but logging it to MLflow at {uri} failed.*restores the search and only logs",
+        ):
+            search.tune_model(params, "vae", digits_shards, out, root=tmp_path)
+        assert not out.exists()  # the stage is not done: DVC runs it again
+        deadline = time.monotonic() + 30  # the trials' lines reach the driver's console asynchronously
+        printed = ""
+        while printed.count("the search goes on") < 2 and time.monotonic() < deadline:
+            printed += capfd.readouterr().out
+            time.sleep(0.5)
+        assert printed.count("warning: MLflow logging failed") >= 2, printed[-3000:]
+
+        tried = sorted(p.name for p in (tmp_path / "ray").glob("*/run_trial_*"))
+        assert len(tried) == 2
+
+        server = start_mlflow_server(tmp_path, port)  # back, with the same store
+        monkeypatch.setattr(search, "make_tuner", real_tuner)
+        best = search.tune_model(params, "vae", digits_shards, out, root=tmp_path)
+        assert "logged 2 trial run(s) MLflow had missed" in capfd.readouterr().out
+        assert sorted(p.name for p in (tmp_path / "ray").glob("*/run_trial_*")) == tried  # restored, none run again
+        parent = json.loads((Path(best["experiment"]) / RUN_RECORD).read_text())
+        client = MlflowClient(uri)
+        assert client.get_run(parent["run_id"]).info.status == "FINISHED"
+        trials = client.search_runs(
+            [client.get_run(parent["run_id"]).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent['run_id']}'",
+        )
+        assert len(trials) == 2 and best["best_trial"] in {t.data.tags["latentzoo.trial_id"] for t in trials}
+        assert all(t.info.status == "FINISHED" and "val_loss" in t.data.metrics for t in trials)
     finally:
         stop_mlflow_server(server)

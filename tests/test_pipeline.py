@@ -34,21 +34,19 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A copy of the project's pipeline (no outputs) in its own git repository, with tiny params (one per module:
-    the browser check opens the MLflow UI on what the pipeline test ran)."""
-    tmp_path = tmp_path_factory.mktemp("pipeline") / "project"  # its parent holds the remote and the clone
-    tmp_path.mkdir()
+def copy_pipeline(dest: Path, families: tuple[str, ...] = FAMILIES) -> Path:
+    """A copy of the project's pipeline (no outputs) at `dest`, in its own git repository, with tiny params and
+    the listed model families."""
+    dest.mkdir()
     for name in ("src", "pipelines"):
-        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore", "Makefile"):  # the real .gitignore: what a clone commits
-        shutil.copy(ROOT / name, tmp_path / name)
-    (tmp_path / ".dvc").mkdir()
+        shutil.copy(ROOT / name, dest / name)
+    (dest / ".dvc").mkdir()
     for name in ("config", ".gitignore"):
-        shutil.copy(ROOT / ".dvc" / name, tmp_path / ".dvc" / name)
+        shutil.copy(ROOT / ".dvc" / name, dest / ".dvc" / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["models"] = list(FAMILIES)  # vqvae and simvq through train and evaluate: test_training, test_evaluate
+    params["models"] = list(families)  # vqvae and simvq through train and evaluate: test_training, test_evaluate
     params["train"].update(epochs=2, batch_size=32)
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
     params["resvae_gan"].update(width=8, blocks=0, latent_channels=2, disc_width=8, disc_start=10)
@@ -57,10 +55,16 @@ def project(tmp_path_factory) -> Path:
     params["tune"].update(num_samples=2, epochs=1, space={"vae": {"beta": {"low": 0.5, "high": 2.0}}, "resvae_gan": {}})
     params["stacked_ae"].update(layers=[32], pretrain_epochs=1)  # several layers: test_layerwise
     params["finetune"].update(epochs=2, baseline=False, probe=False)  # those two runs: test_layerwise
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (tmp_path / ".venv").symlink_to(VENV)  # as in a clone after `make install`
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    return tmp_path
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / ".venv").symlink_to(VENV)  # as in a clone after `make install`
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The pipeline's copy, one per module: the browser check opens the MLflow UI on what the pipeline test ran."""
+    return copy_pipeline(tmp_path_factory.mktemp("pipeline") / "project")  # its parent: the remote and the clone
 
 
 def without_venv(path: str) -> str:
@@ -145,6 +149,10 @@ def test_dvc_repro_runs_the_dag_then_is_up_to_date(ray_cluster, project: Path):
     datasets = {(i.dataset.digest, t.value) for i in logged.inputs.dataset_inputs for t in i.tags}
     assert datasets == {(digest[:32], split) for split in ("train", "val", "test")}
     assert str(client.get_model_version_by_alias("latentzoo-vae", "champion").version) == registered["model_version"]
+    samples = project.parent / "champion.png"  # the README's command, on the champion
+    sample = [str(VENV / "bin/latentzoo"), "sample", "-n", "4", "-o", str(samples)]
+    run([*sample, "--model", "models:/latentzoo-vae@champion"], project, env)
+    assert samples.stat().st_size > 0
     compare = client.get_experiment_by_name("latentzoo-compare").experiment_id
     compared = {r.info.run_name: r.data.metrics for r in client.search_runs([compare])}
     assert set(compared) == set(families) and all("test_mse" in m for m in compared.values())

@@ -12,12 +12,16 @@ next stage would take for a finished one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from latentzoo.errors import disk_full
+from latentzoo.faults import pause_writing
 
 
 def _temp_sibling(final: Path, tag: str) -> Path:
@@ -53,7 +57,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
     On success an existing `final` is moved aside, the new directory renamed into place, and only then the old one
     deleted. On an exception (KeyboardInterrupt included) the temporary directory is removed, `final` is left as
-    it was, and the exception propagates.
+    it was, and the exception propagates; a full disk (ENOSPC) as a DiskFullError naming `final`.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -61,9 +65,12 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     _remove(tmp)  # left over from a crashed run with the same pid
     tmp.mkdir()
     try:
+        pause_writing(final)  # tests only (LATENTZOO_PAUSE_WRITING)
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if no_space(err):
+            raise disk_full(final) from err
         raise
     old = _temp_sibling(final, "old")
     _remove(old)
@@ -82,20 +89,33 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: temporary sibling, fsync, then rename over `path`."""
+    """Write `data` to `path` atomically: temporary sibling, fsync, then rename over `path` (a full disk: a
+    DiskFullError naming `path`, nothing left behind)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_sibling(path, "tmp")
     try:
         with open(tmp, "wb") as f:
+            pause_writing(path)  # tests only (LATENTZOO_PAUSE_WRITING)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if no_space(err):
+            raise disk_full(path) from err
         raise
     _fsync_dir(path.parent)
+
+
+def no_space(err: BaseException) -> bool:
+    """Is `err` a full disk (ENOSPC, also as what a library raised from it)?"""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -39,6 +39,24 @@ class TrainingError(LatentzooError):
     """Training failed past the configured retries; names the run and where its checkpoints are."""
 
 
+class DiskFullError(LatentzooError):
+    """No space left on the device an output or checkpoint is written to: names the path and the space left."""
+
+
+def disk_full(path: str | os.PathLike, what: str = "writing it", fix: str = "or write it elsewhere") -> DiskFullError:
+    """The DiskFullError for `path` (ENOSPC while `what`), with the free space of its filesystem."""
+    import shutil
+    from pathlib import Path
+
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free / 2**20
+    return DiskFullError(
+        f"{path}: no space left on device while {what} ({free:.1f} MiB free on its filesystem); free some space, {fix}"
+    )
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, like Ctrl-C's KeyboardInterrupt: `finally` blocks and the temporary
     outputs' clean-up run before the process exits."""
@@ -48,6 +66,8 @@ _sigterm = threading.Event()  # set once SIGTERM arrived (a library may re-raise
 
 
 def _raise_terminated(signum, frame) -> None:
+    if _sigterm.is_set():  # a second SIGTERM (e.g. the scheduler's and DVC's death's) must not cut the clean-up short
+        return
     _sigterm.set()
     signal.alarm(0)  # a Ray driver's abseil handler, if it ran first, armed a 3 s abort: the clean-up may take longer
     raise Terminated()
@@ -60,14 +80,30 @@ def restore_sigterm(handler) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def stop_with_dvc() -> None:
+    """Under DVC (which sets DVC_STAGE in every stage command's environment), have the kernel send this process
+    SIGTERM when its parent, `dvc repro`, dies (Linux's PR_SET_PDEATHSIG). A scheduler's SIGTERM to DVC alone,
+    or DVC killed for memory, then stops the stage as a SIGTERM would (exit 143, temporary outputs removed)
+    instead of leaving it to write outputs no DVC will record. A stage run by hand (`nohup ... &` included) is
+    left alone."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+
+
 def cli_errors(fn: F) -> F:
     """Decorate a `main()`: a LatentzooError becomes one line on stderr and exit status 2; SIGINT (130) and
-    SIGTERM (143) end it with one line after the temporary outputs are removed."""
+    SIGTERM (143) end it with one line after the temporary outputs are removed (`stop_with_dvc`: also when the
+    `dvc repro` running it dies)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _raise_terminated)
+            stop_with_dvc()
         try:
             return fn(*args, **kwargs)
         except LatentzooError as err:
@@ -81,6 +117,9 @@ def cli_errors(fn: F) -> F:
             terminated = isinstance(err, Terminated) or _sigterm.is_set()
             what = "terminated" if terminated else "interrupted"
             print(f"{what}: nothing was written under the final output names", file=sys.stderr)
+            if threading.current_thread() is threading.main_thread():  # the exit's own clean-up runs undisturbed
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise SystemExit(143 if terminated else 130) from None
 
     return wrapper  # type: ignore[return-value]

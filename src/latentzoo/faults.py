@@ -8,16 +8,26 @@ A test sets LATENTZOO_INJECT_FAULT in the driver's environment to one planned fa
 The driver reads it when it builds a job (`planned`) and the number travels with the job as plain data, so Ray's
 worker processes (started with the cluster's environment, not the test's) see it too. It is no part of params,
 run names or MLflow.
+
+LATENTZOO_PAUSE_WRITING=<flag file> makes a process's first atomic output (`latentzoo.atomic`) pause once its
+temporary sibling exists: the process writes that output's name to the flag file and sleeps, so a test can send a
+real stage a real signal while it is writing (`pause_writing`).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from pathlib import Path
 
 from latentzoo.errors import ConfigError
 
 ENV = "LATENTZOO_INJECT_FAULT"
 POINTS = ("train.epoch", "tune.trial")
+PAUSE_ENV = "LATENTZOO_PAUSE_WRITING"
+PAUSE_S = 120.0
+_paused: list[int] = []  # the pid that paused: once per process
 
 
 class InjectedFailure(RuntimeError):
@@ -39,3 +49,14 @@ def fail_if_planned(point: str, planned_at: int | None, now: int) -> None:
     """Raise the planned failure when `now` is where `point` was planned to fail."""
     if planned_at is not None and planned_at == now:
         raise InjectedFailure(f"{ENV}: injected failure at {point}={now} (tests only)")
+
+
+def pause_writing(output: Path) -> None:
+    """With LATENTZOO_PAUSE_WRITING set, the first call in a process's main thread writes `output` to the flag file
+    it names and sleeps PAUSE_S seconds (a signal ends the sleep as it would end the write)."""
+    flag = os.environ.get(PAUSE_ENV)
+    if not flag or os.getpid() in _paused or threading.current_thread() is not threading.main_thread():
+        return
+    _paused.append(os.getpid())
+    Path(flag).write_text(f"{output}\n")
+    time.sleep(PAUSE_S)

@@ -20,24 +20,27 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
 from latentzoo.atomic import atomic_write_text
+from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import Params
 from latentzoo.errors import Terminated, TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
-from latentzoo.tracking.runs import TrackedRun
-from latentzoo.training.loop import TrainJob, run_loop, tune_session
+from latentzoo.tracking.runs import TrackedRun, logging_failed
+from latentzoo.training.loop import TrainJob, run_loop, say, tune_session
 from latentzoo.training.trainer import DONE_MARKER, check_ray_address, connect_ray, run_name, training_data
 from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- what is searched
@@ -88,7 +91,7 @@ def run_trial(config: dict, ctx: dict) -> None:
     trial = ray.tune.get_context()
     trial_id, number = trial.get_trial_id(), trial_number(trial.get_trial_dir())
     job: TrainJob = ctx["job"]
-    run = open_trial_run(ctx, trial_id, number, config)
+    run = tracked(lambda: open_trial_run(ctx, trial_id, number, config), f"[{job.tag}] trial {number}")
     job = replace(job, model_config=section_with_weights(job.model_config, config), run=run)
     session = tune_session(job.train.use_gpu)
     reached = [0]  # the last epoch reported
@@ -110,7 +113,17 @@ def run_trial(config: dict, ctx: dict) -> None:
         raise
     finally:
         if run:
-            close_trial_run(run, status)
+            tracked(lambda: close_trial_run(run, status), f"[{job.tag}] trial {number}")
+
+
+def tracked(log: Callable[[], T], what: str) -> T | None:
+    """`log()`, or a warning and None when MLflow fails: a lost server never stops the search. The search's run
+    logs what its trials missed when it closes (`log_missed_trials`)."""
+    try:
+        return log()
+    except Exception as err:
+        say(f"{what}: warning: MLflow logging failed ({type(err).__name__}: {str(err)[:200]}); the search goes on")
+        return None
 
 
 def close_trial_run(run: TrackedRun, status: str) -> None:
@@ -175,12 +188,12 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
     if terminated.is_set() or unfinished(results, params.tune.num_samples):
         # Tune caught Ctrl-C (or the SIGTERM passed on to it), saved the search and returned: the stage is not done.
         if parent:
-            parent.finish("KILLED")
+            tracked(lambda: parent.finish("KILLED"), f"[{model_name}] search")
         raise Terminated() if terminated.is_set() else KeyboardInterrupt()
 
     best_record = summarise(results, model_name, metric, params)
     if parent:
-        close_search_run(parent, best_record, stopped_early(results, params.tune.epochs))
+        finish_search_run(parent, best_record, results, ctx, params.tune.epochs)
     folder.write_text(DONE_MARKER, "done\n")
     return write_best(out_file, best_record)
 
@@ -189,7 +202,9 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
 def stop_on_sigterm() -> Iterator[threading.Event]:
     """While Tune runs, SIGTERM (what `kill`, a stopped job and Kubernetes send) is passed on to Tune as SIGUSR1,
     which Tune handles as it does Ctrl-C: it stops the trials, saves the search for `Tuner.restore` and returns.
-    The event says a SIGTERM came. Before Tune has its handler in place, SIGTERM ends the stage as usual."""
+    The event says a SIGTERM came. Before Tune has its handler in place, SIGTERM ends the stage as usual; after
+    the search, SIGINT and SIGUSR1 have their handlers from before it again (Tune leaves its own in place, which
+    would swallow a Ctrl-C while the stage writes its results)."""
     terminated = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield terminated
@@ -201,11 +216,14 @@ def stop_on_sigterm() -> Iterator[threading.Event]:
             raise Terminated()
         signal.raise_signal(signal.SIGUSR1)
 
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}  # Tune replaces, never restores
     previous = signal.signal(signal.SIGTERM, pass_on)
     try:
         yield terminated
     finally:
         signal.signal(signal.SIGTERM, previous)
+        for sig, handler in kept.items():  # Ctrl-C after the search (writing its results) interrupts the stage
+            signal.signal(sig, handler)
 
 
 def unfinished(results, num_samples: int) -> bool:
@@ -320,6 +338,34 @@ def open_search_run(params: Params, model_name, name, folder: RunFolder, root: P
     return TrackedRun.open(
         params.tracking, folder, family=model_name, name=f"tune-{model_name}", tags=tags, params=logged, root=root
     )
+
+
+def finish_search_run(parent: TrackedRun, record: dict, results, ctx: dict, epochs: int) -> None:
+    """The trials' runs MLflow missed, then the search's run closed. A server still down is a clear error after
+    the search: it is saved, so the next attempt restores it (no trial runs again) and only logs."""
+    try:
+        missed = log_missed_trials(parent, results, ctx, stopped_early(results, epochs))
+        if missed:
+            say(f"[{ctx['job'].tag}] logged {missed} trial run(s) MLflow had missed")
+        close_search_run(parent, record, stopped_early(results, epochs))
+    except Exception as err:
+        saved, rerun = "the search is saved", "it restores the search and only logs"
+        raise logging_failed(f"tune {ctx['model']}", parent.uri, err, saved, rerun) from None
+
+
+def log_missed_trials(parent: TrackedRun, results, ctx: dict, stopped: set[str]) -> int:
+    """A nested run for each trial whose own run never reached MLflow (the server was down when it started), with
+    its weights and every epoch of its last checkpoint; returns how many."""
+    logged = {tags.get("latentzoo.trial_id") for _, _, tags in parent.children()}
+    missed = [r for r in results if r.metrics.get("trial_id") not in logged]
+    for result in missed:
+        trial_id = result.metrics.get("trial_id")
+        run = open_trial_run(ctx, trial_id, trial_number(result.path), result.config)
+        if result.checkpoint:
+            with result.checkpoint.as_directory() as d:
+                run.log_missing_epochs(load_state(Path(d) / CHECKPOINT_FILE)["history"])
+        close_trial_run(run, "FAILED" if result.error else "KILLED" if trial_id in stopped else "FINISHED")
+    return len(missed)
 
 
 def close_search_run(parent: TrackedRun, record: dict, stopped: set[str]) -> None:
