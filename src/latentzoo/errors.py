@@ -6,12 +6,15 @@ prints one line naming the file, field or shard and exits non-zero, with no trac
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
+import shutil
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -45,9 +48,6 @@ class DiskFullError(LatentzooError):
 
 def disk_full(path: str | os.PathLike, what: str = "writing it", fix: str = "or write it elsewhere") -> DiskFullError:
     """The DiskFullError for `path` (ENOSPC while `what`), with the free space of its filesystem."""
-    import shutil
-    from pathlib import Path
-
     where = Path(path)
     while not where.exists() and where != where.parent:
         where = where.parent
@@ -88,8 +88,6 @@ def stop_with_dvc() -> None:
     left alone."""
     if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
 

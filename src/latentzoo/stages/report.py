@@ -35,23 +35,23 @@ def log_comparison(experiment: str, eval_dir: Path, plots_dir: Path, models: lis
         if not path.exists():
             continue
         tags = {"latentzoo.stage": "compare", "latentzoo.model": name, "latentzoo.report_run": report.run_id}
-        link = plots_dir / name / RUN_LINK
-        if link.exists():
-            tags["latentzoo.training_run"] = json.loads(link.read_text())["run_id"]
+        if link := run_link(plots_dir, name):
+            tags["latentzoo.training_run"] = link["run_id"]
         run = TrackedRun.start(None, experiment, name, tags)
         run.log_params({"model": name})
         run.log_metrics(json.loads(path.read_text()))
         run.finish()
 
 
+def run_link(plots_dir: Path, model: str) -> dict | None:
+    """{run_id, url} of `model`'s training run, as its evaluate stage recorded it beside its figures, or None."""
+    path = plots_dir / model / RUN_LINK
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_links(models: list[str], plots_dir: Path) -> dict[str, str]:
-    """{model: URL of its training run in the MLflow UI}, as each evaluate stage recorded it beside its figures."""
-    found = {}
-    for name in models:
-        path = plots_dir / name / RUN_LINK
-        if path.exists():
-            found[name] = json.loads(path.read_text())["url"]
-    return found
+    """{model: URL of its training run in the MLflow UI}."""
+    return {name: link["url"] for name in models if (link := run_link(plots_dir, name))}
 
 
 def report_stage(
