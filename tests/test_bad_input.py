@@ -420,6 +420,37 @@ def test_sigterm_mid_write_keeps_the_previous_output(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["prepared"]  # the temporary directory is removed
 
 
+# `dvc repro` as far as the stage can tell: runs its command with `<shell> -c` in DVC's environment, then waits.
+FAKE_DVC = """
+import os, subprocess, sys
+shell, driver, out = sys.argv[1:]
+subprocess.run([shell, "-c", f"{sys.executable} {driver} {out}"], env={**os.environ, "DVC_STAGE": "prepare"})
+"""
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash"])
+def test_a_stage_stops_when_dvc_dies_with_or_without_a_shell_between(tmp_path, shell):
+    """DVC killed (a scheduler's SIGTERM or SIGKILL to it alone): the stage it runs stops as a SIGTERM would,
+    whether the shell execs the command (bash) or stays between them (dash, Debian's /bin/sh)."""
+    driver, out = tmp_path / "driver.py", tmp_path / "prepared"
+    driver.write_text(DRIVER)
+    dvc = subprocess.Popen(
+        [sys.executable, "-c", FAKE_DVC, shell, str(driver), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "LATENTZOO_DEBUG": ""},
+    )
+    try:
+        assert dvc.stdout.readline() == "writing\n"
+        dvc.kill()
+        output, _ = dvc.communicate(timeout=30)  # until the stage, too, has closed the pipe
+    finally:
+        dvc.kill()
+    assert output == "terminated: nothing was written under the final output names\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["driver.py"]  # no output, no temporary directory
+
+
 def test_a_ray_address_with_no_head_is_one_line_within_seconds(digits_shards, tmp_path):
     """RAY_ADDRESS naming no listening head: one line and exit 2 within seconds (`ray.init` retries for a minute,
     then prints a traceback), before any output or MLflow run."""

@@ -6,9 +6,9 @@ prints one line naming the file, field or shard and exits non-zero, with no trac
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
+import select
 import shutil
 import signal
 import sys
@@ -66,7 +66,8 @@ _sigterm = threading.Event()  # set once SIGTERM arrived (a library may re-raise
 
 
 def _raise_terminated(signum, frame) -> None:
-    if _sigterm.is_set():  # a second SIGTERM (e.g. the scheduler's and DVC's death's) must not cut the clean-up short
+    # A second SIGTERM (the scheduler's, then DVC's death's), or one after Ctrl-C: the clean-up under way ends it.
+    if _sigterm.is_set() or isinstance(sys.exc_info()[1], KeyboardInterrupt):
         return
     _sigterm.set()
     signal.alarm(0)  # a Ray driver's abseil handler, if it ran first, armed a 3 s abort: the clean-up may take longer
@@ -80,16 +81,50 @@ def restore_sigterm(handler) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
+
+
+def _parent(pid: int) -> tuple[int, str]:
+    """(parent pid, command name) of process `pid`, from /proc/<pid>/stat: `pid (comm) state ppid …`."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
+    return int(rest.split()[1]), comm
+
+
+def dvc_process() -> int:
+    """The pid of the `dvc repro` running this stage: the nearest ancestor that is not a shell. DVC runs a stage's
+    `cmd` with `$SHELL -c` (or `/bin/sh -c`); bash execs a lone command, dash stays between DVC and the stage."""
+    pid = os.getppid()
+    while pid > 1:
+        parent, comm = _parent(pid)
+        if comm not in SHELLS:
+            return pid
+        pid = parent
+    return pid
+
+
+def _terminate_when_gone(pidfd: int) -> None:
+    select.select([pidfd], [], [])  # a pidfd turns readable when its process has exited
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def stop_with_dvc() -> None:
-    """Under DVC (which sets DVC_STAGE in every stage command's environment), have the kernel send this process
-    SIGTERM when its parent, `dvc repro`, dies (Linux's PR_SET_PDEATHSIG). A scheduler's SIGTERM to DVC alone,
-    or DVC killed for memory, then stops the stage as a SIGTERM would (exit 143, temporary outputs removed)
-    instead of leaving it to write outputs no DVC will record. A stage run by hand (`nohup ... &` included) is
-    left alone."""
-    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+    """Under DVC (which sets DVC_STAGE in every stage command's environment), send this process SIGTERM when the
+    `dvc repro` running it dies, with or without a shell between them (a thread waits on DVC's pidfd). A
+    scheduler's SIGTERM to DVC alone, or DVC killed for memory, then stops the stage as a SIGTERM would (exit 143,
+    temporary outputs removed) instead of leaving it to write outputs no DVC will record. A stage run by hand
+    (`nohup ... &` included) is left alone."""
+    if "DVC_STAGE" not in os.environ or not hasattr(os, "pidfd_open"):
         return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    dvc = dvc_process()
+    try:
+        pidfd = os.pidfd_open(dvc)
+    except ProcessLookupError:
+        pidfd = None
+    if pidfd is None or dvc_process() != dvc:  # DVC is gone already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    threading.Thread(target=_terminate_when_gone, args=(pidfd,), name="stop-with-dvc", daemon=True).start()
 
 
 def cli_errors(fn: F) -> F:
