@@ -30,6 +30,7 @@ class VAEConfig(Section):
 
     latent_dim: int = Field(16, ge=1)
     hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second
+    levels: int = Field(2, ge=1, le=5)  # stride-2 convs: latent features H/2^levels x W/2^levels (f = 2^levels)
     fc_hidden: int = Field(256, ge=0)  # width of a fully connected layer between conv features and z (0: none)
     beta: float = Field(1.0, ge=0)  # weight of the KL term (beta-VAE, Higgins et al. 2017)
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
@@ -103,20 +104,20 @@ class GaussianPosterior:
 class VAE(GaussianPosterior, LatentModel):
     """Conv encoder → (mu, logvar) → z → conv decoder → logits of p(x|z).
 
-    Takes (C, H, W) images with H and W divisible by 4 (see `layers.feature_shape`).
+    Takes (C, H, W) images with H and W divisible by 2^levels (see `layers.feature_shape`).
     """
 
     def __init__(self, cfg: VAEConfig, image_shape: tuple[int, int, int]):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
-        features = feature_shape(self.image_shape, cfg.hidden_channels, family="vae")
+        features = feature_shape(self.image_shape, cfg.hidden_channels, cfg.levels, family="vae")
         flat = math.prod(features)
         width = cfg.fc_hidden or flat
         fc_in = [nn.Linear(flat, width), nn.SiLU()] if cfg.fc_hidden else []
         fc_out = [nn.Linear(width, flat), nn.SiLU()] if cfg.fc_hidden else []
         self.encoder = nn.Sequential(
-            conv_down(self.image_shape[0], cfg.hidden_channels),
+            conv_down(self.image_shape[0], cfg.hidden_channels, cfg.levels),
             nn.Flatten(),
             *fc_in,
             nn.Linear(width, 2 * cfg.latent_dim),  # mu and logvar side by side
@@ -126,7 +127,7 @@ class VAE(GaussianPosterior, LatentModel):
             nn.SiLU(),
             *fc_out,
             nn.Unflatten(1, features),
-            conv_up(cfg.hidden_channels, self.image_shape[0]),
+            conv_up(cfg.hidden_channels, self.image_shape[0], cfg.levels),
         )
 
     @property

@@ -2,7 +2,7 @@
 
 Both are the same conv autoencoder around a quantizer (see `latentzoo.models.quantizer`):
 
-    z_e = E(x) in R^{D x H/4 x W/4},   z_q = nearest code of each z_e vector,   x̂ = sigmoid(G(z_q)),
+    z_e = E(x) in R^{D x H/f x W/f},   z_q = nearest code of each z_e vector,   x̂ = sigmoid(G(z_q)),
 
 trained on  L = ||x - x̂||^2 + ||sg[z_e] - e||^2 + beta ||z_e - sg[e]||^2  (the codebook term is dropped for an
 EMA codebook). They differ only in the codebook: a learned (or EMA) table for `vqvae`, e = C W^T with a frozen
@@ -27,6 +27,7 @@ from latentzoo.schema import Section
 class _VQSection(Section):
     tune_metric: ClassVar[str] = "val_mse"  # the tune stage's objective (minimised): reconstruction error
     hidden_channels: int = Field(32, ge=1)  # width of the first conv; doubles at the second
+    levels: int = Field(2, ge=1, le=5)  # stride-2 convs: one code per 2^levels x 2^levels patch
     codebook_dim: int = Field(32, ge=1)  # D: channels of z_e and length of every code
     codebook_size: int = Field(512, ge=1)  # K
     commitment_weight: float = Field(0.25, ge=0)  # beta
@@ -66,23 +67,25 @@ class SimVQConfig(_VQSection):
 class VQVAE(LatentModel):
     """Conv encoder → 1x1 conv to D channels → quantizer → 3x3 conv → conv decoder → sigmoid.
 
-    Takes (C, H, W) images with H and W divisible by 4: one code per 4x4 patch (7x7 codes for MNIST).
+    Takes (C, H, W) images with H and W divisible by f = 2^levels: one code per f x f patch (7x7 codes for
+    MNIST at the default f = 4).
     """
 
     def __init__(self, cfg: VQVAEConfig | SimVQConfig, image_shape: tuple[int, int, int]):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
-        features = feature_shape(self.image_shape, cfg.hidden_channels, family=type(cfg).__name__)
+        family = "simvq" if isinstance(cfg, SimVQConfig) else "vqvae"
+        features = feature_shape(self.image_shape, cfg.hidden_channels, cfg.levels, family)
         self.encoder = nn.Sequential(
-            conv_down(self.image_shape[0], cfg.hidden_channels),
+            conv_down(self.image_shape[0], cfg.hidden_channels, cfg.levels),
             nn.Conv2d(features[0], cfg.codebook_dim, kernel_size=1),
         )
         self.quantizer = cfg.build_quantizer()
         self.decoder = nn.Sequential(
             nn.Conv2d(cfg.codebook_dim, features[0], kernel_size=3, padding=1),
             nn.SiLU(),
-            conv_up(cfg.hidden_channels, self.image_shape[0]),
+            conv_up(cfg.hidden_channels, self.image_shape[0], cfg.levels),
         )
 
     @property
@@ -90,7 +93,7 @@ class VQVAE(LatentModel):
         return self.cfg.codebook_size
 
     def encode(self, x: Tensor) -> Tensor:
-        """x (B, C, H, W) → code indices (B, H/4, W/4)."""
+        """x (B, C, H, W) → code indices (B, H/f, W/f)."""
         return self.quantizer(self.encoder(x))[1]
 
     def reconstruct(self, x: Tensor) -> Tensor:
