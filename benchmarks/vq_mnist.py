@@ -210,6 +210,14 @@ def main() -> int:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 8192, 65536])
     ap.add_argument("--variants", nargs="+", default=[*OURS, *THEIRS], choices=[*OURS, *THEIRS])
+    ap.add_argument(
+        "--their-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the sizes at which vector_quantize_pytorch's variants run (default: all of --sizes); on 2 CPU cores "
+        "their plain VQ takes ~5 s a step at K=65,536 (benchmarks/vq_speed.py), 40 min a seed",
+    )
     ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--test-images", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=1)
@@ -237,6 +245,8 @@ def main() -> int:
     rows = json.loads(out.read_text())["rows"] if args.append and out.exists() else []
     for size in args.sizes:
         for variant in args.variants:
+            if variant in THEIRS and args.their_sizes is not None and size not in args.their_sizes:
+                continue
             for seed in args.seeds:
                 row = run(variant, size, train_images, test_images, args, seed)
                 same = (variant, size, seed)
@@ -252,7 +262,7 @@ def save(out: Path, rows: list[dict], args) -> None:
     settings = {
         k: v
         for k, v in vars(args).items()
-        if k not in ("out", "data", "append", "sizes", "variants", "train_images", "epochs")
+        if k not in ("out", "data", "append", "sizes", "variants", "their_sizes", "train_images", "epochs")
     }
     rows = sorted(rows, key=lambda r: (r["codebook_size"], [*OURS, *THEIRS].index(r["variant"]), r.get("seed", 0)))
     result = {
