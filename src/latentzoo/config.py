@@ -63,11 +63,15 @@ class ShardConfig(Section):
 class TrainConfig(Section):
     """Ray Train TorchTrainer settings shared by every model family (train stage)."""
 
-    num_workers: int = Field(default=2, ge=0)  # 0: Ray Train local mode, the loop runs in the driver process
+    # A number (0: Ray Train local mode, the loop runs in the driver process), or [min, max]: an elastic worker
+    # group that starts with min workers, grows to max as resources appear and shrinks when a node goes.
+    num_workers: int | list[int] = 2
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # workers over nodes
     use_gpu: bool = False
     epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=64, ge=1)  # per worker
+    batch_size: int = Field(default=64, ge=1)  # per worker (at the largest worker count)
+    global_batch_size: int | None = Field(default=None, ge=1)  # None: batch_size x the largest worker count
+    elastic_resize_interval_s: float = Field(default=60.0, gt=0)  # [min, max] workers: how often to consider a resize
     lr: float = Field(default=1e-3, gt=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr·(1 + cos(π·epoch/epochs))/2 per epoch
     weight_decay: float = Field(default=0.0, ge=0)
@@ -77,6 +81,38 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=0)  # samples, when streaming shards
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> TrainConfig:
+        workers = self.num_workers
+        if isinstance(workers, list) and not (len(workers) == 2 and 1 <= workers[0] <= workers[1]):
+            raise ValueError(f"train.num_workers must be a number or [min, max] with 1 <= min <= max, got {workers}")
+        if isinstance(workers, int) and workers < 0:
+            raise ValueError(f"train.num_workers must be >= 0, got {workers}")
+        if self.global_batch < max(1, self.max_workers):
+            raise ValueError(
+                f"train.global_batch_size {self.global_batch} gives some of the {self.max_workers} workers no images"
+            )
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """[min, max] workers: Ray Train resizes the worker group as the cluster's resources change."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    @property
+    def global_batch(self) -> int:
+        """Images per optimizer step over all workers, the same whatever the worker group's size: a resize changes
+        the per-worker batch, never the optimisation."""
+        return self.global_batch_size or self.batch_size * max(1, self.max_workers)
 
 
 class FinetuneConfig(Section):
@@ -126,6 +162,10 @@ class RayConfig(Section):
     num_cpus: int | None = Field(default=None, ge=1)
     storage_path: str | None = None  # Ray Train checkpoints; None: <project>/.ray_results
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "ERROR"  # Ray's own logs from its worker processes
+    # How long Ray Train waits for a worker group's resources before trying again: long enough for a busy machine
+    # (Ray's default, 60 s, is not); an elastic run that restarts at a size a lost node no longer allows waits
+    # this long before it tries the size the cluster has now.
+    worker_start_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class SearchRange(Section):
@@ -172,6 +212,7 @@ RUNTIME_KEYS = (
     "train.max_failures",
     "train.torch_threads",
     "train.checkpoints_to_keep",
+    "train.elastic_resize_interval_s",
 )
 
 

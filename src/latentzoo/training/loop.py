@@ -136,7 +136,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
         model.set_phase(**job.phase)  # freezes what this phase does not train
     optimizer = torch.optim.AdamW(model.optimizer_groups(), lr=train.lr, weight_decay=train.weight_decay)
     adversary = Adversary.of(model)
-    steps = steps_per_epoch(job.num_train, world, train.batch_size)
+    batch = rank_batch(train.global_batch, rank, world)
+    steps = steps_per_epoch(job.num_train, 1, train.global_batch)  # the same whatever the worker count
     start_epoch, history, step = 0, [], 0
     logged: set[int] = set()  # the epochs the MLflow run holds already
     checkpoint = session.get_checkpoint()
@@ -159,7 +160,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
         backend = dist.get_backend() if is_distributed() else "none"
         say(
             f"[{job.tag}] {world} worker(s) on {nodes} node(s), {device}, process group {backend}, "
-            f"{steps} steps of {train.batch_size} per worker per epoch"
+            f"{steps} steps of {batch} per worker per epoch ({train.global_batch} per step)"
         )
 
     with node_metrics(job, session, resumed=state is not None):
@@ -172,7 +173,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
             batches = train_batches(
                 job.train_urls,
                 steps=steps,
-                batch_size=train.batch_size,
+                batch_size=batch,
                 rank=rank,
                 world_size=world,
                 seed=job.seed,
@@ -184,7 +185,17 @@ def run_loop(job: TrainJob, session: Session) -> None:
             row = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
-                **train_epoch(model, optimizer, batches, device, train.grad_clip, adversary, first_step=step),
+                "workers": world,
+                **train_epoch(
+                    model,
+                    optimizer,
+                    batches,
+                    device,
+                    train.grad_clip,
+                    adversary,
+                    first_step=step,
+                    loss_scale=batch * world / train.global_batch,
+                ),
             }
             step += steps
             row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
@@ -199,6 +210,11 @@ def run_loop(job: TrainJob, session: Session) -> None:
             report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
             if rank == 0 and job.run and epoch + 1 not in logged:  # after the checkpoint: never logged twice
                 log_epoch(job, row, epoch + 1)
+
+
+def rank_batch(global_batch: int, rank: int, world: int) -> int:
+    """This rank's share of the global batch B: ⌊B / world⌋, one more on the first B mod world ranks."""
+    return global_batch // world + (rank < global_batch % world)
 
 
 def seed_stream(seed: int, rank: int, epoch: int) -> None:
@@ -239,13 +255,14 @@ class Adversary:
             return None
         return cls(model, model.discriminator, torch.optim.Adam(model.critic_optimizer_groups()))
 
-    def step(self, x: torch.Tensor, fakes: torch.Tensor, steps: int):
-        """One critic step on real x and the (detached) generated images, once `steps` generator steps are done."""
+    def step(self, x: torch.Tensor, fakes: torch.Tensor, steps: int, loss_scale: float = 1.0):
+        """One critic step on real x and the (detached) generated images, once `steps` generator steps are done
+        (`loss_scale`: as in `train_epoch`)."""
         if not self.model.critic_active(steps):
             return None
         out = self.model.critic_losses(x, fakes.detach(), self.critic)
         self.optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
+        (out.total if loss_scale == 1 else out.total * loss_scale).backward()
         self.optimizer.step()
         return out
 
@@ -331,11 +348,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def train_epoch(
-    model, optimizer, batches, device, grad_clip, adversary: Adversary | None = None, first_step: int = 0
+    model,
+    optimizer,
+    batches,
+    device,
+    grad_clip,
+    adversary: Adversary | None = None,
+    first_step: int = 0,
+    loss_scale: float = 1.0,
 ) -> dict[str, float]:
     """One epoch of optimisation, its first batch the run's optimizer step `first_step`; returns global (all-rank)
     means of the loss terms and model metrics, and the codebook usage over the epoch for families with a codebook.
-    With an `adversary`, each generator step is followed by a critic step (`train_disc_*` figures)."""
+    With an `adversary`, each generator step is followed by a critic step (`train_disc_*` figures).
+
+    DDP averages the ranks' gradients; with per-rank batches n_r of a global batch B, the gradient of the mean
+    over all B images is (1/world) Σ_r (n_r·world/B) ∇mean_r, so each rank's loss is scaled by
+    `loss_scale` = n_r·world/B (1 when B divides evenly)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
@@ -351,7 +379,7 @@ def train_epoch(
         data_wait += time.perf_counter() - waited
         x = x.to(device, non_blocking=True)
         out = model(x, step=first_step + steps, labels=y.to(device))
-        loss = out.total
+        loss = out.total if loss_scale == 1 else out.total * loss_scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -359,7 +387,7 @@ def train_epoch(
         optimizer.step()
         accumulate(sums, "train", out, len(x))
         fakes = out.recon if out.fakes is None else out.fakes
-        disc_out = adversary.step(x, fakes, steps=first_step + steps + 1) if adversary else None
+        disc_out = adversary.step(x, fakes, steps=first_step + steps + 1, loss_scale=loss_scale) if adversary else None
         if disc_out:
             accumulate(sums, "train_disc", disc_out, len(x))
         if codes:

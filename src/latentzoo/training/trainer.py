@@ -73,7 +73,9 @@ class Phase:
         return {"name": self.name, "args": self.model_args, "init": weights, "labels": self.label_fraction}
 
 
-def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
+def connect_ray(
+    num_cpus: int | None = None, log_level: str = "ERROR", start_timeout_s: float = WORKER_START_TIMEOUT_S
+) -> None:
     """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
 
     `log_level` applies to Ray's loggers in this job's processes: Ray Train logs every report at INFO and, without
@@ -85,9 +87,9 @@ def connect_ray(num_cpus: int | None = None, log_level: str = "ERROR") -> None:
 
     if ray.is_initialized():
         return
-    # A busy laptop can take over Ray Train's default 60 s to start worker processes (each imports torch);
-    # waiting longer beats failing the run. Tune trials read it from the job's runtime env.
-    os.environ.setdefault(START_TIMEOUT_ENV, str(WORKER_START_TIMEOUT_S))
+    # A busy laptop can take over Ray Train's default 60 s to start a worker group; waiting longer beats failing
+    # the run (`ray.worker_start_timeout_s`). Tune trials read it from the job's runtime env.
+    os.environ.setdefault(START_TIMEOUT_ENV, f"{start_timeout_s:g}")
     # Ray Train's controller polls its workers every 2 s by default, and each epoch's report (and the end of the
     # run) waits for that poll: ~1.5 s per epoch and ~5 s per run on top of sub-second epochs here. Poll faster.
     os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
@@ -138,7 +140,7 @@ def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "
     defining = {
         "model": model_name,
         "seed": params.seed,
-        "train": params.train.model_dump(exclude={"max_failures"}),
+        "train": params.train.model_dump(exclude={"max_failures", "elastic_resize_interval_s"}),
         "model_config": params.model_config_for(model_name).model_dump(),
         "data": manifest_sha,
     }
@@ -163,7 +165,7 @@ def check_resources(params: Params) -> None:
     if os.environ.get("RAY_ADDRESS"):
         return
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    if params.train.num_workers > cpus:
+    if params.train.min_workers > cpus:  # an elastic group starts with its minimum
         raise ConfigError(
             f"train.num_workers must be <= the {cpus} CPUs of the local Ray cluster, got {params.train.num_workers}"
         )
@@ -200,7 +202,7 @@ def training_data(params: Params, model_name: str, shard_dir: Path) -> TrainingD
     shard_dir = Path(shard_dir).resolve()
     manifest, urls = checked_shards(shard_dir, ("train", "val"))  # before any worker starts
     train_urls, val_urls = urls["train"], urls["val"]
-    if params.train.num_workers > len(train_urls):
+    if params.train.max_workers > len(train_urls):
         raise ShardError(
             f"{shard_dir}/manifest.json: the train split has {len(train_urls)} shard(s) but train.num_workers is "
             f"{params.train.num_workers}; lower shard.maxcount so every worker gets a shard"
@@ -278,7 +280,7 @@ def fit(
     job = replace(data.job(params, model_name, run), fail_at_epoch=planned("train.epoch"))
     if phase:
         job = phase_job(job, phase, params.seed)
-    connect_ray(params.ray.num_cpus, params.ray.log_level)
+    connect_ray(params.ray.num_cpus, params.ray.log_level, params.ray.worker_start_timeout_s)
     check_resources(params)
     trainer = make_trainer(params, job, name, storage)
     started = time.perf_counter()
@@ -380,9 +382,10 @@ def make_trainer(params: Params, job: TrainJob, name: str, storage: str, callbac
         train_loop_per_worker,
         train_loop_config=job.to_config(),
         scaling_config=ScalingConfig(
-            num_workers=params.train.num_workers,
+            num_workers=tuple(params.train.num_workers) if params.train.elastic else params.train.num_workers,
             use_gpu=params.train.use_gpu,
             placement_strategy=params.train.placement_strategy,
+            elastic_resize_monitor_interval_s=params.train.elastic_resize_interval_s,
         ),
         torch_config=TorchConfig(backend="nccl" if params.train.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -168,7 +168,7 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
     if folder.exists(DONE_MARKER):  # a finished search with identical inputs (outputs deleted): search again
         folder.remove()
     metric = params.model_config_for(model_name).tune_metric
-    connect_ray(params.ray.num_cpus, params.ray.log_level)
+    connect_ray(params.ray.num_cpus, params.ray.log_level, params.ray.worker_start_timeout_s)
     # Tune's newer console engine prints a configuration box even at verbose=0; the classic reporter is silent
     # there, and our loop prints one line per trial epoch.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

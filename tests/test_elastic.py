@@ -1,0 +1,180 @@
+"""Elastic training (`train.num_workers: [min, max]`): the worker group grows and shrinks with the cluster while
+the optimisation stays the same, because the global batch is fixed and each rank's loss is scaled by its share."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, TINY, make_params
+from test_cluster import worker_node
+
+from latentzoo.config import ConfigError
+from latentzoo.local_cluster import local_head
+from latentzoo.training.loop import rank_batch
+
+# The elastic run's final val −ELBO against a fixed-size run of the same global batch: the shards each rank reads
+# differ between sizes (so does the order of the images), the optimisation does not.
+TOLERANCE = 0.05
+
+
+def test_a_worker_range_is_validated_and_fixes_the_global_batch():
+    train = make_params(**{"train.num_workers": [1, 4], "train.batch_size": 16}).train
+    assert train.elastic and (train.min_workers, train.max_workers) == (1, 4)
+    assert train.global_batch == 64  # batch_size at the largest size, whatever size the group has now
+    fixed = make_params(**{"train.num_workers": 2, "train.batch_size": 16}).train
+    assert not fixed.elastic and fixed.global_batch == 32 and fixed.min_workers == fixed.max_workers == 2
+    assert make_params(**{"train.num_workers": [1, 2], "train.global_batch_size": 50}).train.global_batch == 50
+    for bad in ([2, 1], [0, 2], [1, 2, 3], [3]):
+        with pytest.raises(ConfigError, match=r"train\.num_workers must be a number or \[min, max\]"):
+            make_params(**{"train.num_workers": bad})
+    with pytest.raises(ConfigError, match="gives some of the 4 workers no images"):
+        make_params(**{"train.num_workers": [1, 4], "train.global_batch_size": 3})
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_the_ranks_share_the_global_batch(world):
+    shares = [rank_batch(64, rank, world) for rank in range(world)]
+    assert sum(shares) == 64 and max(shares) - min(shares) <= 1
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_scaled_rank_losses_give_the_gradient_of_the_global_batch(world):
+    """DDP averages the ranks' gradients: with each rank's mean loss scaled by n_r·world/B, that average is the
+    gradient of the mean loss over the whole global batch, whatever the split."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 1)
+    x, y = torch.randn(10, 5), torch.randn(10, 1)
+
+    def grad(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    whole = grad(torch.nn.functional.mse_loss(model(x), y))
+    shares = [rank_batch(10, rank, world) for rank in range(world)]
+    starts = [sum(shares[:r]) for r in range(world)]
+    averaged = (
+        sum(
+            grad(torch.nn.functional.mse_loss(model(x[s : s + n]), y[s : s + n]) * n * world / 10)
+            for s, n in zip(starts, shares, strict=True)
+        )
+        / world
+    )
+    torch.testing.assert_close(averaged, whole)
+
+
+def train_command(tmp_path, shards, out: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "pipelines/train.py"),
+        *("--params", "params.yaml", "--model", "vae", "--shards", str(shards)),
+        *("--out", f"models/{out}", "--metrics", f"{out}.json", "--plots", f"{out}.csv"),
+    ]
+
+
+def wait_for(lines: list[str], text: str, proc, timeout_s: float = 240, after: int = 0) -> int:
+    """Index of the first line from `after` on that contains `text`; fails if `proc` ends first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for i in range(after, len(lines)):
+            if text in lines[i]:
+                return i
+        assert proc.poll() is None or any(text in line for line in lines[after:]), "".join(lines)[-3000:]
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout_s} s:\n" + "".join(lines)[-8000:]
+        time.sleep(0.1)
+
+
+def read_into(stream, lines: list[str]) -> None:
+    """Every line of `stream` into `lines`, echoed (pytest shows it when the test fails)."""
+    for line in iter(stream.readline, ""):
+        lines.append(line)
+        print(line, end="", flush=True)
+
+
+def rows_of(csv: Path) -> list[dict]:
+    import csv as csv_module
+
+    return list(csv_module.DictReader(csv.read_text().splitlines()))
+
+
+@pytest.mark.ray
+@pytest.mark.cluster
+def test_a_run_grows_when_a_node_joins_and_shrinks_when_it_goes(digits_shards, tmp_path, mlflow_uri):
+    """Head with 1 CPU, `num_workers: [1, 2]`: the run starts on 1 worker, grows to 2 when a second node joins,
+    shrinks back to 1 when that node is stopped, and ends with one continuous history (every epoch once, in the
+    plots CSV and in MLflow, the worker count per epoch) and metrics close to a fixed 1-worker run of the same
+    global batch."""
+    from mlflow.tracking import MlflowClient
+
+    epochs = 40
+    common = {
+        **TINY,
+        "train.epochs": epochs,
+        "train.max_failures": 4,
+        "train.elastic_resize_interval_s": 1.0,
+        "train.global_batch_size": 64,
+        "ray.worker_start_timeout_s": 10.0,  # the restart after the node goes may first try the old size
+        "tracking.log_models": False,
+        "ray.storage_path": str(tmp_path / "ray"),
+    }
+    with local_head(num_cpus=1) as head:
+        env = head.client_env(MLFLOW_TRACKING_URI=mlflow_uri)
+        fixed = make_params(**common, **{"train.num_workers": 1})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(fixed.model_dump(), sort_keys=False))
+        done = subprocess.run(
+            train_command(tmp_path, digits_shards, "fixed"), cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+        elastic = make_params(**common, **{"train.num_workers": [1, 2]})
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(elastic.model_dump(), sort_keys=False))
+        lines: list[str] = []
+        train = subprocess.Popen(
+            train_command(tmp_path, digits_shards, "elastic"),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        reader = threading.Thread(target=read_into, args=(train.stdout, lines), daemon=True)
+        reader.start()
+        try:
+            first = wait_for(lines, "[vae] 1 worker(s) on 1 node(s)", train)
+            with worker_node(head):  # joins some 20 epochs later
+                grown = wait_for(lines, "[vae] 2 worker(s) on 2 node(s)", train)
+                wait_for(lines, "epoch", train, after=grown + 1)  # an epoch at the new size
+                time.sleep(1)
+            shrunk = wait_for(lines, "[vae] 1 worker(s) on 1 node(s)", train, after=grown)
+            train.wait(timeout=600)
+        finally:
+            train.kill()
+            reader.join(timeout=10)
+    output = "".join(lines)
+    assert train.returncode == 0, output[-3000:]
+    assert first < grown < shrunk
+
+    rows = rows_of(tmp_path / "elastic.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none repeated
+    sizes = [int(float(r["workers"])) for r in rows]
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
+    assert sizes == sorted(sizes[: sizes.index(2)]) + sizes[sizes.index(2) :]  # 1 … 2 … 1: one history
+
+    record = json.loads((tmp_path / "models/elastic/mlflow_run.json").read_text())
+    client = MlflowClient(mlflow_uri)
+    steps = [m.step for m in client.get_metric_history(record["run_id"], "val_loss")]
+    assert sorted(steps) == list(range(1, epochs + 1))  # every epoch logged exactly once
+    logged = {m.step: m.value for m in client.get_metric_history(record["run_id"], "workers")}
+    assert [logged[e] for e in range(1, epochs + 1)] == sizes
+
+    fixed_loss = json.loads((tmp_path / "fixed.json").read_text())["val_neg_elbo"]
+    elastic_loss = json.loads((tmp_path / "elastic.json").read_text())["val_neg_elbo"]
+    assert abs(elastic_loss - fixed_loss) / fixed_loss < TOLERANCE, (elastic_loss, fixed_loss)
