@@ -11,6 +11,7 @@ In sequence, each in its own process (a failing one does not stop the others):
     vae_mnist     Ray Train 1 worker vs a plain PyTorch loop, and 2 vs 1 workers (plus the VAE's test -ELBO)
     vq_speed      our quantizers vs vector_quantize_pytorch's, one layer forward + backward
     repro_timing  `make repro` from a clean workspace, then the no-op `dvc repro`
+    elastic_resize  seconds an elastic run ([1, 2] workers) loses when a node joins and when it goes
 
 Every figure in the tables is a ratio against a baseline measured in the same run. The report also shows the
 quality benchmarks (vq_mnist, tune_mnist, stacked_mnist, resvae_mnist) from their JSON files, which this
@@ -62,6 +63,7 @@ def suite(data: str, quick_data: str | None) -> list[Step]:
         ),
         Step("vq_speed", [], ["--quick"]),
         Step("repro_timing", [], ["--quick"]),
+        Step("elastic_resize", [], ["--epochs", "40"]),
     ]
 
 
@@ -359,6 +361,29 @@ def repro_section(name: str, r: dict) -> list[str]:
     return lines + (["", " ".join(notes)] if notes else [])
 
 
+def elastic_section(name: str, r: dict) -> list[str]:
+    """Seconds and epochs (at 1 worker, measured in the same run) lost per resize of an elastic run."""
+    base = r["epoch_s_1_worker"]
+    rows = [
+        ["epoch at 1 worker (baseline)", ratio(1.0), fmt(base, ".2f"), "–"],
+        ["epoch at 2 workers", ratio(r["epoch_s_2_workers"] / base), fmt(r["epoch_s_2_workers"], ".2f"), "–"],
+        ["grow: node up → first step at 2 workers", ratio(r["grow_s"] / base), fmt(r["grow_s"], ".1f"), "–"],
+        [
+            "shrink: node stopped → first step at 1 worker",
+            ratio(r["shrink_s"] / base),
+            fmt(r["shrink_s"], ".1f"),
+            "yes" if r.get("retried_old_size") else "no",
+        ],
+    ]
+    lines = table(["event (`train.num_workers: [1, 2]`)", "vs a 1-worker epoch", "s", "retried the old size"], rows)
+    settings = r["settings"]
+    return lines + [
+        "",
+        f"Resize checks every {settings['elastic_resize_interval_s']:g} s; a restart at a size the cluster no longer "
+        f"has waits `ray.worker_start_timeout_s` = {settings['worker_start_timeout_s']:g} s. {settings['model']}.",
+    ]
+
+
 def vae_quality_section(name: str, r: dict) -> list[str]:
     return table(
         ["epochs", "workers", "test −ELBO (nats)", "test PSNR (dB)", "train wall s"],
@@ -519,6 +544,7 @@ SPEED = [
     ),
     ("vq_speed", "Quantizer layer vs vector_quantize_pytorch", vq_speed_section, ()),
     ("repro_timing", "`make repro`: clean and no-op", repro_section, ("params", "models", "epochs")),
+    ("elastic_resize", "Elastic training: time lost per resize", elastic_section, ()),
 ]
 QUALITY = [
     ("vae_nll", "VAE likelihood on dynamically binarised MNIST", vae_nll_section, ("epochs", "k", "seeds")),
