@@ -63,7 +63,7 @@ def suite(data: str, quick_data: str | None) -> list[Step]:
         ),
         Step("vq_speed", [], ["--quick"]),
         Step("repro_timing", [], ["--quick"]),
-        Step("elastic_resize", [], ["--epochs", "40"]),
+        Step("elastic_resize", [], ["--epochs", "150"]),
     ]
 
 
@@ -370,7 +370,7 @@ def elastic_section(name: str, r: dict) -> list[str]:
         ["grow: node up → first step at 2 workers", ratio(r["grow_s"] / base), fmt(r["grow_s"], ".1f"), "–"],
         [
             "shrink: node stopped → first step at 1 worker",
-            ratio(r["shrink_s"] / base),
+            ratio(r["shrink_s"] / base) if r["shrink_s"] is not None else "no shrink",
             fmt(r["shrink_s"], ".1f"),
             "yes" if r.get("retried_old_size") else "no",
         ],
