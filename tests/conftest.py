@@ -46,6 +46,15 @@ def make_params(**overrides):
     return validate_params(with_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides))
 
 
+def init_gloo(rank: int, world: int, rendezvous: str) -> None:
+    """A gloo process group met through a file: no port to race for (a free port can be taken before it is bound)."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
+
 def with_overrides(raw: dict, overrides: dict) -> dict:
     """`raw` (params.yaml as loaded) with dotted keys set in place, e.g. {"train.epochs": 2}; returns `raw`."""
     for dotted, value in overrides.items():

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import init_gloo
 
 from latentzoo.models.quantizer import CodeCounter, SimVQ, VectorQuantizer, codebook_usage, kmeans, nearest_codes
 
@@ -354,15 +354,8 @@ def test_channel_mismatch_message():
 # ---------------------------------------------------------------- torch.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _ddp_worker(rank: int, world_size: int, rendezvous: str, out_dir: str) -> None:
+    init_gloo(rank, world_size, rendezvous)
     try:
         torch.manual_seed(0)  # same initial codebook on every rank
         vq = VectorQuantizer(32, 4, ema=True, decay=0.9, restart_after=1, kmeans_init=True)
@@ -376,7 +369,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(60)
 def test_distributed_ranks_keep_identical_codebooks(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert torch.equal(r0["codebook"], r1["codebook"])
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])

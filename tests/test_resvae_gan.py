@@ -4,14 +4,13 @@ moments under 2 processes, and the two-optimizer loop (2 gloo workers, resume) w
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_params
+from conftest import init_gloo, make_params
 
 from latentzoo.models import build_model
 from latentzoo.models.patchgan import PatchDiscriminator, adaptive_weight, discriminator_loss, generator_loss
@@ -139,19 +138,8 @@ def test_the_critic_can_judge_prior_samples_too():
     assert disc.total > 0 and disc.total.requires_grad
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_gloo(rank: int, world: int, port: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-
-
-def _moments_worker(rank: int, world: int, port: int, mu: torch.Tensor, moments: str, out_dir: str) -> None:
-    init_gloo(rank, world, port)
+def _moments_worker(rank: int, world: int, rendezvous: str, mu: torch.Tensor, moments: str, out_dir: str) -> None:
+    init_gloo(rank, world, rendezvous)
     local = mu.chunk(world)[rank].clone().requires_grad_(True)
     loss = aggregate_loss(local, LOGVAR.chunk(world)[rank], moments, global_batch=True)
     loss.backward()
@@ -166,7 +154,7 @@ def test_batch_moments_two_workers_match_one(tmp_path, moments):
     full = mu.clone().requires_grad_(True)
     loss = aggregate_loss(full, LOGVAR, moments, global_batch=True)  # no process group here: the whole batch
     loss.backward()
-    mp.spawn(_moments_worker, args=(2, free_port(), mu, moments, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_moments_worker, args=(2, str(tmp_path / "rendezvous"), mu, moments, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert float(got["loss"]) == pytest.approx(loss.item(), rel=1e-5)
@@ -199,10 +187,10 @@ def gan_job(shards: Path, **overrides):
     return training_data(params, "resvae_gan", shards).job(params, "resvae_gan")  # as the train stage builds it
 
 
-def _loop_worker(rank: int, world: int, port: int, job, out_dir: str) -> None:
+def _loop_worker(rank: int, world: int, rendezvous: str, job, out_dir: str) -> None:
     from latentzoo.training.loop import run_loop
 
-    init_gloo(rank, world, port)
+    init_gloo(rank, world, rendezvous)
     saved = [out_dir]
     run_loop(job, fake_session(rank, world, saved))
     dist.destroy_process_group()
@@ -216,7 +204,7 @@ def load_checkpoint(path: Path) -> dict:
 
 def test_two_workers_two_optimizers_complete_in_sync(digits_shards, tmp_path):
     job = gan_job(digits_shards)
-    mp.spawn(_loop_worker, args=(2, free_port(), job, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_loop_worker, args=(2, str(tmp_path / "rendezvous"), job, str(tmp_path)), nprocs=2, join=True)
     state = load_checkpoint(tmp_path / "epoch1")
     row = state["history"][-1]
     assert row["replicas_in_sync"] == 1.0  # generator and discriminator weights identical on both ranks
