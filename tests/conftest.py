@@ -113,7 +113,7 @@ def ray_cluster():
     """One local Ray instance (2 CPUs) for the whole session: Ray takes tens of seconds to start."""
     import ray
 
-    from latentzoo.training.trainer import connect_ray
+    from latentzoo.training.cluster import connect_ray
 
     connect_ray(num_cpus=2)  # as the stages start it (Ray Train's poll interval and start timeout set)
     yield

@@ -182,7 +182,7 @@ def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
     from latentzoo.config import TrainConfig
     from latentzoo.models import VAEConfig
     from latentzoo.tracking.runs import TrackedRun
-    from latentzoo.training.loop import TrainJob, log_epoch
+    from latentzoo.training.loop import EpochLogger, TrainJob, log_epoch
 
     job = TrainJob(
         model_name="vae",
@@ -196,8 +196,10 @@ def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
         run=TrackedRun(f"sqlite:///{tmp_path}/missing/dir/mlflow.db", "nope"),
     )
     assert TrainJob(**job.to_config()) == job  # what a Ray Train worker rebuilds, the TrackedRun included
-    log_epoch(job, {"train_loss": 1.0}, step=3)
-    assert "warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out
+    log_epoch(job.run, job.tag, {"epoch": 3, "train_loss": 1.0})  # a tune trial's rank 0
+    assert "[vae] warning: MLflow logging of epoch 3 failed" in capsys.readouterr().out
+    EpochLogger(job.run, job.tag).after_report(None, [{"epoch": 4, "train_loss": 1.0}], checkpoint=object())
+    assert "[vae] warning: MLflow logging of epoch 4 failed" in capsys.readouterr().out  # the train stage's controller
 
 
 def test_cosine_schedule_depends_on_the_epoch_alone():

@@ -1,7 +1,7 @@
 """Run a command (e.g. `dvc repro`) against one local Ray head shared by all its stages.
 
 Every Ray stage would otherwise start and stop its own local Ray (tens of seconds each on a laptop). With
-RAY_ADDRESS set, a stage connects to that cluster instead (`latentzoo.training.trainer.connect_ray`):
+RAY_ADDRESS set, a stage connects to that cluster instead (`latentzoo.training.cluster.connect_ray`):
 
     python -m latentzoo.local_cluster -- dvc repro        # what `make repro` runs
 

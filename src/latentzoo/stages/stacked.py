@@ -8,7 +8,7 @@ from latentzoo.atomic import atomic_write_json, atomic_write_text
 from latentzoo.checkpoint import WEIGHTS_FILE
 from latentzoo.config import Params
 from latentzoo.training.layerwise import curves_csv, finetune_stack, pretrain_stack
-from latentzoo.training.trainer import history_csv
+from latentzoo.training.outputs import history_csv
 
 
 def pretrain_stage(params: Params, shard_dir: Path, out_dir: Path, metrics_file: Path, plots_file: Path) -> dict:

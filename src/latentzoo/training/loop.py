@@ -55,7 +55,8 @@ class TrainJob:
     num_train: int
     image_shape: tuple[int, int, int]
     cached: bool = False  # decoded shards fit train.cache_mb: keep them in memory after the first read
-    run: TrackedRun | None = None  # the MLflow run rank 0 logs each epoch to
+    run: TrackedRun | None = None  # the MLflow run of this training (system metrics, per-epoch rows)
+    log_epochs: bool = True  # rank 0 logs each epoch's row to `run`; off where Ray Train's controller does
     phase: dict | None = None  # model.set_phase(**phase): one phase of a multi-phase family (stacked_ae)
     phase_name: str = ""  # e.g. "layer-2": names the phase in progress lines and MLflow
     init_weights: str | None = None  # a weights file the run starts from (when it has no checkpoint yet)
@@ -151,7 +152,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
         step = state.get("step", start_epoch * steps)  # optimizer steps so far (older checkpoints lack the key)
         if rank == 0:
             say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
-            if job.run:
+            if job.run and job.log_epochs:
                 logged = log_missing_epochs(job, history)
     model = prepare(session, model, adversary)
     device = session.device
@@ -208,8 +209,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 if not row["replicas_in_sync"]:
                     say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
             report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
-            if rank == 0 and job.run and epoch + 1 not in logged:  # after the checkpoint: never logged twice
-                log_epoch(job, row, epoch + 1)
+            if rank == 0 and job.run and job.log_epochs and epoch + 1 not in logged:  # after the checkpoint
+                log_epoch(job.run, job.tag, row)
 
 
 def rank_batch(global_batch: int, rank: int, world: int) -> int:
@@ -306,12 +307,26 @@ def node_metrics(job: TrainJob, session: Session, resumed: bool):
     return contextlib.nullcontext()
 
 
-def log_epoch(job: TrainJob, row: dict, step: int) -> None:
-    """Per-epoch metrics to MLflow; a tracking failure is reported, never the end of the training."""
+def log_epoch(run: TrackedRun, tag: str, row: dict) -> None:
+    """One epoch's row to MLflow at step = its epoch; a tracking failure is reported, never the end of the
+    training."""
     try:
-        job.run.log_metrics(row, step=step)
+        run.log_metrics(row, step=row["epoch"])
     except Exception as err:  # an unreachable server must not cost the run its checkpoints
-        say(f"[{job.tag}] warning: MLflow logging of epoch {step} failed ({type(err).__name__}: {err})")
+        say(f"[{tag}] warning: MLflow logging of epoch {row['epoch']} failed ({type(err).__name__}: {err})")
+
+
+class EpochLogger(ray.train.UserCallback):
+    """Logs each epoch's row to MLflow from Ray Train's controller, right after the controller has registered the
+    epoch's checkpoint: the run holds exactly the epochs the checkpoints keep. (Logged from rank 0, an epoch the
+    controller never took, e.g. one cut off by an elastic resize, would stay in MLflow beside its retrained twin.)"""
+
+    def __init__(self, run: TrackedRun, tag: str):
+        self.run, self.tag = run, tag
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        if checkpoint is not None:  # rank 0 attaches one to every epoch's report
+            log_epoch(self.run, self.tag, metrics[0])
 
 
 def log_missing_epochs(job: TrainJob, history: list[dict]) -> set[int]:

@@ -10,51 +10,28 @@ change of params or data starts a fresh run.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
-import io
 import json
-import os
-import re
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
-from latentzoo.atomic import atomic_dir, atomic_write_json, atomic_write_text, json_text
-from latentzoo.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE, load_state, save_state, weights_record
+from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import Params
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
-from latentzoo.errors import ConfigError, ShardError, TrainingError, disk_full, restore_sigterm
-from latentzoo.evaluation.grids import write_grids
+from latentzoo.errors import ConfigError, ShardError, TrainingError, disk_full
 from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, project_root, storage_location
-from latentzoo.tracking.models import log_trained_model, registered_name
-from latentzoo.tracking.runs import RUN_FILE, TrackedRun, log_shards, logging_failed, record_of
-from latentzoo.training.loop import TrainJob, say, train_loop_per_worker
+from latentzoo.tracking.runs import TrackedRun, log_shards
+from latentzoo.training.cluster import check_ray_address, check_resources, connect_ray
+from latentzoo.training.loop import EpochLogger, TrainJob, say, train_loop_per_worker
+from latentzoo.training.outputs import TrainOutputs, finish_mlflow_run, write_outputs
 
 DONE_MARKER = "latentzoo_complete"
-START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-WORKER_START_TIMEOUT_S = 600
-POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-POLL_INTERVAL_S = 0.2
-RAY_CONNECT_TIMEOUT_S = 5.0
-SYSTEM_METRICS_ENV = "MLFLOW_SYSTEM_METRICS_"  # e.g. ..._SAMPLING_INTERVAL: read where the workers sample
-
-
-@dataclass
-class TrainOutputs:
-    """Where the train stage writes (all DVC outputs)."""
-
-    model_dir: Path  # model.pt (final weights) + mlflow_run.json
-    metrics_file: Path  # final-epoch metrics (DVC metrics)
-    plots_file: Path  # per-epoch metrics, one row per epoch (DVC plots)
 
 
 @dataclass(frozen=True)
@@ -71,64 +48,6 @@ class Phase:
         """What makes two phases the same run (the weights by content, not by path)."""
         weights = sha256_file(self.init_weights) if self.init_weights else None
         return {"name": self.name, "args": self.model_args, "init": weights, "labels": self.label_fraction}
-
-
-def connect_ray(
-    num_cpus: int | None = None, log_level: str = "ERROR", start_timeout_s: float = WORKER_START_TIMEOUT_S
-) -> None:
-    """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
-
-    `log_level` applies to Ray's loggers in this job's processes: Ray Train logs every report at INFO and, without
-    a dashboard, warns every few seconds that its state API is unavailable. Below INFO, Ray Train's own worker
-    logging setup (which ignores RunConfig's LoggingConfig on the console here) is switched off, so the console
-    shows our one line per epoch and Ray's errors.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    # A busy laptop can take over Ray Train's default 60 s to start a worker group; waiting longer beats failing
-    # the run (`ray.worker_start_timeout_s`). Tune trials read it from the job's runtime env.
-    os.environ.setdefault(START_TIMEOUT_ENV, f"{start_timeout_s:g}")
-    # Ray Train's controller polls its workers every 2 s by default, and each epoch's report (and the end of the
-    # run) waits for that poll: ~1.5 s per epoch and ~5 s per run on top of sub-second epochs here. Poll faster.
-    os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
-    forwarded = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(SYSTEM_METRICS_ENV))]
-    env_vars = {name: os.environ[name] for name in forwarded}  # MLflow's system-metrics settings reach the workers
-    if log_level in ("WARNING", "ERROR"):
-        env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
-    options = {
-        "logging_level": "WARNING",
-        "logging_config": ray.LoggingConfig(log_level=log_level),
-        "runtime_env": {"env_vars": env_vars},
-    }
-    address = os.environ.get("RAY_ADDRESS")
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if address:
-        check_ray_address(address)
-        ray.init(address=address, **options)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
-    restore_sigterm(sigterm)
-
-
-def check_ray_address(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
-    """A ConfigError within seconds when RAY_ADDRESS (host:port of a head's GCS, or http(s)://host:port of its job
-    server) names no listening head: `ray.init` would retry for a minute and end in a traceback. Unset, or other
-    forms (`auto`, `ray://...`), are left to Ray."""
-    address = address or os.environ.get("RAY_ADDRESS", "")
-    found = re.fullmatch(r"(?:https?://)?\[?([\w.\-:]+?)\]?:(\d+)/?", address)
-    if not found:
-        return
-    host, port = found.group(1), int(found.group(2))
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as err:
-        reason = f"no answer in {timeout_s:g} s" if isinstance(err, TimeoutError) else err.strerror or repr(err)
-        raise ConfigError(
-            f"RAY_ADDRESS={address}: no Ray head answers there ({reason}); start the cluster "
-            f"(ray start --head, or make repro's local head) or unset RAY_ADDRESS to run on a local one"
-        ) from None
 
 
 def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
@@ -156,19 +75,6 @@ def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
     """Do the decoded train and val splits fit the per-worker memory budget `train.cache_mb`?"""
     count = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
     return decoded_bytes(count, manifest["image_shape"]) <= cache_mb * 2**20
-
-
-def check_resources(params: Params) -> None:
-    """On a local cluster, refuse a worker count the machine cannot place (it would wait forever)."""
-    import ray
-
-    if os.environ.get("RAY_ADDRESS"):
-        return
-    cpus = int(ray.cluster_resources().get("CPU", 0))
-    if params.train.min_workers > cpus:  # an elastic group starts with its minimum
-        raise ConfigError(
-            f"train.num_workers must be <= the {cpus} CPUs of the local Ray cluster, got {params.train.num_workers}"
-        )
 
 
 @dataclass(frozen=True)
@@ -237,38 +143,37 @@ def train_model(
     name = run_name(model_name, params, data.manifest_sha, phase=phase)
     storage = storage_location(params.ray.storage_path, root)
     folder = RunFolder(storage, name)
+    state = finished_state(folder, params.train.epochs)  # an earlier attempt trained to the end
+    model_args = dict(phase.model_args) if phase else None
+
+    def outputs_of(state: dict, fit_seconds: float, run: TrackedRun | None) -> dict:
+        shape, urls = data.image_shape, data.val_urls
+        return write_outputs(params, model_name, shape, urls, state, outputs, fit_seconds, run, model_args)
+
     if folder.exists(DONE_MARKER):
-        state = finished_state(folder, params.train.epochs) if phase else None
-        if state:  # a phase an earlier attempt of the same recipe finished (e.g. layer 1 before a crash in layer 2)
-            return write_outputs(
-                params,
-                model_name,
-                data.image_shape,
-                state,
-                outputs,
-                data.val_urls,
-                sum(row["epoch_time_s"] for row in state["history"]),
-                TrackedRun.recorded_in(folder),
-                phase,
-            )
+        if phase and state:  # a phase an earlier attempt of the same recipe finished (layer 1 before a crash in 2)
+            return outputs_of(state, trained_seconds(state), TrackedRun.recorded_in(folder))
         folder.remove()  # a finished run with identical inputs: train again from scratch
+        state = None
 
     run = open_mlflow_run(params, model_name, name, data.manifest_sha, folder, root, phase)
     if run:
         log_shards(run, Path(shard_dir), ("train", "val"))  # MLflow's Datasets panel: what the run trained on
-    state = finished_state(folder, params.train.epochs)  # an earlier attempt trained to the end, then failed
     if state is None:
         state, fit_seconds = fit(params, model_name, data, name, storage, run, phase)
-    else:
-        fit_seconds = sum(row["epoch_time_s"] for row in state["history"])
-        say(
-            f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: writing the outputs"
-        )
-    final = write_outputs(params, model_name, data.image_shape, state, outputs, data.val_urls, fit_seconds, run, phase)
+    else:  # then failed before writing its outputs
+        fit_seconds = trained_seconds(state)
+        say(f"[{model_name}] all {params.train.epochs} epochs are checkpointed in {storage}/{name}: writing outputs")
+    final = outputs_of(state, fit_seconds, run)
     if run:
-        finish_mlflow_run(params, run, model_name, outputs, phase, state["history"])
+        finish_mlflow_run(params, run, model_name, outputs, state["history"], register=phase is None)
     folder.write_text(DONE_MARKER, "done\n")
     return final
+
+
+def trained_seconds(state: dict) -> float:
+    """The training time a checkpoint's history records (for a run finished by an earlier attempt)."""
+    return sum(row["epoch_time_s"] for row in state["history"])
 
 
 def fit(
@@ -277,12 +182,12 @@ def fit(
     """Run (or resume) the Ray Train run `name`; return its last checkpoint's state and the fit's seconds."""
     from ray.train import TrainingFailedError
 
-    job = replace(data.job(params, model_name, run), fail_at_epoch=planned("train.epoch"))
+    job = replace(data.job(params, model_name, run), fail_at_epoch=planned("train.epoch"), log_epochs=False)
     if phase:
         job = phase_job(job, phase, params.seed)
     connect_ray(params.ray.num_cpus, params.ray.log_level, params.ray.worker_start_timeout_s)
     check_resources(params)
-    trainer = make_trainer(params, job, name, storage)
+    trainer = make_trainer(params, job, name, storage, callbacks=[EpochLogger(run, job.tag)] if run else [])
     started = time.perf_counter()
     try:
         result = fit_interruptibly(trainer)
@@ -327,23 +232,6 @@ def fit_interruptibly(trainer):
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, before)
-
-
-def finish_mlflow_run(params: Params, run: TrackedRun, model_name: str, outputs, phase, history: list[dict]) -> None:
-    """Epochs the run lacks (logged while the server was down), images, weights, config and curves to the run, the
-    model registered, the run FINISHED. A server lost at this point is a clear error: the checkpoints stay, and the
-    next attempt only does this part."""
-    try:
-        missing = run.log_missing_epochs(history)
-        if missing:
-            say(f"[{model_name}] logged {missing} epoch(s) MLflow had missed")
-        log_run_artifacts(run, outputs)
-        if params.tracking.log_models and phase is None:
-            register_model(params, run, model_name, outputs.model_dir)
-        run.finish()
-    except Exception as err:
-        kept = "every epoch is checkpointed"
-        raise logging_failed(f"training {model_name}", run.uri, err, kept, "it only logs") from None
 
 
 def finished_state(folder: RunFolder, epochs: int) -> dict | None:
@@ -432,67 +320,3 @@ def open_mlflow_run(
         root=root,
         parent=phase.parent if phase else None,
     )
-
-
-def write_outputs(
-    params: Params,
-    model_name,
-    image_shape,
-    state,
-    outputs,
-    val_urls,
-    fit_seconds,
-    run: TrackedRun | None,
-    phase: Phase | None = None,
-) -> dict:
-    """Final weights + run pointer (atomically, as one directory), DVC metrics and per-epoch plots."""
-    model = build_model(model_name, params.model_config_for(model_name), image_shape)
-    model.load_state_dict(state["model"])
-    if phase:
-        model.set_phase(**phase.model_args)  # the grids show what this phase trained
-    model.eval()
-    history = state["history"]
-    with atomic_dir(outputs.model_dir) as tmp:
-        record = weights_record(
-            model, model_name, params.model_config_for(model_name).model_dump(), image_shape, len(history)
-        )
-        save_state(tmp / WEIGHTS_FILE, record)
-        (tmp / RUN_FILE).write_text(json_text(record_of(run), sort_keys=False))
-        (tmp / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
-        write_grids(model, val_urls, tmp, params.evaluate.grid_size, params.seed)  # previews for MLflow
-    final = dict(history[-1])
-    final["fit_time_s"] = fit_seconds
-    final["epochs"] = len(history)
-    outputs.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(outputs.metrics_file, final)
-    outputs.plots_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(outputs.plots_file, history_csv(history))
-    return final
-
-
-def register_model(params: Params, run: TrackedRun, model_name: str, model_dir: Path) -> None:
-    """Log the final weights to the run as an MLflow model, register it, and note the version beside the weights."""
-    version = log_trained_model(run, model_dir / WEIGHTS_FILE, model_name)
-    champion_metric = "test_" + params.model_config_for(model_name).tune_metric.removeprefix("val_")  # minimised
-    record = run.record(
-        registered_model=registered_name(model_name), model_version=version, champion_metric=champion_metric
-    )
-    atomic_write_json(model_dir / RUN_FILE, record, sort_keys=False)
-
-
-def history_csv(history: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return buffer.getvalue()
-
-
-def log_run_artifacts(run: TrackedRun, outputs: TrainOutputs) -> None:
-    for name in ("reconstructions.png", "samples.png"):
-        if (outputs.model_dir / name).exists():
-            run.log_artifact(outputs.model_dir / name, "images")
-    run.log_artifact(outputs.model_dir / WEIGHTS_FILE, "checkpoint")
-    run.log_artifact(outputs.model_dir / "params.yaml", "config")
-    run.log_artifact(outputs.plots_file, "metrics")

@@ -35,8 +35,9 @@ from latentzoo.errors import Terminated, TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun, logging_failed
+from latentzoo.training.cluster import check_ray_address, connect_ray
 from latentzoo.training.loop import TrainJob, run_loop, say, tune_session
-from latentzoo.training.trainer import DONE_MARKER, check_ray_address, connect_ray, run_name, training_data
+from latentzoo.training.trainer import DONE_MARKER, run_name, training_data
 from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"

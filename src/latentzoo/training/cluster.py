@@ -1,0 +1,92 @@
+"""The driver's Ray cluster: connect to the one at RAY_ADDRESS or start a local one, and check it can run the job.
+
+Shared by the train stage and the tune stage (each trial is a TorchTrainer on the same cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+
+from latentzoo.config import Params
+from latentzoo.errors import ConfigError, restore_sigterm
+
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+WORKER_START_TIMEOUT_S = 600
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = 0.2
+RAY_CONNECT_TIMEOUT_S = 5.0
+SYSTEM_METRICS_ENV = "MLFLOW_SYSTEM_METRICS_"  # e.g. ..._SAMPLING_INTERVAL: read where the workers sample
+
+
+def connect_ray(
+    num_cpus: int | None = None, log_level: str = "ERROR", start_timeout_s: float = WORKER_START_TIMEOUT_S
+) -> None:
+    """Use the cluster at RAY_ADDRESS when set, else start a local one (once per process).
+
+    `log_level` applies to Ray's loggers in this job's processes: Ray Train logs every report at INFO and, without
+    a dashboard, warns every few seconds that its state API is unavailable. Below INFO, Ray Train's own worker
+    logging setup (which ignores RunConfig's LoggingConfig on the console here) is switched off, so the console
+    shows our one line per epoch and Ray's errors.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    # A busy laptop can take over Ray Train's default 60 s to start a worker group; waiting longer beats failing
+    # the run (`ray.worker_start_timeout_s`). Tune trials read it from the job's runtime env.
+    os.environ.setdefault(START_TIMEOUT_ENV, f"{start_timeout_s:g}")
+    # Ray Train's controller polls its workers every 2 s by default, and each epoch's report (and the end of the
+    # run) waits for that poll: ~1.5 s per epoch and ~5 s per run on top of sub-second epochs here. Poll faster.
+    os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
+    forwarded = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(SYSTEM_METRICS_ENV))]
+    env_vars = {name: os.environ[name] for name in forwarded}  # MLflow's system-metrics settings reach the workers
+    if log_level in ("WARNING", "ERROR"):
+        env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
+    options = {
+        "logging_level": "WARNING",
+        "logging_config": ray.LoggingConfig(log_level=log_level),
+        "runtime_env": {"env_vars": env_vars},
+    }
+    address = os.environ.get("RAY_ADDRESS")
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if address:
+        check_ray_address(address)
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
+    restore_sigterm(sigterm)
+
+
+def check_ray_address(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """A ConfigError within seconds when RAY_ADDRESS (host:port of a head's GCS, or http(s)://host:port of its job
+    server) names no listening head: `ray.init` would retry for a minute and end in a traceback. Unset, or other
+    forms (`auto`, `ray://...`), are left to Ray."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    found = re.fullmatch(r"(?:https?://)?\[?([\w.\-:]+?)\]?:(\d+)/?", address)
+    if not found:
+        return
+    host, port = found.group(1), int(found.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = f"no answer in {timeout_s:g} s" if isinstance(err, TimeoutError) else err.strerror or repr(err)
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray head answers there ({reason}); start the cluster "
+            f"(ray start --head, or make repro's local head) or unset RAY_ADDRESS to run on a local one"
+        ) from None
+
+
+def check_resources(params: Params) -> None:
+    """On a local cluster, refuse a worker count the machine cannot place (it would wait forever)."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if params.train.min_workers > cpus:  # an elastic group starts with its minimum
+        raise ConfigError(
+            f"train.num_workers must be <= the {cpus} CPUs of the local Ray cluster, got {params.train.num_workers}"
+        )
