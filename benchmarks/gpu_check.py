@@ -34,7 +34,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nccl {torch.cuda.nccl.version()}")
 
     from latentzoo.config import validate_params
-    from latentzoo.stages import evaluate_stage, prepare_stage, shard_stage
+    from latentzoo.stages.evaluate import evaluate_stage
+    from latentzoo.stages.prepare import prepare_stage
+    from latentzoo.stages.shard import shard_stage
     from latentzoo.training.trainer import TrainOutputs, train_model
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -102,7 +102,10 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep data, models and Ray runs here")
     args = ap.parse_args()
 
-    from latentzoo.stages import classifier_stage, evaluate_stage, prepare_stage, shard_stage
+    from latentzoo.stages.classifier import classifier_stage
+    from latentzoo.stages.evaluate import evaluate_stage
+    from latentzoo.stages.prepare import prepare_stage
+    from latentzoo.stages.shard import shard_stage
     from latentzoo.training.trainer import TrainOutputs, train_model
 
     result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")}

@@ -223,7 +223,27 @@ def loader_section(name: str, r: dict) -> list[str]:
         )
     if (r.get("others_cpu_busy") or 0) > 0.1:
         notes.append(f"Other processes kept {100 * r['others_cpu_busy']:.0f}% of the CPUs busy: timings disturbed.")
-    return [*lines, "", " ".join(notes)]
+    rgb = r.get("rgb_64")
+    if not rgb:
+        return [*lines, "", " ".join(notes)]
+    floor = table(
+        ["64×64 RGB (PNG image folder, sharded)", "vs decode floor", "images/s", f"target ≥ {target}×"],
+        [
+            [
+                f"decode floor: {rgb['png_decode_per_core_per_s']:,.0f} PNG/s on one core × {rgb['cores']} cores",
+                ratio(1.0),
+                fmt(rgb["decode_floor_per_s"], ",.0f"),
+                "–",
+            ],
+            [
+                "`train_batches`, streamed",
+                ratio(rgb["ratio_vs_decode_floor"]),
+                fmt(rgb["streamed_per_s"], ",.0f"),
+                rgb["target"],
+            ],
+        ],
+    )
+    return [*lines, "", " ".join(notes), "", *floor, "", f"{rgb['train_images']:,} training images of 3×64×64."]
 
 
 def vae_speed_section(name: str, r: dict) -> list[str]:

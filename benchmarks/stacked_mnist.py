@@ -65,7 +65,9 @@ def main() -> int:
     )
     args = ap.parse_args()
 
-    from latentzoo.stages import finetune_stage, prepare_stage, pretrain_stage, shard_stage
+    from latentzoo.stages.prepare import prepare_stage
+    from latentzoo.stages.shard import shard_stage
+    from latentzoo.stages.stacked import finetune_stage, pretrain_stage
 
     result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")}
     result |= {"cpus": os.cpu_count(), "by_fraction": {}}

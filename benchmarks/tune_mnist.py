@@ -53,7 +53,7 @@ def trial_times(experiment: Path) -> list[dict]:
 
 def test_objective(params, model: str, work: Path, tag: str, weights: dict) -> float:
     """Train `model` with `weights` for train.epochs (2 DDP workers), score it on the test split."""
-    from latentzoo.stages import evaluate_stage
+    from latentzoo.stages.evaluate import evaluate_stage
     from latentzoo.training.trainer import TrainOutputs, train_model
     from latentzoo.tuning.search import with_weights
 
@@ -65,7 +65,7 @@ def test_objective(params, model: str, work: Path, tag: str, weights: dict) -> f
 
 
 def bench_model(params, model: str, work: Path) -> dict:
-    from latentzoo.stages import tune_stage
+    from latentzoo.stages.tune import tune_stage
     from latentzoo.tuning.search import search_space
 
     section = params.model_config_for(model)
@@ -104,7 +104,8 @@ def main() -> int:
     ap.add_argument("--final-epochs", type=int, default=3, help="epochs of the default and tuned trainings")
     args = ap.parse_args()
 
-    from latentzoo.stages import prepare_stage, shard_stage
+    from latentzoo.stages.prepare import prepare_stage
+    from latentzoo.stages.shard import shard_stage
 
     result = {
         "train_images": args.train_images,

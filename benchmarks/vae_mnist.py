@@ -94,7 +94,9 @@ def main() -> int:
     ap.add_argument("--baseline-epochs", type=int, default=2)
     args = ap.parse_args()
 
-    from latentzoo.stages import evaluate_stage, prepare_stage, shard_stage
+    from latentzoo.stages.evaluate import evaluate_stage
+    from latentzoo.stages.prepare import prepare_stage
+    from latentzoo.stages.shard import shard_stage
     from latentzoo.training.trainer import TrainOutputs, train_model
 
     with tempfile.TemporaryDirectory(prefix="lz-bench-") as d:

@@ -73,3 +73,15 @@ def test_cached_and_streamed_epochs_hold_the_same_samples(digits_shards):
 
 def cached_epoch(urls):
     return train_batches(urls, steps=3, batch_size=16, rank=0, world_size=1, seed=0, epoch=0, cached=True)
+
+
+@pytest.mark.parametrize("shuffle_buffer", [0, 100, 5000])
+def test_a_streamed_pass_holds_every_sample_once(digits_shards, shuffle_buffer):
+    urls = shard_urls(digits_shards, load_manifest(digits_shards), "train")
+    in_order = torch.cat([y for _, y in eval_batches(urls, batch_size=1000)])
+    n = len(in_order)
+    (x, y), *_ = train_batches(  # one batch of the whole split: the first pass over the rank's shards
+        urls, steps=1, batch_size=n, rank=0, world_size=1, seed=0, epoch=0, shuffle_buffer=shuffle_buffer
+    )
+    assert x.shape[0] == n and sorted(y.tolist()) == sorted(in_order.tolist())
+    assert (y != in_order).any()  # shards (and, with a buffer, images) come in a shuffled order

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -15,8 +14,9 @@ from PIL import Image
 
 import latentzoo.data.shards as shards_mod
 from latentzoo.config import DataConfig
+from latentzoo.data.loader import iter_keyed
 from latentzoo.data.prepare import load_split, prepare
-from latentzoo.data.shards import load_manifest, shard_urls, verify_shards, write_shards
+from latentzoo.data.shards import encode_array, load_manifest, shard_urls, verify_shards, write_shards
 from latentzoo.errors import ShardError
 
 
@@ -42,14 +42,13 @@ def prepared_rgb(tmp_path_factory) -> Path:
 
 
 def read_back(urls: list[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(images NHWC, labels, keys) as a plain WebDataset reader sees them."""
+    """(images NHWC, labels, block keys) as a plain WebDataset reader sees them (its own .npy decoder)."""
     images, labels, keys = [], [], []
-    for sample in wds.WebDataset(urls, shardshuffle=False):
-        arr = np.asarray(Image.open(io.BytesIO(sample["png"])))
-        images.append(arr[..., None] if arr.ndim == 2 else arr)
-        labels.append(int(sample["cls"].decode("ascii")))
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        images.append(sample["images.npy"])
+        labels.append(sample["labels.npy"])
         keys.append(sample["__key__"])
-    return np.stack(images), np.asarray(labels), keys
+    return np.concatenate(images), np.concatenate(labels), keys
 
 
 def raiser(exc: BaseException):
@@ -70,7 +69,7 @@ def test_round_trip(request, tmp_path, which):
         expected = load_split(src, split)
         np.testing.assert_array_equal(images, expected.images)
         np.testing.assert_array_equal(labels, expected.labels)
-        assert keys[:2] == [f"{split}-0000000", f"{split}-0000001"]
+        assert keys == [f"{split}-{i:07d}" for i in range(0, len(labels), 50)]  # a block per shard: its first key
 
 
 def test_manifest(prepared, tmp_path):
@@ -86,8 +85,8 @@ def test_manifest(prepared, tmp_path):
         for shard in entry["shards"]:
             path = out / shard["name"]
             assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
-            with tarfile.open(path) as tar:
-                assert len(tar.getnames()) == 2 * shard["count"]  # .cls + .png per sample
+            with tarfile.open(path) as tar:  # one block: .images.npy + .labels.npy (50 digits fit one block)
+                assert len(tar.getnames()) == 2
     names = sorted(p.name for p in out.iterdir())
     listed = sorted(s["name"] for e in manifest["splits"].values() for s in e["shards"])
     assert names == sorted(listed + ["manifest.json"])
@@ -149,15 +148,15 @@ def test_shard_urls_absolute_in_order(prepared, tmp_path, monkeypatch):
 
 def test_interrupted_write_leaves_nothing(prepared, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = shards_mod.encode_png
+    real = shards_mod.encode_array
 
-    def flaky(image):
+    def flaky(array):
         calls["n"] += 1
-        if calls["n"] == 120:  # midway through train, after two shards were closed
+        if calls["n"] == 6:  # midway through train (images + labels per shard), after two shards were closed
             raise KeyboardInterrupt
-        return real(image)
+        return real(array)
 
-    monkeypatch.setattr(shards_mod, "encode_png", flaky)
+    monkeypatch.setattr(shards_mod, "encode_array", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_shards(prepared, tmp_path / "shards", maxcount=50, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -173,3 +172,32 @@ def test_interrupted_rewrite_keeps_previous_shards(prepared, tmp_path, monkeypat
     verify_shards(out, before)
     assert load_manifest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["shards"]
+
+
+def test_blocks_smaller_than_a_shard_round_trip(prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "BLOCK_BYTES", 16 * 64)  # 16 digits of 8x8 per block: 16, 16, 16, 2 per shard
+    manifest = write_shards(prepared, tmp_path / "shards", maxcount=50, progress=False)
+    urls = shard_urls(tmp_path / "shards", manifest, "train")
+    images, labels, keys = read_back(urls)
+    expected = load_split(prepared, "train")
+    np.testing.assert_array_equal(images, expected.images)
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert keys[:5] == ["train-0000000", "train-0000016", "train-0000032", "train-0000048", "train-0000050"]
+    keyed = list(iter_keyed(urls))  # the loader's view: every image under its own key, in order
+    assert [k for k, _, _ in keyed] == [f"train-{i:07d}" for i in range(len(expected.labels))]
+    assert [y for _, _, y in keyed] == expected.labels.tolist()
+
+
+def test_a_corrupt_block_names_its_shard_and_block(tmp_path):
+    path = tmp_path / "train-000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "train-0000000", "images.npy": b"\x93NUMPY garbage", "labels.npy": b""})
+    with pytest.raises(ShardError, match=r"train-000000\.tar: block train-0000000 is unreadable"):
+        list(iter_keyed([str(path)]))
+    with wds.TarWriter(str(path)) as writer:  # readable arrays that disagree: 3 images, 2 labels
+        images, labels = np.zeros((3, 8, 8, 1), np.uint8), np.zeros(2, np.int64)
+        writer.write(
+            {"__key__": "train-0000000", "images.npy": encode_array(images), "labels.npy": encode_array(labels)}
+        )
+    with pytest.raises(ShardError, match=r"block train-0000000 is unreadable .*labels \(2,\)"):
+        list(iter_keyed([str(path)]))

@@ -78,7 +78,7 @@ class TrainConfig(Section):
     grad_clip: float | None = Field(default=None, gt=0)
     max_failures: int = Field(default=2, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per worker; None: cores // workers
-    shuffle_buffer: int = Field(default=1000, ge=0)  # samples, when streaming shards
+    shuffle_buffer: int = Field(default=1000, ge=0)  # streaming: blocks gathered to >= this many images, permuted
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
 

@@ -12,8 +12,10 @@ batches. Uneven shards only change how often a rank re-reads its own samples, ne
 A label budget (fine-tuning with a fraction of the labels) keeps a fixed subset of the training samples, chosen by
 a hash of each sample's key (`labelled`), so every rank, epoch and restart agrees on it without any coordination.
 
-When the decoded splits fit in memory (`train.cache_mb`), each worker keeps the shards it has read decoded
-(`DecodedShards`) and shuffles them exactly; otherwise every epoch streams the tars again with a shuffle buffer.
+Shards hold blocks of raw uint8 images (`latentzoo.data.shards`), so reading is array work, not per-image Python:
+streamed, an epoch gathers consecutive blocks into a shuffle buffer and permutes it (`shuffled_chunks`). When the
+splits fit in memory (`train.cache_mb`), each worker keeps the shards it has read (`DecodedShards`) and shuffles
+them exactly instead.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import io
 import math
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from latentzoo.data.shards import sample_key
 from latentzoo.errors import ShardError
@@ -69,39 +71,57 @@ def count_labelled(split: str, count: int, fraction: float, seed: int) -> int:
     return sum(labelled(sample_key(split, i), fraction, seed) for i in range(count))
 
 
-def decode_sample(sample: dict) -> tuple[np.ndarray, int]:
-    """One WebDataset sample (PNG bytes + class) → (uint8 array HxWxC, label)."""
-    key = sample.get("__key__", "?")
+@dataclass(frozen=True)
+class Block:
+    """Consecutive images of one split, as one shard member holds them: uint8 N×H×W×C images, int64 labels,
+    and the key of each (`sample_key`)."""
+
+    keys: list[str]
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep) -> Block:
+        """The images whose key `keep(key)` accepts."""
+        mask = np.fromiter((keep(k) for k in self.keys), dtype=bool, count=len(self.keys))
+        return Block([k for k, m in zip(self.keys, mask) if m], self.images[mask], self.labels[mask])
+
+
+def read_block(sample: dict) -> Block:
+    """One WebDataset sample of a shard (`<key>.images.npy`, `<key>.labels.npy`) → a Block; a ShardError naming
+    the shard and the block when a member is missing, unreadable or inconsistent."""
+    key, url = sample.get("__key__", "?"), sample.get("__url__", "shard")
     try:
-        image = np.asarray(Image.open(io.BytesIO(sample["png"])))
-        label = int(sample["cls"])
-    except Exception as err:  # a corrupt member inside a shard: name the shard and the key
-        raise ShardError(f"{sample.get('__url__', 'shard')}: sample {key} is unreadable ({err})") from err
-    return (image[..., None] if image.ndim == 2 else image), label
+        images = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
+        labels = np.load(io.BytesIO(sample["labels.npy"]), allow_pickle=False)
+        split, _, first = key.rpartition("-")
+        if images.dtype != np.uint8 or images.ndim != 4 or labels.shape != (len(images),):
+            raise ValueError(f"images {images.dtype} {images.shape} with labels {labels.shape}")
+        keys = [sample_key(split, int(first) + i) for i in range(len(labels))]
+    except Exception as err:  # a corrupt member inside a shard: name the shard and the block
+        raise ShardError(f"{url}: block {key} is unreadable ({type(err).__name__}: {err})") from err
+    return Block(keys, images, labels.astype(np.int64, copy=False))
 
 
-def iter_keyed(
-    urls: list[str], shuffle_buffer: int = 0, seed: int = 0, keep=None
-) -> Iterator[tuple[str, np.ndarray, int]]:
-    """One pass over `urls` in order (optionally shuffled within a buffer): (key, image, label), decoded;
-    `keep(key)` selects samples before they are decoded."""
+def iter_blocks(urls: list[str], keep=None) -> Iterator[Block]:
+    """The blocks of `urls` in order; `keep(key)` selects images (empty blocks are skipped)."""
     if not urls:  # a rank with no shard of a small split (val/test) contributes nothing
         return
     dataset = wds.WebDataset(urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
-    if keep is not None:
-        dataset = dataset.select(lambda sample: keep(sample["__key__"]))
-    if shuffle_buffer > 1:
-        dataset = dataset.shuffle(shuffle_buffer, rng=random.Random(seed))
     for sample in dataset:
-        yield (sample["__key__"], *decode_sample(sample))
+        block = read_block(sample)
+        if keep is not None:
+            block = block.select(keep)
+        if len(block):
+            yield block
 
 
-def iter_samples(
-    urls: list[str], shuffle_buffer: int = 0, seed: int = 0, keep=None
-) -> Iterator[tuple[np.ndarray, int]]:
-    """`iter_keyed` without the keys: (image, label)."""
-    for _, image, label in iter_keyed(urls, shuffle_buffer, seed, keep):
-        yield image, label
+def iter_keyed(urls: list[str], keep=None) -> Iterator[tuple[str, np.ndarray, int]]:
+    """One ordered pass over `urls`, image by image: (key, uint8 HxWxC image, label)."""
+    for block in iter_blocks(urls, keep):
+        yield from zip(block.keys, block.images, block.labels.tolist())
 
 
 def to_float(images: np.ndarray) -> torch.Tensor:
@@ -109,28 +129,54 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def to_batch(images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A list of uint8 HWC images and their labels → a float batch (`to_float`) and int64 labels."""
-    return to_float(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
+def array_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return to_float(images), torch.from_numpy(labels)
 
 
-def batched(samples: Iterator[tuple[np.ndarray, int]], batch_size: int, drop_last: bool):
-    images, labels = [], []
-    for image, label in samples:
-        images.append(image)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield to_batch(images, labels)
-            images, labels = [], []
-    if images and not drop_last:
-        yield to_batch(images, labels)
+def rebatch(chunks: Iterator[tuple[np.ndarray, np.ndarray]], batch_size: int, drop_last: bool):
+    """(images, labels) arrays of any lengths → batches of exactly `batch_size` (the last one shorter unless
+    `drop_last`), in order."""
+    images, labels = np.empty((0,), np.uint8), np.empty((0,), np.int64)
+    for chunk_images, chunk_labels in chunks:
+        images = np.concatenate([images, chunk_images]) if len(images) else chunk_images
+        labels = np.concatenate([labels, chunk_labels]) if len(labels) else chunk_labels
+        full = len(labels) - len(labels) % batch_size
+        for i in range(0, full, batch_size):
+            yield array_batch(images[i : i + batch_size], labels[i : i + batch_size])
+        images, labels = images[full:], labels[full:]
+    if len(labels) and not drop_last:
+        yield array_batch(images, labels)
+
+
+def arrays_of(blocks: Iterator[Block]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    return ((b.images, b.labels) for b in blocks)
+
+
+def shuffled_chunks(blocks: Iterator[Block], buffer: int, rng: np.random.Generator):
+    """Consecutive blocks gathered until they hold at least `buffer` images, then permuted: a shuffle buffer that
+    moves arrays, not images one by one (the shard order is shuffled too, by `rank_shards`)."""
+    pending: list[Block] = []
+    for block in blocks:
+        pending.append(block)
+        if sum(len(b) for b in pending) >= buffer:
+            yield permuted(pending, rng)
+            pending = []
+    if pending:
+        yield permuted(pending, rng)
+
+
+def permuted(blocks: list[Block], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    images = np.concatenate([b.images for b in blocks])
+    labels = np.concatenate([b.labels for b in blocks])
+    order = rng.permutation(len(labels))
+    return images[order], labels[order]
 
 
 class DecodedShards:
-    """Shards decoded once and kept in this process's memory (a per-worker cache).
+    """Shards read once and kept in this process's memory (a per-worker cache).
 
-    WebDataset still reads every shard from disk once; afterwards an epoch costs no tar parsing or PNG decoding,
-    which on CPU is otherwise about a quarter of an MNIST epoch. Used only when the splits fit `train.cache_mb`.
+    Afterwards an epoch reads nothing from disk and draws exact shuffles. Used only when the splits fit
+    `train.cache_mb`.
     """
 
     def __init__(self) -> None:
@@ -138,11 +184,11 @@ class DecodedShards:
 
     def get(self, url: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         if url not in self._arrays:
-            samples = list(iter_keyed([url]))
-            if not samples:
+            blocks = list(iter_blocks([url]))
+            if not blocks:
                 raise ShardError(f"{url}: holds no samples")
-            keys, images, labels = zip(*samples)
-            self._arrays[url] = np.stack(images), np.asarray(labels, dtype=np.int64), list(keys)
+            images, labels = np.concatenate([b.images for b in blocks]), np.concatenate([b.labels for b in blocks])
+            self._arrays[url] = images, labels, [k for b in blocks for k in b.keys]
         return self._arrays[url]
 
     def concat(self, urls: list[str], keep=None) -> tuple[np.ndarray, np.ndarray]:
@@ -163,10 +209,6 @@ def decoded_bytes(count: int, image_shape) -> int:
     return count * math.prod(image_shape)
 
 
-def array_batch(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return to_float(images), torch.from_numpy(labels)
-
-
 def train_batches(
     urls: list[str],
     *,
@@ -182,24 +224,29 @@ def train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed.
 
-    cached: shuffle the rank's decoded samples exactly (in memory); else stream the shards through WebDataset
-    with a shuffle buffer. label_fraction < 1: only the samples in the label budget (`labelled`).
+    cached: shuffle the rank's decoded samples exactly (in memory); else stream the shards' blocks through a
+    shuffle buffer of `shuffle_buffer` images (`shuffled_chunks`; 0 or 1: in order). label_fraction < 1: only
+    the samples in the label budget (`labelled`).
     """
     mine = rank_shards(urls, rank, world_size, seed, epoch)
     keep = None if label_fraction >= 1 else (lambda key: labelled(key, label_fraction, seed))
     if cached:
         return cached_batches(mine, steps, batch_size, np.random.default_rng((seed, epoch, rank)), keep)
 
-    def endless() -> Iterator[tuple[np.ndarray, int]]:
-        for cycle in range(1_000_000):
+    rng = np.random.default_rng((seed, epoch, rank))
+
+    def endless() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while True:
             seen = 0
-            for sample in iter_samples(mine, shuffle_buffer, seed=hash((seed, epoch, rank, cycle)), keep=keep):
-                seen += 1
-                yield sample
+            blocks = iter_blocks(mine, keep)
+            chunks = shuffled_chunks(blocks, shuffle_buffer, rng) if shuffle_buffer > 1 else arrays_of(blocks)
+            for chunk in chunks:
+                seen += len(chunk[1])
+                yield chunk
             if seen == 0:
                 raise ShardError(f"shards {mine} hold no samples")
 
-    return islice(batched(endless(), batch_size, drop_last=True), steps)
+    return islice(rebatch(endless(), batch_size, drop_last=True), steps)
 
 
 def cached_batches(urls: list[str], steps: int, batch_size: int, rng: np.random.Generator, keep=None):
@@ -220,7 +267,7 @@ def eval_batches(
     """One ordered pass over this rank's share of the shards (every sample exactly once across ranks)."""
     mine = list(islice(urls, rank, None, world_size))
     if not cached:
-        return batched(iter_samples(mine), batch_size, drop_last=False)
+        return rebatch(arrays_of(iter_blocks(mine)), batch_size, drop_last=False)
     if not mine:
         return iter(())
     images, labels = CACHE.concat(mine)
