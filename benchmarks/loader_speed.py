@@ -6,9 +6,9 @@ MNIST (IDX files) is prepared and sharded into a temp dir by the pipeline's own 
 
     tensordataset  torch.utils.data.DataLoader(TensorDataset(x, y), batch_size, shuffle=True, drop_last=True),
                    x already float in memory (the baseline)
-    streamed       latentzoo.data.loader.train_batches(cached=False): tars read and PNGs decoded every epoch,
-                   shuffle buffer
-    cached         train_batches(cached=True): shards decoded once into the per-process CACHE (its first epoch,
+    streamed       latentzoo.data.loader.train_batches(cached=False): the tars read every epoch, whole blocks
+                   through the shuffle buffer
+    cached         train_batches(cached=True): shards read once into the per-process CACHE (its first epoch,
                    which fills it, is reported apart), then exact in-memory shuffles
 
 Shards hold blocks of raw uint8 images (latentzoo.data.shards), so neither streamed nor cached decodes images.
@@ -84,9 +84,26 @@ def tensor_loader(prepared: Path, batch_size: int, seed: int) -> torch.utils.dat
     )
 
 
+def one_rank(params, urls: list[str], steps: int, epoch: int, cached: bool):
+    """The pipeline's training batches of one epoch for rank 0 of 1, with params' batch size, seed and buffer."""
+    from latentzoo.data.loader import train_batches
+
+    return train_batches(
+        urls,
+        steps=steps,
+        batch_size=params.train.batch_size,
+        rank=0,
+        world_size=1,
+        seed=params.seed,
+        epoch=epoch,
+        shuffle_buffer=params.train.shuffle_buffer,
+        cached=cached,
+    )
+
+
 def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float) -> dict:
     """Seconds per epoch of each variant, rounds interleaved so that drift hits all of them alike."""
-    from latentzoo.data.loader import steps_per_epoch, train_batches
+    from latentzoo.data.loader import steps_per_epoch
     from latentzoo.data.shards import load_manifest, shard_urls
 
     urls = shard_urls(shard_dir, load_manifest(shard_dir), "train")
@@ -94,17 +111,7 @@ def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float)
     steps = steps_per_epoch(len(baseline.dataset), 1, params.train.batch_size)
 
     def pipeline(cached: bool, epoch: int):
-        return train_batches(
-            urls,
-            steps=steps,
-            batch_size=params.train.batch_size,
-            rank=0,
-            world_size=1,
-            seed=params.seed,
-            epoch=epoch,
-            shuffle_buffer=params.train.shuffle_buffer,
-            cached=cached,
-        )
+        return one_rank(params, urls, steps, epoch, cached)
 
     cache_fill_s, _ = timed_epoch(pipeline(True, epoch=rounds))  # decodes every shard into CACHE once
     times: dict[str, list[float]] = {"tensordataset": [], "streamed": [], "cached": []}
@@ -176,7 +183,7 @@ def decode_rate(folder: Path) -> float:
 def measure_rgb(args, params, prepared: Path, work: Path) -> dict:
     """Streamed images/s over 64x64 RGB shards against the decode floor (single-core PNG decode rate x cores)."""
     from latentzoo.config import validate_params
-    from latentzoo.data.loader import steps_per_epoch, train_batches
+    from latentzoo.data.loader import steps_per_epoch
     from latentzoo.data.shards import load_manifest, shard_urls
     from latentzoo.stages.prepare import prepare_stage
     from latentzoo.stages.shard import shard_stage
@@ -196,17 +203,7 @@ def measure_rgb(args, params, prepared: Path, work: Path) -> dict:
     for epoch in range(args.rounds):
         wait_idle(args.wait_idle)
         rates.append(decode_rate(folder))
-        batches = train_batches(
-            urls,
-            steps=steps,
-            batch_size=rgb.train.batch_size,
-            rank=0,
-            world_size=1,
-            seed=rgb.seed,
-            epoch=epoch,
-            shuffle_buffer=rgb.train.shuffle_buffer,
-        )
-        seconds, images = timed_epoch(batches)
+        seconds, images = timed_epoch(one_rank(rgb, urls, steps, epoch, cached=False))
         streamed.append(images / seconds)
         print(f"round {epoch + 1}: png decode {rates[-1]:,.0f}/s on 1 core; streamed {streamed[-1]:,.0f}/s", flush=True)
     cores = os.cpu_count() or 1
