@@ -218,7 +218,7 @@ def loader_section(name: str, r: dict) -> list[str]:
     ]
     if "first_epoch_images_per_s" in rows.get("cached", {}):
         notes.append(
-            f"The cached loader's first epoch (decoding every shard) ran at "
+            f"The cached loader's first epoch (reading every shard into memory) ran at "
             f"{rows['cached']['first_epoch_images_per_s']:,.0f} images/s."
         )
     if (r.get("others_cpu_busy") or 0) > 0.1:
