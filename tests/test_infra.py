@@ -235,7 +235,7 @@ def test_the_job_runtime_env_gives_every_process_the_shared_code_and_the_mlflow_
 
 def test_the_job_runtime_env_sets_no_variable_the_stages_set_in_theirs():
     """Ray refuses to merge a job's env_vars with a driver's ray.init(runtime_env=...) that sets the same name."""
-    source = (ROOT / "src" / "latentzoo" / "training" / "trainer.py").read_text()
+    source = (ROOT / "src" / "latentzoo" / "training" / "cluster.py").read_text()
     strings = {n.value for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
     assert "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S" in strings  # what connect_ray sets; the check below is live
     assert not set(job_runtime_env()["env_vars"]) & strings
