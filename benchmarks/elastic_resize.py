@@ -1,11 +1,15 @@
 """Time lost per resize of an elastic training run (`train.num_workers: [1, 2]`), on one machine.
 
 A Ray head with 1 CPU runs the train stage (`pipelines/train.py`, the VAE) on the bundled digits; a second node
-(`ray start`, 1 CPU) joins mid-run and is stopped a few epochs later. From the stage's own output it measures
+(`ray start`, 1 CPU) joins mid-run and is stopped a few epochs later without warning; another joins, and is then
+reclaimed as KubeRay's preStop hook does it (`ray drain-node` with a deadline, the node stopped a little before it).
+From the stage's own output it measures
 
     grow    seconds from the moment the new node is up (it holds resources in the cluster) to the line rank 0
             prints before the first step at 2 workers,
     shrink  seconds from the node's stop to the first step at 1 worker again,
+    notice  seconds from the drain to the stage's mid-epoch checkpoint (`train.preemption_check_steps`),
+    reclaim seconds from the drain's deadline (when Ray Train restarts the group) to the first step at 1 worker,
 
 and, as the baseline of the same run, the median epoch time at 1 worker: the ratio says how many epochs a resize
 costs. A shrink that first retries the old size (Ray's view of the cluster lags the node's loss by up to a second)
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from results_io import write_result  # noqa: E402
 from test_cluster import worker_node  # noqa: E402
+from test_elastic import drain  # noqa: E402
 
 from latentzoo.config import validate_params  # noqa: E402
 from latentzoo.data.prepare import prepare  # noqa: E402
@@ -79,16 +84,47 @@ def node_up(before: float) -> float:
     return max(before, time.monotonic())
 
 
+def reclaimed(head, lines: Lines, deadline_s: int, stop_before_s: float, after: float) -> dict:
+    """A second node joins; once the run has grown to it, it is drained with a deadline and stopped `stop_before_s`
+    before the deadline: seconds from the drain to the mid-epoch checkpoint, and from the deadline (when Ray Train
+    restarts the group) to the first step at 1 worker."""
+    with worker_node(head):
+        joined = node_up(time.monotonic())
+        grown = lines.wait("[vae] 2 worker(s) on 2 node(s)", after=max(after, joined))
+        lines.wait(EPOCH_LINE, after=grown)
+        drained = time.monotonic()
+        drain(head, deadline_s)
+        noticed = lines.wait("checkpointing mid-epoch", after=drained)
+        time.sleep(max(0.0, drained + deadline_s - stop_before_s - time.monotonic()))
+    deadline = drained + deadline_s
+    shrunk = lines.wait("[vae] 1 worker(s) on 1 node(s)", after=deadline)
+    retried = retried_between(lines, deadline, shrunk)
+    return {
+        "drain_deadline_s": deadline_s,
+        "stopped_before_deadline_s": stop_before_s,
+        "notice_s": round(noticed - drained, 2),
+        "reclaim_s": round(shrunk - deadline, 2),
+        "reclaim_retried_old_size": retried,
+    }
+
+
+def retried_between(lines: Lines, start: float, end: float) -> bool:
+    """Whether Ray Train first tried a worker group of the old size between `start` and `end` (and timed out)."""
+    return any("WorkerGroupStartupTimeoutError" in line for t, line in lines.items if start <= t <= end)
+
+
 def epoch_seconds(lines: Lines, start: float, end: float) -> list[float]:
     return [float(line.split()[-1].rstrip("s")) for t, line in lines.items if start <= t <= end and EPOCH_LINE in line]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=300, help="~0.2 s each: the node (10-30 s to join) comes mid-run")
+    ap.add_argument("--epochs", type=int, default=800, help="~0.2 s each: two nodes (10-30 s to join) come mid-run")
     ap.add_argument("--resize-interval", type=float, default=1.0, help="train.elastic_resize_interval_s")
     ap.add_argument("--start-timeout", type=float, default=10.0, help="ray.worker_start_timeout_s")
     ap.add_argument("--shrink-timeout", type=float, default=300.0, help="give up on the shrink after this long")
+    ap.add_argument("--drain-deadline", type=int, default=10, help="seconds from the drain to its deadline")
+    ap.add_argument("--stop-before", type=float, default=3.0, help="the drained node stops this long before it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/elastic_resize.json"))
     args = ap.parse_args()
 
@@ -136,6 +172,7 @@ def main() -> int:
         except TimeoutError:  # the known gap of #26: the lost worker waited on for minutes
             shrunk = None
             train.kill()
+        reclaim = reclaimed(head, lines, args.drain_deadline, args.stop_before, after=shrunk) if shrunk else {}
         if train.wait(timeout=900) != 0 and shrunk is not None:
             raise SystemExit(f"the train stage failed (exit {train.returncode})")
         ray.shutdown()
@@ -154,7 +191,8 @@ def main() -> int:
         "shrink_s": round(shrunk - stopped, 2) if shrunk else None,  # None: no shrink within --shrink-timeout
         "grow_epochs": round((grown - joined) / baseline, 1),
         "shrink_epochs": round((shrunk - stopped) / baseline, 1) if shrunk else None,
-        "retried_old_size": sum("WorkerGroupStartupTimeoutError" in line for _, line in lines.items) > 0,
+        "retried_old_size": retried_between(lines, stopped, shrunk or time.monotonic()),
+        **reclaim,
     }
     print(result)
     write_result("elastic_resize", result, args.out)

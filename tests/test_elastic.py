@@ -3,7 +3,9 @@ the optimisation stays the same, because the global batch is fixed and each rank
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,13 +18,16 @@ import yaml
 from conftest import ROOT, TINY, make_params
 from test_cluster import worker_node
 
+from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import ConfigError
 from latentzoo.local_cluster import local_head
-from latentzoo.training.loop import rank_batch
+from latentzoo.training.loop import Session, rank_batch, run_loop
+from latentzoo.training.trainer import training_data
 
 # The elastic run's final val −ELBO against a fixed-size run of the same global batch: the shards each rank reads
 # differ between sizes (so does the order of the images), the optimisation does not.
 TOLERANCE = 0.05
+DRAIN_DEADLINE_S = 3  # a reclaimed node's drain: Ray Train restarts the group without it at this deadline
 
 
 def test_a_worker_range_is_validated_and_fixes_the_global_batch():
@@ -71,6 +76,59 @@ def test_scaled_rank_losses_give_the_gradient_of_the_global_batch(world):
     torch.testing.assert_close(averaged, whole)
 
 
+def scripted_session(run_dir: Path, notice_at: int | None = None, resume: Path | None = None):
+    """A one-process Ray Train session whose `get_preemption_info` answers None until its `notice_at`-th question
+    (then a notice for a node holding rank 1); the reports, each (metrics, checkpoint folder), in a list."""
+    import ray.train
+    from ray.train.v2.api.preemption import PreemptionInfo
+
+    reports: list[tuple[dict, Path]] = []
+
+    def report(metrics, checkpoint=None):
+        folder = run_dir / f"checkpoint_{len(reports):06d}"
+        shutil.copytree(checkpoint.path, folder)
+        reports.append((metrics, folder))
+
+    asked = itertools.count(1)
+    notice = PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"node-b": [1]})
+    resume_from = ray.train.Checkpoint.from_directory(resume) if resume else None
+    session = Session(
+        *(0, 1, 1, lambda: resume_from, report, ray.train.Checkpoint, lambda m: m, torch.device("cpu"), None),
+        lambda: notice if notice_at and next(asked) >= notice_at else None,
+    )
+    return session, reports
+
+
+def test_a_preemption_notice_checkpoints_mid_epoch_and_the_restart_resumes_at_that_step(
+    digits_shards, tmp_path, capsys
+):
+    """Asked every 3 steps, Ray's second answer is a notice: the loop saves a checkpoint after step 6 of epoch 1 and
+    trains on (one checkpoint per notice); the group Ray restarts from it takes the remaining steps of epoch 1 and
+    ends with one history of every epoch once."""
+    params = make_params(**TINY, **{"train.num_workers": 1, "train.preemption_check_steps": 3})
+    job = training_data(params, "vae", digits_shards).job(params, "vae")
+    steps = job.num_train // params.train.global_batch + bool(job.num_train % params.train.global_batch)
+
+    session, reports = scripted_session(tmp_path / "first", notice_at=2)
+    (tmp_path / "first").mkdir()
+    run_loop(job, session)
+    marks = [{k: m[k] for k in ("epoch", "steps_done") if k in m} for m, _ in reports]
+    assert marks == [{"epoch": 1, "steps_done": 6}, {"epoch": 1}, {"epoch": 2}]  # one notice, one extra checkpoint
+    assert "node(s) node-b reclaimed (ranks [1]): checkpointing mid-epoch" in capsys.readouterr().out
+    mid = load_state(reports[0][1] / CHECKPOINT_FILE)
+    assert (mid["epoch"], mid["step"], mid["steps_done"], mid["history"]) == (-1, 6, 6, [])
+
+    session, resumed = scripted_session(tmp_path / "second", resume=reports[0][1])
+    (tmp_path / "second").mkdir()
+    run_loop(job, session)
+    assert "[vae] resuming from step 6 of epoch 1" in capsys.readouterr().out
+    final = load_state(resumed[-1][1] / CHECKPOINT_FILE)
+    assert [row["epoch"] for row in final["history"]] == [1, 2] and final["step"] == 2 * steps
+    assert final["history"][0]["steps_max"] == steps - 6  # the rest of epoch 1, then a whole epoch 2
+    assert final["history"][1]["steps_max"] == steps
+    assert final["history"][1]["train_loss"] < final["history"][0]["train_loss"]
+
+
 def train_command(tmp_path, shards, out: str) -> list[str]:
     return [
         sys.executable,
@@ -105,29 +163,65 @@ def rows_of(csv: Path) -> list[dict]:
     return list(csv_module.DictReader(csv.read_text().splitlines()))
 
 
+def resume_point(line: str) -> tuple[int, int]:
+    """(whole epochs, steps of the next) a `resuming from …` line names: `step S of epoch E` or `the checkpoint of
+    epoch N`."""
+    numbers = [int(word) for word in line.split() if word.isdigit()]
+    return (numbers[1] - 1, numbers[0]) if " step " in line else (numbers[0], 0)
+
+
+def drain(head, deadline_s: int) -> None:
+    """`ray drain-node` (a preemption, with a deadline) for the head's other node, as KubeRay's preStop hook does."""
+    workers = "[n['NodeID'] for n in ray.nodes() if n['Alive'] and 'node:__internal_head__' not in n['Resources']]"
+    listed = subprocess.run(
+        [sys.executable, "-c", f"import ray; ray.init(); print(*{workers})"],
+        env=head.client_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (node,) = listed.stdout.strip().splitlines()[-1].split()  # the one node that is not the head
+    reason = ("--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "test")
+    subprocess.run(
+        [
+            Path(sys.executable).with_name("ray"),
+            "drain-node",
+            "--node-id",
+            node,
+            *reason,
+            "--deadline-remaining-seconds",
+            str(deadline_s),
+        ],
+        env=head.client_env(),
+        check=True,
+        capture_output=True,
+    )
+
+
 @pytest.mark.ray
 @pytest.mark.cluster
-def test_a_run_grows_when_a_node_joins(digits_shards, tmp_path, mlflow_uri):
-    """Head with 1 CPU, `num_workers: [1, 2]`: the run starts on 1 worker and grows to 2 when a second node joins,
-    resuming from its last checkpoint, and ends with one continuous history (every epoch once, in the plots CSV and
-    in MLflow, the worker count per epoch) and metrics close to a fixed 1-worker run of the same global batch.
-    (Shrinking when that node is stopped worked on a quiet machine, but under the suite's load the run once waited
-    past 240 s for the lost worker: not asserted until that is understood; see #26.)"""
+def test_a_run_grows_when_a_node_joins_and_shrinks_when_it_is_reclaimed(digits_shards, tmp_path, mlflow_uri):
+    """Head with 1 CPU, `num_workers: [1, 2]`: the run starts on 1 worker, grows to 2 when a second node joins and,
+    when that node is reclaimed (drained with a deadline, as KubeRay's preStop hook does, then stopped), checkpoints
+    mid-epoch and shrinks back to 1 worker resuming from that step. It ends with one continuous history (every
+    epoch once, in the plots CSV and in MLflow, the worker count per epoch) and metrics close to a fixed 1-worker
+    run of the same global batch."""
     from mlflow.tracking import MlflowClient
 
-    epochs = 100  # ~0.2 s each on a quiet machine: the node (some 10 s to join) arrives mid-run
+    epochs = 120  # ~0.2 s each on a quiet machine: the node (some 10 s to join) arrives and leaves mid-run
     common = {
         **TINY,
         "train.epochs": epochs,
         "train.max_failures": 4,
         "train.elastic_resize_interval_s": 1.0,
         "train.global_batch_size": 64,
+        "train.preemption_check_steps": 2,
         "ray.worker_start_timeout_s": 10.0,
         "tracking.log_models": False,
         "ray.storage_path": str(tmp_path / "ray"),
     }
     with local_head(num_cpus=1) as head:
-        env = head.client_env(MLFLOW_TRACKING_URI=mlflow_uri)
+        env = head.client_env(MLFLOW_TRACKING_URI=mlflow_uri, RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.5")
         fixed = make_params(**common, **{"train.num_workers": 1})
         (tmp_path / "params.yaml").write_text(yaml.safe_dump(fixed.model_dump(), sort_keys=False))
         done = subprocess.run(
@@ -152,18 +246,30 @@ def test_a_run_grows_when_a_node_joins(digits_shards, tmp_path, mlflow_uri):
             first = wait_for(lines, "[vae] 1 worker(s) on 1 node(s)", train)
             with worker_node(head):
                 grown = wait_for(lines, "[vae] 2 worker(s) on 2 node(s)", train)
-                train.wait(timeout=600)
+                wait_for(lines, "[vae] epoch ", train, after=grown)
+                deadline = time.monotonic() + DRAIN_DEADLINE_S
+                drain(head, DRAIN_DEADLINE_S)
+                noticed = wait_for(lines, "reclaimed (ranks [", train, after=grown)
+                time.sleep(max(0.0, deadline - 1 - time.monotonic()))  # the pod's preStop hook: gone before it
+            resumed = wait_for(lines, "[vae] resuming from ", train, after=noticed)
+            shrunk = wait_for(lines, "[vae] 1 worker(s) on 1 node(s)", train, after=resumed)
+            train.wait(timeout=600)
         finally:
             train.kill()
             reader.join(timeout=10)
     output = "".join(lines)
     assert train.returncode == 0, output[-3000:]
-    assert first < grown
+    assert first < grown < noticed < resumed < shrunk
+    # Ray restarts the group at the deadline from the latest checkpoint: the notice's mid-epoch one, or an epoch's
+    # the group finished after it (epochs here take 0.2 s; a real epoch outlasts a drain's deadline)
+    done_before = [int(line.split("epoch ")[1].split("/")[0]) for line in lines[:noticed] if "[vae] epoch " in line]
+    assert resume_point(lines[resumed]) >= (done_before[-1], 1), (lines[noticed - 1], lines[resumed])
 
     rows = rows_of(tmp_path / "elastic.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none repeated
     sizes = [int(float(r["workers"])) for r in rows]
-    assert sizes[0] == 1 and sizes[-1] == 2 and sizes == sorted(sizes), sizes  # 1 … 2: one history
+    runs = [size for i, size in enumerate(sizes) if i == 0 or size != sizes[i - 1]]
+    assert runs == [1, 2, 1], sizes  # 1 … 2 … 1: one history
 
     record = json.loads((tmp_path / "models/elastic/mlflow_run.json").read_text())
     client = MlflowClient(mlflow_uri)

@@ -186,6 +186,25 @@ def test_each_ray_cluster_has_a_head_and_bounded_worker_groups_with_resources(na
 
 
 @pytest.mark.parametrize("name", sorted(cluster_specs()))
+def test_a_reclaimed_worker_pod_drains_its_ray_node_within_its_grace_period(name):
+    """KubeRay's worker pods tell Ray they are going (a preemption drain with a deadline, which Ray Train passes to
+    the train stage as a preemption notice) and stay up until that deadline, inside the pod's grace period."""
+    from ray.scripts.scripts import drain_node
+
+    for group in cluster_specs()[name]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        shell = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert shell[:2] == ["/bin/sh", "-c"]
+        drain, _, wait = shell[2].partition(" && ")
+        env, *args = shlex.split(drain)
+        assert env == "RAY_ADDRESS=$FQ_RAY_IP:6379" and args[:2] == ["ray", "drain-node"]  # this pod's node
+        options = drain_node.make_context("drain-node", args[2:]).params  # Ray's own parser: a typo fails here
+        assert options["reason"] == "DRAIN_NODE_REASON_PREEMPTION"
+        # the node goes before the deadline (Ray Train restarts the group then: without that node, not retrying it)
+        assert int(wait.split()[-1]) < options["deadline_remaining_seconds"] < pod["terminationGracePeriodSeconds"]
+
+
+@pytest.mark.parametrize("name", sorted(cluster_specs()))
 def test_every_ray_pod_mounts_a_declared_shared_claim_above_the_project(name):
     claims = {doc["metadata"]["name"] for doc in of_kind("PersistentVolumeClaim")}
     for pod in pod_specs(cluster_specs()[name]):

@@ -81,6 +81,9 @@ class TrainConfig(Section):
     shuffle_buffer: int = Field(default=1000, ge=0)  # streaming: blocks gathered to >= this many images, permuted
     cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
+    # Ask Ray Train every this many steps whether a node of the worker group is being reclaimed (drained); the first
+    # notice saves a checkpoint mid-epoch, which the restarted group resumes from (0: only the epochs' checkpoints).
+    preemption_check_steps: int = Field(default=20, ge=0)
 
     @model_validator(mode="after")
     def _check_workers(self) -> TrainConfig:
@@ -213,6 +216,7 @@ RUNTIME_KEYS = (
     "train.torch_threads",
     "train.checkpoints_to_keep",
     "train.elastic_resize_interval_s",
+    "train.preemption_check_steps",
 )
 
 

@@ -3,12 +3,15 @@
 Each epoch: exactly `steps_per_epoch` batches on every rank (see `latentzoo.data.loader`), a validation pass over
 the val shards (sums all-reduced), one line of progress from rank 0, per-epoch metrics to MLflow from rank 0,
 and one `ray.train.report` with a checkpoint. On (re)start the loop resumes from `ray.train.get_checkpoint()`.
+Every `train.preemption_check_steps` steps it asks Ray Train whether a node of the group is being reclaimed; the
+first notice saves a checkpoint mid-epoch (`Preemption`), and a restart resumes at that step.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import math
 import os
 import sys
@@ -90,6 +93,7 @@ class Session:
     prepare_model: Callable[[nn.Module], nn.Module]
     device: torch.device
     node_rank: int | None = None  # set on one worker per node: the one that logs the node's system metrics
+    preemption_info: Callable[[], Any] = lambda: None  # Ray Train's notice of a reclaimed node (a collective)
 
 
 def train_session() -> Session:
@@ -104,6 +108,7 @@ def train_session() -> Session:
         ray.train.torch.prepare_model,
         ray.train.torch.get_device(),
         ctx.get_node_rank() if ctx.get_local_rank() == 0 else None,
+        ray.train.get_preemption_info,
     )
 
 
@@ -139,7 +144,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
     adversary = Adversary.of(model)
     batch = rank_batch(train.global_batch, rank, world)
     steps = steps_per_epoch(job.num_train, 1, train.global_batch)  # the same whatever the worker count
-    start_epoch, history, step = 0, [], 0
+    start_epoch, history, step, skip = 0, [], 0, 0
     logged: set[int] = set()  # the epochs the MLflow run holds already
     checkpoint = session.get_checkpoint()
     state = resume_state(checkpoint, job.tag if rank == 0 else None) if checkpoint else None
@@ -150,8 +155,10 @@ def run_loop(job: TrainJob, session: Session) -> None:
             adversary.optimizer.load_state_dict(state["disc_optimizer"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         step = state.get("step", start_epoch * steps)  # optimizer steps so far (older checkpoints lack the key)
+        skip = state.get("steps_done", 0)  # a preemption's checkpoint: the steps of epoch start_epoch already taken
         if rank == 0:
-            say(f"[{job.tag}] resuming from the checkpoint of epoch {state['epoch'] + 1}")
+            at = f"step {skip} of epoch {start_epoch + 1}" if skip else f"the checkpoint of epoch {start_epoch}"
+            say(f"[{job.tag}] resuming from {at}")
             if job.run and job.log_epochs:
                 logged = log_missing_epochs(job, history)
     model = prepare(session, model, adversary)
@@ -164,11 +171,12 @@ def run_loop(job: TrainJob, session: Session) -> None:
             f"{steps} steps of {batch} per worker per epoch ({train.global_batch} per step)"
         )
 
+    preemption = Preemption(session, train.preemption_check_steps, job.tag)
     with node_metrics(job, session, resumed=state is not None):
         for epoch in range(start_epoch, train.epochs):
             if checkpoint is None:
                 fail_if_planned("train.epoch", job.fail_at_epoch, epoch)
-            seed_stream(job.seed, rank, epoch)
+            seed_stream(job.seed, rank, epoch, skip)
             started = time.perf_counter()
             set_lr(optimizer, lr_at(epoch, train.epochs, train.lr, train.lr_schedule))
             batches = train_batches(
@@ -183,6 +191,14 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 cached=job.cached,
                 label_fraction=job.label_fraction,
             )
+
+            def checkpoint_if_preempted(done: int, epoch=epoch, first=step, skip=skip) -> None:
+                """After `done` more steps of this epoch: on the first notice of a reclaimed node, a checkpoint."""
+                if preemption.noticed(done):
+                    at = {"epoch": epoch - 1, "step": first + done, "steps_done": skip + done}
+                    metrics = {"epoch": epoch + 1, "steps_done": skip + done}  # no epoch's row: not in the history
+                    report(session, metrics, unwrap(model), optimizer, at, history, adversary)
+
             row = {
                 "epoch": epoch + 1,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -190,15 +206,16 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 **train_epoch(
                     model,
                     optimizer,
-                    batches,
+                    itertools.islice(batches, skip, None),
                     device,
                     train.grad_clip,
                     adversary,
                     first_step=step,
                     loss_scale=batch * world / train.global_batch,
+                    after_step=checkpoint_if_preempted,
                 ),
             }
-            step += steps
+            step, skip = step + steps - skip, 0
             row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
             row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
             row["epoch_time_s"] = time.perf_counter() - started
@@ -208,7 +225,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 say(format_epoch(job.tag, row, train.epochs))
                 if not row["replicas_in_sync"]:
                     say(f"[{job.tag}] warning: the workers' weights differ after epoch {epoch + 1}")
-            report(session, row, unwrap(model), optimizer, epoch, step, history, adversary)
+            report(session, row, unwrap(model), optimizer, {"epoch": epoch, "step": step}, history, adversary)
             if rank == 0 and job.run and job.log_epochs and epoch + 1 not in logged:  # after the checkpoint
                 log_epoch(job.run, job.tag, row)
 
@@ -218,15 +235,17 @@ def rank_batch(global_batch: int, rank: int, world: int) -> int:
     return global_batch // world + (rank < global_batch % world)
 
 
-def seed_stream(seed: int, rank: int, epoch: int) -> None:
-    """Seed torch's global generator for one epoch of one rank from (seed, rank, epoch).
+def seed_stream(seed: int, rank: int, epoch: int, skip: int = 0) -> None:
+    """Seed torch's global generator for one epoch of one rank from (seed, rank, epoch), or (seed, rank, epoch,
+    skip) for the rest of an epoch resumed after its first `skip` steps (a preemption's checkpoint).
 
     The weights start the same on every rank (`torch.manual_seed(seed)` before the model is built); the noise drawn
     after that (the VAE's ε, dynamic binarisation, masking noise, dropout, prior samples) differs between ranks, so
     the global batch holds as many independent draws as samples, and a resumed epoch draws what it would have
     drawn without the interruption. (Shard order and shuffles are seeded by (seed, epoch, rank) in the loader.)
     """
-    torch.manual_seed(int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]))
+    entropy = [seed, rank, epoch, skip] if skip else [seed, rank, epoch]
+    torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 def prepare(session: Session, model: nn.Module, adversary: Adversary | None) -> nn.Module:
@@ -266,6 +285,32 @@ class Adversary:
         (out.total if loss_scale == 1 else out.total * loss_scale).backward()
         self.optimizer.step()
         return out
+
+
+class Preemption:
+    """Ray Train's notice that a node of this worker group is being reclaimed (a drained node: a spot instance's
+    termination notice, KubeRay's preStop hook), asked every `every` steps of an epoch. Every rank asks at the same
+    steps (each runs exactly `steps_per_epoch` steps) and gets rank 0's answer. The first notice is acted on once:
+    the loop saves a checkpoint and trains on, and when the node goes Ray restarts the group from that step."""
+
+    def __init__(self, session: Session, every: int, tag: str):
+        self.session, self.every, self.tag = session, every, tag
+        self.acted = False
+
+    def noticed(self, done: int) -> bool:
+        """True once: the first time a notice is in at a check after `done` steps of the epoch."""
+        if self.acted or not self.every or done % self.every:
+            return False
+        info = self.session.preemption_info()
+        if info is None:
+            return False
+        self.acted = True
+        if self.session.rank == 0:
+            say(
+                f"[{self.tag}] node(s) {', '.join(info.preempted_node_ids)} reclaimed (ranks {info.preempted_ranks}):"
+                " checkpointing mid-epoch"
+            )
+        return True
 
 
 def lr_at(epoch: int, epochs: int, lr: float, schedule: str) -> float:
@@ -325,7 +370,8 @@ class EpochLogger(ray.train.UserCallback):
         self.run, self.tag = run, tag
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if checkpoint is not None:  # rank 0 attaches one to every epoch's report
+        # rank 0 attaches a checkpoint to every epoch's report; a preemption's mid-epoch one has no epoch's row
+        if checkpoint is not None and "steps_done" not in metrics[0]:
             log_epoch(self.run, self.tag, metrics[0])
 
 
@@ -371,6 +417,7 @@ def train_epoch(
     adversary: Adversary | None = None,
     first_step: int = 0,
     loss_scale: float = 1.0,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One epoch of optimisation, its first batch the run's optimizer step `first_step`; returns global (all-rank)
     means of the loss terms and model metrics, and the codebook usage over the epoch for families with a codebook.
@@ -378,7 +425,7 @@ def train_epoch(
 
     DDP averages the ranks' gradients; with per-rank batches n_r of a global batch B, the gradient of the mean
     over all B images is (1/world) Σ_r (n_r·world/B) ∇mean_r, so each rank's loss is scaled by
-    `loss_scale` = n_r·world/B (1 when B divides evenly)."""
+    `loss_scale` = n_r·world/B (1 when B divides evenly). `after_step(n)` runs after the epoch's n-th step."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
@@ -409,6 +456,8 @@ def train_epoch(
             codes.add(out.codes)
         count += len(x)
         steps += 1
+        if after_step:
+            after_step(steps)
     stats = global_means(sums, count, device) | code_usage(codes, "train")
     stats["steps_min"], stats["steps_max"] = global_min_max(steps, device)
     stats["data_wait_s"] = data_wait  # rank 0's
@@ -494,18 +543,14 @@ def global_min_max(value: int, device) -> tuple[int, int]:
     return int(t[0]), int(-t[1])
 
 
-def report(session: Session, row, model, optimizer, epoch, step, history, adversary: Adversary | None = None) -> None:
-    """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint."""
+def report(session: Session, row, model, optimizer, at: dict, history, adversary: Adversary | None = None) -> None:
+    """Every rank calls report (it is a barrier); only rank 0 attaches the checkpoint. `at`: where training stands,
+    {"epoch": the last whole epoch (0-based), "step": optimizer steps so far}, and "steps_done" (steps of the next
+    epoch taken) in a preemption's mid-epoch checkpoint."""
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if session.rank == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "step": step,
-                "history": history,
-            }
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **at, "history": history}
             if adversary:
                 state["disc_optimizer"] = adversary.optimizer.state_dict()
             save_state(Path(d) / CHECKPOINT_FILE, state)
