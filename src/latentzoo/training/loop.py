@@ -198,6 +198,8 @@ def run_loop(job: TrainJob, session: Session) -> None:
                     at = {"epoch": epoch - 1, "step": first + done, "steps_done": skip + done}
                     metrics = {"epoch": epoch + 1, "steps_done": skip + done}  # no epoch's row: not in the history
                     report(session, metrics, unwrap(model), optimizer, at, history, adversary)
+                    if rank == 0:
+                        say(f"[{job.tag}] checkpointed at step {skip + done} of epoch {epoch + 1}")
 
             row = {
                 "epoch": epoch + 1,
