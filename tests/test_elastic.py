@@ -205,9 +205,9 @@ def drain(head, deadline_s: int) -> None:
 def test_a_run_grows_when_a_node_joins_and_shrinks_when_it_is_reclaimed(digits_shards, tmp_path, mlflow_uri):
     """Head with 1 CPU, `num_workers: [1, 2]`: the run starts on 1 worker, grows to 2 when a second node joins and,
     when that node is reclaimed (drained with a deadline, as KubeRay's preStop hook does, then stopped), checkpoints
-    mid-epoch and shrinks back to 1 worker resuming from that step. It ends with one continuous history (every
-    epoch once, in the plots CSV and in MLflow, the worker count per epoch) and metrics close to a fixed 1-worker
-    run of the same global batch."""
+    mid-epoch and shrinks back to 1 worker from that checkpoint (or a later epoch's). It ends with one continuous
+    history (every epoch once, in the plots CSV and in MLflow, the worker count per epoch) and metrics close to a
+    fixed 1-worker run of the same global batch."""
     from mlflow.tracking import MlflowClient
 
     epochs = 120  # ~0.2 s each on a quiet machine: the node (some 10 s to join) arrives and leaves mid-run
