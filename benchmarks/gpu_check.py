@@ -1,10 +1,10 @@
 """GPU smoke check: prepare → shard → train (Ray Train, use_gpu, NCCL) → evaluate on the bundled digits.
 
-    python benchmarks/gpu_check.py --workers 1 --epochs 3 --models vae vqvae simvq
+    python benchmarks/gpu_check.py --workers 1 --epochs 3 --models vae vqvae simvq resvae_gan
 
 Needs a CUDA machine; prints the device, the process-group backend and each model's figures (the codebook
 families also exercise the quantizer's all-reduced EMA and k-means on CUDA). Tracking is off (no MLflow
-needed). Exits non-zero on errors only.
+needed). Exits non-zero on errors only. `--cpu` runs the same on CPU (gloo), to check the script where no GPU is.
 """
 
 from __future__ import annotations
@@ -26,12 +26,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--models", nargs="+", default=["vae", "vqvae", "simvq"])
+    ap.add_argument("--models", nargs="+", default=["vae", "vqvae", "simvq", "resvae_gan"])
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (gloo): checks the script where no GPU is")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.cpu:
+        print(f"torch {torch.__version__}, CPU")
+    elif not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 1
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nccl {torch.cuda.nccl.version()}")
+    else:
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, nccl {torch.cuda.nccl.version()}")
 
     from latentzoo.config import validate_params
     from latentzoo.stages.evaluate import evaluate_stage
@@ -40,7 +44,7 @@ def main() -> int:
     from latentzoo.training.trainer import TrainOutputs, train_model
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"].update(num_workers=args.workers, use_gpu=True, epochs=args.epochs)
+    raw["train"].update(num_workers=args.workers, use_gpu=not args.cpu, epochs=args.epochs)
     raw["tracking"]["enabled"] = False
     with tempfile.TemporaryDirectory(prefix="lz-gpu-") as d:
         work = Path(d)

@@ -9,7 +9,8 @@ the seeds, beside the published anchors (pythae's VAE, k = 200: 89.78 nats; Vamp
     .venv/bin/python benchmarks/vae_nll.py --data ../shared/data/mnist --seeds 0 1 2 --epochs 10 --k 200
 
 Tensors stay in memory and the loop is plain PyTorch (no Ray): this measures the model and the bound, not the
-pipeline's speed (`vae_mnist.py` does that). Writes benchmarks/results/vae_nll.json (or --out).
+pipeline's speed (`vae_mnist.py` does that). Add --device cuda on a GPU machine. Writes
+benchmarks/results/vae_nll.json (or --out).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def train(model: VAE, images: Tensor, args, seed: int) -> float:
 def score(model: VAE, images: Tensor, k: int, seed: int) -> dict:
     """-ELBO (one z) and NLL_k, nats per image, on one seeded binarisation of `images`."""
     model.eval()
-    generator = torch.Generator().manual_seed(10_000 + seed)
+    generator = torch.Generator(images.device).manual_seed(10_000 + seed)
     neg_elbo = nll = 0.0
     start = time.perf_counter()
     for x in images.split(500):
@@ -77,25 +78,27 @@ def main() -> int:
     ap.add_argument("--train-images", type=int, default=None)
     ap.add_argument("--test-images", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="e.g. cuda on a GPU machine")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = VAEConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["vae"])
     data = Path(args.data)
-    train_images = load_mnist(data, "train", args.train_images)
-    test_images = load_mnist(data, "test", args.test_images)
+    train_images = load_mnist(data, "train", args.train_images).to(args.device)
+    test_images = load_mnist(data, "test", args.test_images).to(args.device)
 
     rows = []
     for seed in args.seeds:
         torch.manual_seed(seed)
-        model = VAE(cfg, (1, 28, 28))
+        model = VAE(cfg, (1, 28, 28)).to(args.device)
         train_s = train(model, train_images, args, seed)
         row = {"seed": seed, "train_s": train_s, **score(model, test_images, args.k, seed)}
         print(f"seed {seed}: test -ELBO {row['neg_elbo']:.2f}, NLL (k={args.k}) {row['nll']:.2f} nats", flush=True)
         rows.append(row)
     result = {
         "model": cfg.model_dump(),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "train_images": len(train_images),
         "test_images": len(test_images),
         "epochs": args.epochs,
