@@ -530,3 +530,41 @@ def test_a_full_disk_while_writing_shards_is_one_line(digits_shards, small_disk,
         line,
     ), line
     assert list(small_disk.iterdir()) == []  # no shard, no temporary folder
+
+
+GC_EXIT = """
+import signal, sys, weakref
+from latentzoo.errors import quiet_signal_exits
+
+def sigterm_handler(signum, frame):  # what Ray installs in every worker
+    raise SystemExit(1)
+
+class Thing:
+    pass
+
+def stop_while_collecting(_):  # SIGTERM arrives while a weakref callback (a garbage collection) runs
+    signal.raise_signal(signal.SIGTERM)
+
+def broken(_):
+    raise ValueError("a real bug in a callback")
+
+signal.signal(signal.SIGTERM, sigterm_handler)
+if sys.argv[1] == "quiet":
+    quiet_signal_exits()
+a, b = Thing(), Thing()
+refs = [weakref.ref(a, stop_while_collecting), weakref.ref(b, broken)]
+del a, b
+print("still running")
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_worker_stopped_inside_a_gc_callback_prints_no_traceback(quiet):
+    """Ray stops a worker with SIGTERM and its handler raises SystemExit; landing inside a weakref callback, Python
+    reports it as 'Exception ignored … Traceback', which Ray forwards to the stage's console. The training loop's
+    workers drop that report (`quiet_signal_exits`) and still report any other exception there."""
+    mode = "quiet" if quiet else "default"
+    done = subprocess.run([sys.executable, "-c", GC_EXIT, mode], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "still running" in done.stdout, done.stderr
+    assert "ValueError: a real bug in a callback" in done.stderr
+    assert ("SystemExit" in done.stderr) is not quiet, done.stderr

@@ -81,6 +81,23 @@ def restore_sigterm(handler) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def _quiet_unraisable(unraisable) -> None:
+    if isinstance(unraisable.exc_value, SystemExit):
+        return  # a signal handler's exit, raised inside a weakref callback or __del__, which Python cannot raise
+    sys.__unraisablehook__(unraisable)
+
+
+def quiet_signal_exits() -> None:
+    """In a Ray worker: don't print a traceback when its exit lands where Python cannot raise it.
+
+    Ray stops a worker with SIGTERM, and the worker's handler raises SystemExit wherever the worker is. Inside a
+    weakref callback or a `__del__` (a garbage collection in progress) Python can only report such an exception:
+    "Exception ignored in … Traceback … SystemExit: 1", which Ray forwards to the stage's console as the worker
+    goes. That report says nothing a user can act on (the worker is stopping either way), so it is dropped; every
+    other unraisable exception is reported as before."""
+    sys.unraisablehook = _quiet_unraisable
+
+
 SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
 
 

@@ -34,7 +34,7 @@ from latentzoo.checkpoint import CHECKPOINT_FILE, load_state, save_state
 from latentzoo.config import TrainConfig
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
-from latentzoo.errors import LatentzooError
+from latentzoo.errors import LatentzooError, quiet_signal_exits
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import build_model
 from latentzoo.models.base import Adversarial, Coded, frozen
@@ -129,6 +129,7 @@ def train_loop_per_worker(config: dict) -> None:
 def run_loop(job: TrainJob, session: Session) -> None:
     """Train `job` for train.epochs epochs from the session's last checkpoint, reporting one row per epoch."""
 
+    quiet_signal_exits()  # Ray stops a worker with SIGTERM; its exit inside a GC callback is no traceback to show
     train = job.train
     rank, world = session.rank, session.world_size
     # Ray does not set OMP_NUM_THREADS per worker as torchrun does: share the cores out ourselves.
