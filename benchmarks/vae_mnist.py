@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from results_io import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,9 +136,7 @@ def main() -> int:
         "torch_threads_per_worker": max(1, (os.cpu_count() or 1) // args.workers),
     }
     print(json.dumps(result, indent=2))
-    out_file = ROOT / "benchmarks/results/vae_mnist.json"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result, indent=2) + "\n")
+    write_result("vae_mnist", result)
     return 0
 
 

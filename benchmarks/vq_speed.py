@@ -417,8 +417,11 @@ def main() -> int:
     }
     out = args.out or (None if args.quick else ROOT / "benchmarks/results/vq_speed.json")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        from results_io import write_result
+
+        import latentzoo.models.quantizer  # noqa: F401  (measured in worker processes: hash its source here too)
+
+        write_result("vq_speed", result, out)
     print(f"\n{f'wrote {out}' if out else 'not written (--quick)'} ({result['wall_s']:.0f} s)")
     return 0
 
