@@ -16,7 +16,10 @@ benchmarks/results/vae_nll.json (or --out).
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +70,31 @@ def score(model: VAE, images: Tensor, k: int, seed: int) -> dict:
     return {"neg_elbo": neg_elbo / len(images), "nll": nll / len(images), "eval_s": time.perf_counter() - start}
 
 
+def in_parallel(args) -> list[dict]:
+    """Each seed in its own process, `args.jobs` at a time (a GPU has room for several of these small models); the
+    rows of their results, in seed order. Every process runs this script with the same options and one seed."""
+    options, skipping = [], False
+    for arg in sys.argv[1:]:  # without --jobs, --seeds and --out (and their values): each process gets its own
+        if arg.split("=")[0] in ("--jobs", "--seeds", "--out"):
+            skipping = "=" not in arg
+        elif not (skipping and not arg.startswith("--")):
+            skipping = False
+            options.append(arg)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vae-nll-") as tmp:
+        for batch in range(0, len(args.seeds), args.jobs):
+            seeds = args.seeds[batch : batch + args.jobs]
+            outs = {s: Path(tmp) / f"seed{s}.json" for s in seeds}
+            procs = [
+                subprocess.Popen([sys.executable, __file__, *options, "--seeds", str(s), "--out", str(outs[s])])
+                for s in seeds
+            ]
+            if any([p.wait() != 0 for p in procs]):  # every process waited for
+                raise SystemExit("a seed's process failed")
+            rows += [json.loads(outs[s].read_text())["rows"][0] for s in seeds]
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/mnist"))
@@ -79,6 +107,7 @@ def main() -> int:
     ap.add_argument("--test-images", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="e.g. cuda on a GPU machine")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, each in its own process")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -88,8 +117,8 @@ def main() -> int:
     train_images = load_mnist(data, "train", args.train_images).to(args.device)
     test_images = load_mnist(data, "test", args.test_images).to(args.device)
 
-    rows = []
-    for seed in args.seeds:
+    rows = in_parallel(args) if args.jobs > 1 and len(args.seeds) > 1 else []
+    for seed in args.seeds if not rows else ():
         torch.manual_seed(seed)
         model = VAE(cfg, (1, 28, 28)).to(args.device)
         train_s = train(model, train_images, args, seed)
