@@ -110,12 +110,22 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray instance (2 CPUs) for the whole session: Ray takes tens of seconds to start."""
+    """One local Ray instance (2 CPUs) for the whole session: Ray takes tens of seconds to start.
+
+    Its processes call MLflow without retries: the tests that stop an MLflow server mid-run set that for their own
+    process, which a stage would forward when it starts Ray (`forwarded_env`), but this Ray started before them.
+    (With MLflow's default 7 retries, each call to the stopped server held a Ray process for about 4 minutes.)"""
     import ray
 
     from latentzoo.training.cluster import connect_ray
 
-    connect_ray(num_cpus=2)  # as the stages start it (Ray Train's poll interval and start timeout set)
+    retries = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    before = os.environ.get(retries)
+    os.environ[retries] = "0"
+    try:
+        connect_ray(num_cpus=2)  # as the stages start it (Ray Train's poll interval and start timeout set)
+    finally:
+        os.environ.pop(retries) if before is None else os.environ.update({retries: before})
     yield
     ray.shutdown()
 

@@ -50,6 +50,27 @@ def test_a_server_that_accepts_but_never_answers_times_out():
             mlflow_runs.check_reachable(uri, timeout_s=0.5)
 
 
+def test_the_stage_mlflow_client_settings_reach_the_processes_that_log_for_it(monkeypatch):
+    """Ray Train's controller logs each epoch: it obeys the stage's MLflow retry and timeout settings (with MLflow's
+    default 7 retries, a lost server held each epoch's logging for about two minutes there). Credentials stay out
+    of the runtime env, and a submitted job's own env vars are not set twice (Ray refuses that)."""
+    from latentzoo.training.cluster import JOB_CONFIG_ENV, forwarded_env
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret")
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    env = forwarded_env()
+    assert {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}.items() <= env.items()
+    assert env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] == "1" and "MLFLOW_TRACKING_PASSWORD" not in env
+
+    job = {"runtime_env": {"env_vars": {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "PYTHONPATH": "/code/src"}}}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(job))
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in forwarded_env()
+    assert forwarded_env()["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+
 @pytest.mark.ray
 def test_a_server_lost_during_training_costs_nothing(
     ray_cluster, digits_shards, tiny_params, tmp_path, monkeypatch, capfd

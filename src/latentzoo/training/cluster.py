@@ -5,6 +5,7 @@ Shared by the train stage and the tune stage (each trial is a TorchTrainer on th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,11 @@ WORKER_START_TIMEOUT_S = 600
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.2
 RAY_CONNECT_TIMEOUT_S = 5.0
-SYSTEM_METRICS_ENV = "MLFLOW_SYSTEM_METRICS_"  # e.g. ..._SAMPLING_INTERVAL: read where the workers sample
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's driver
+# MLflow settings read where Ray's processes log for the stage: the workers' system metrics (…_SAMPLING_INTERVAL),
+# and the HTTP client's retries and timeout (…_MAX_RETRIES, …_TIMEOUT), which the per-epoch logging in Ray Train's
+# controller obeys. No credentials: a runtime env is visible in Ray's dashboard.
+FORWARDED_PREFIXES = ("MLFLOW_SYSTEM_METRICS_", "MLFLOW_HTTP_REQUEST_")
 
 
 def connect_ray(
@@ -41,8 +46,7 @@ def connect_ray(
     # Ray Train's controller polls its workers every 2 s by default, and each epoch's report (and the end of the
     # run) waits for that poll: ~1.5 s per epoch and ~5 s per run on top of sub-second epochs here. Poll faster.
     os.environ.setdefault(POLL_INTERVAL_ENV, str(POLL_INTERVAL_S))
-    forwarded = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(SYSTEM_METRICS_ENV))]
-    env_vars = {name: os.environ[name] for name in forwarded}  # MLflow's system-metrics settings reach the workers
+    env_vars = forwarded_env()
     if log_level in ("WARNING", "ERROR"):
         env_vars["RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING"] = "0"
     options = {
@@ -58,6 +62,15 @@ def connect_ray(
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, **options)
     restore_sigterm(sigterm)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The variables of this process that Ray's processes for this job need too: Ray Train's timeouts and the
+    MLflow settings above. A submitted job's own runtime env reaches every process already, and Ray refuses a
+    ray.init runtime env that sets a name the job's sets, so those are left out."""
+    job = json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
+    names = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(FORWARDED_PREFIXES))]
+    return {name: os.environ[name] for name in names if name in os.environ and name not in job.get("env_vars", {})}
 
 
 def check_ray_address(address: str | None = None, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
