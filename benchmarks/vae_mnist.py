@@ -111,7 +111,8 @@ def main() -> int:
         t0 = time.perf_counter()
         final = train_model(params, "vae", work / "shards", out, root=work)
         t_train = time.perf_counter() - t0
-        test = evaluate_stage(params, out.model_dir, work / "shards", work / "metrics/test.json", work / "plots")
+        figures = work / "plots/evaluate"  # the stage replaces this folder whole: not the one holding train.csv
+        test = evaluate_stage(params, out.model_dir, work / "shards", work / "metrics/test.json", figures)
         ray_epoch = column(out.plots_file, "epoch_time_s")
         steady = steady_mean(column(out.plots_file, "train_time_s"))
         plain = plain_epoch_seconds(params, work / "shards", args.baseline_epochs, threads=args.workers)
