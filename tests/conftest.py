@@ -119,13 +119,9 @@ def ray_cluster():
 
     from latentzoo.training.cluster import connect_ray
 
-    retries = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    before = os.environ.get(retries)
-    os.environ[retries] = "0"
-    try:
+    with pytest.MonkeyPatch.context() as env:  # for Ray's processes only, not this one
+        env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         connect_ray(num_cpus=2)  # as the stages start it (Ray Train's poll interval and start timeout set)
-    finally:
-        os.environ.pop(retries) if before is None else os.environ.update({retries: before})
     yield
     ray.shutdown()
 
