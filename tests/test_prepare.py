@@ -13,7 +13,7 @@ from PIL import Image
 import latentzoo.data.prepare as prepare_mod
 from latentzoo.atomic import atomic_dir, atomic_write_json
 from latentzoo.config import DataConfig
-from latentzoo.data.prepare import prepare, split_indices
+from latentzoo.data.prepare import load_split, prepare, split_indices
 from latentzoo.data.sources import load_source
 from latentzoo.errors import DataError
 
@@ -295,25 +295,40 @@ def test_split_too_few_images():
 # ---------------------------------------------------------------- prepare
 
 
-def test_prepare_writes_splits(tmp_path):
+def test_prepare_writes_an_index_of_every_split(tmp_path):
+    """No pixels: each split's refs (rows of the source) and labels; the images are read back from the source."""
     out = tmp_path / "prepared"
     info = prepare(DataConfig(source="digits"), seed=0, out_dir=out)
-    assert sorted(p.name for p in out.iterdir()) == ["prepare.json", "test.npz", "train.npz", "val.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["index.npz", "prepare.json"]
     assert info == json.loads((out / "prepare.json").read_text())
     assert info["image_shape"] == [1, 8, 8] and info["num_classes"] == 10
     assert sum(info["counts"].values()) == 1797
-    for split in ("train", "val", "test"):
-        with np.load(out / f"{split}.npz") as f:
-            assert f["images"].dtype == np.uint8 and f["labels"].dtype == np.int64
-            assert f["images"].shape == (info["counts"][split], 8, 8, 1)
-            assert np.bincount(f["labels"], minlength=10).tolist() == info["class_counts"][split]
+    source = load_source(DataConfig(source="digits"))
+    with np.load(out / "index.npz") as f:
+        refs = [f[f"{split}_refs"] for split in ("train", "val", "test")]
+        assert sorted(np.concatenate(refs).tolist()) == list(range(1797))  # disjoint, covering
+        for split in ("train", "val", "test"):
+            labels = f[f"{split}_labels"]
+            assert labels.dtype == np.int64 and len(labels) == info["counts"][split]
+            assert np.bincount(labels, minlength=10).tolist() == info["class_counts"][split]
+            np.testing.assert_array_equal(labels, source.train.labels[f[f"{split}_refs"]])
+            split_set = load_split(out, split)
+            np.testing.assert_array_equal(split_set.images, source.train.images[f[f"{split}_refs"]])
+
+
+def test_prepare_records_a_digest_of_the_source_that_changes_with_one_image(tmp_path):
+    root = image_folder(tmp_path / "folder", per_class=5)
+    first = prepare(DataConfig(source="imagefolder", path=str(root)), seed=0, out_dir=tmp_path / "a")
+    save_image(root / "cat" / "000.png", (5, 5), "L", value=101)
+    second = prepare(DataConfig(source="imagefolder", path=str(root)), seed=0, out_dir=tmp_path / "b")
+    assert first["counts"] == second["counts"] and first["source_sha256"] != second["source_sha256"]
 
 
 def test_prepare_is_byte_identical(tmp_path):
     cfg = DataConfig(source="digits", limit=300)
     prepare(cfg, seed=1, out_dir=tmp_path / "a")
     prepare(cfg, seed=1, out_dir=tmp_path / "b")
-    for name in ("train.npz", "val.npz", "test.npz", "prepare.json"):
+    for name in ("index.npz", "prepare.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
@@ -328,7 +343,7 @@ def test_prepare_failure_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "prepared"
 
     def fail(path, **arrays):
-        if path.name == "val.npz":
+        if path.name == "index.npz":
             raise OSError("disk full")
         np.savez(path, **arrays)
 

@@ -17,7 +17,7 @@ from latentzoo.config import DataConfig
 from latentzoo.data.loader import iter_keyed
 from latentzoo.data.prepare import load_split, prepare
 from latentzoo.data.shards import encode_array, load_manifest, shard_urls, verify_shards, write_shards
-from latentzoo.errors import ShardError
+from latentzoo.errors import DataError, ShardError
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +201,72 @@ def test_a_corrupt_block_names_its_shard_and_block(tmp_path):
         )
     with pytest.raises(ShardError, match=r"block train-0000000 is unreadable .*labels \(2,\)"):
         list(iter_keyed([str(path)]))
+
+
+# ---------------------------------------------------------------- shard jobs, in any order, as Ray tasks
+
+
+def test_shards_are_the_same_bytes_whatever_order_the_jobs_run_in(prepared_rgb, tmp_path):
+    """Each shard is a job that reads its own images from the source: run backwards, the bytes are the same."""
+
+    def backwards(task, jobs):
+        done = {job.name: task(job) for job in reversed(jobs)}
+        return [done[job.name] for job in jobs]
+
+    forwards = write_shards(prepared_rgb, tmp_path / "a", maxcount=5, progress=False)
+    reverse = write_shards(prepared_rgb, tmp_path / "b", maxcount=5, progress=False, mapper=backwards)
+    assert forwards == reverse and len(forwards["splits"]["train"]["shards"]) > 2
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+
+
+def test_a_source_image_gone_since_prepare_stops_the_shard_stage_naming_it(tmp_path):
+    root = tmp_path / "src"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.new("L", (5, 5), 10 * i).save(root / c / f"{i}.png")
+    prepare(DataConfig(source="imagefolder", path=str(root)), seed=0, out_dir=tmp_path / "prepared")
+    (root / "b" / "7.png").write_bytes(b"not a png any more")
+    with pytest.raises(DataError, match=r"b/7\.png: cannot read image .*changed since the prepare stage"):
+        write_shards(tmp_path / "prepared", tmp_path / "shards", maxcount=4, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared", "src"]  # no shards, no temporary folder
+
+
+@pytest.mark.ray
+def test_shard_tasks_on_ray_write_the_same_shards_and_fail_naming_the_file(ray_cluster, prepared_rgb, tmp_path):
+    from latentzoo.stages.shard import ray_tasks
+
+    here = write_shards(prepared_rgb, tmp_path / "here", maxcount=5, progress=False)
+    on_ray = write_shards(prepared_rgb, tmp_path / "ray", maxcount=5, progress=False, mapper=ray_tasks)
+    assert on_ray == here
+    for shard in here["splits"]["train"]["shards"]:
+        assert (tmp_path / "ray" / shard["name"]).read_bytes() == (tmp_path / "here" / shard["name"]).read_bytes()
+
+    moved = tmp_path / "prepared_moved"  # its source folder gone: the first task fails, the stage names the file
+    info = json.loads((prepared_rgb / "prepare.json").read_text())
+    moved.mkdir()
+    (moved / "index.npz").write_bytes((prepared_rgb / "index.npz").read_bytes())
+    info["data"]["path"] = str(tmp_path / "nowhere")
+    (moved / "prepare.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match=r"nowhere/[ab]/\d+\.png: cannot read image"):
+        write_shards(moved, tmp_path / "failed", maxcount=5, progress=False, mapper=ray_tasks)
+    assert not (tmp_path / "failed").exists()
+
+
+@pytest.mark.ray
+def test_a_shard_task_that_fails_on_an_os_error_runs_again(ray_cluster, prepared, tmp_path):
+    from latentzoo.data.prepare import load_prepared
+    from latentzoo.data.shards import shard_jobs
+    from latentzoo.stages.shard import ray_tasks
+
+    marker = tmp_path / "failed-once"
+
+    def flaky(job):
+        if not marker.exists():
+            marker.touch()
+            raise OSError("a transient read error")
+        return {"name": job.name}
+
+    jobs = shard_jobs(load_prepared(prepared), maxcount=100)
+    assert [entry["name"] for entry in ray_tasks(flaky, jobs)] == [job.name for job in jobs]
+    assert marker.exists()

@@ -1,4 +1,9 @@
-"""The shard stage's work: prepared .npz splits → WebDataset tar shards, plus a manifest with their checksums.
+"""The shard stage's work: the prepared index → WebDataset tar shards, plus a manifest with their checksums.
+
+Each shard is one `ShardJob` (a range of one split's refs and labels): `write_shard` reads those images straight
+from the source and writes the tar under a temporary name, then renames it, so jobs can run in any order, in
+parallel (the shard stage runs them as Ray tasks) and again after a failure. A shard's bytes depend only on its job,
+never on how many jobs ran at once.
 
 A WebDataset sample here is a *block* of consecutive images, not one image: ``<key>.images.npy`` (uint8,
 N×H×W×C) and ``<key>.labels.npy`` (int64, N), where ``<key>`` is the block's first image's key
@@ -15,10 +20,14 @@ changed on disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +35,9 @@ import webdataset as wds
 from tqdm import tqdm
 
 from latentzoo.atomic import atomic_dir, json_text
-from latentzoo.data.prepare import SPLITS, load_split
+from latentzoo.config import DataConfig
+from latentzoo.data.prepare import INFO, SPLITS, Prepared, load_prepared
+from latentzoo.data.sources import read_images, sha256_file
 from latentzoo.errors import DataError, ShardError
 
 MANIFEST = "manifest.json"
@@ -34,15 +45,6 @@ FORMAT = 2  # 1: one PNG per image
 BLOCK_BYTES = 1 << 20  # pixels per block (one tar member of images)
 MAX_BLOCK = 1024  # images per block at most
 _REPRO_HINT = "re-run the shard stage (dvc repro shard)"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def block_size(image_shape) -> int:
@@ -62,67 +64,94 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}-{index:07d}"
 
 
-def _write_shard(path: Path, split: str, images: np.ndarray, labels: np.ndarray, first: int, bar: tqdm) -> dict:
-    """Images [first, first + len(images)) of `split` as one tar of blocks; its manifest entry."""
-    per_block = block_size(images.shape[1:])
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to write: images [first, first + len(refs)) of `split`, where the source has them."""
+
+    name: str  # <split>-<k>.tar
+    split: str
+    first: int
+    refs: np.ndarray
+    labels: np.ndarray
+    files: list[str] | None  # imagefolder: the files the refs point at
+
+
+def shard_jobs(prepared: Prepared, maxcount: int) -> list[ShardJob]:
+    """Every split cut into shards of `maxcount` images (the last fewer), in manifest order."""
+    jobs = []
+    for split in SPLITS:
+        refs, labels = prepared.refs[split], prepared.labels[split]
+        for k, first in enumerate(range(0, len(refs), maxcount)):
+            mine = refs[first : first + maxcount]
+            files = None if prepared.files is None else [prepared.files[r] for r in mine]
+            jobs.append(ShardJob(f"{split}-{k:06d}.tar", split, first, mine, labels[first : first + maxcount], files))
+    return jobs
+
+
+def write_shard(job: ShardJob, data: DataConfig, shape: tuple[int, int, int], folder: Path) -> dict:
+    """Read the job's images from the source `data` names and write them as `folder/<job.name>` (a tar of blocks,
+    renamed into place when complete); its manifest entry."""
+    images = read_images(data, shape, job.refs, job.files)
+    per_block = block_size(shape)
+    path, partial = Path(folder) / job.name, Path(folder) / f".{job.name}.{os.getpid()}"
     # mtime=0 and fixed user/group: TarWriter otherwise stamps time.time(), making every run's bytes differ.
-    with wds.TarWriter(str(path), mtime=0, user="latentzoo", group="latentzoo") as writer:
+    with wds.TarWriter(str(partial), mtime=0, user="latentzoo", group="latentzoo") as writer:
         for start in range(0, len(images), per_block):
             block = slice(start, start + per_block)
             writer.write(
                 {
-                    "__key__": sample_key(split, first + start),
+                    "__key__": sample_key(job.split, job.first + start),
                     "images.npy": encode_array(images[block]),
-                    "labels.npy": encode_array(labels[block].astype(np.int64)),
+                    "labels.npy": encode_array(job.labels[block].astype(np.int64)),
                 }
             )
-            bar.update(len(labels[block]))
-    return {"name": path.name, "count": len(images), "sha256": sha256_file(path)}
+    os.replace(partial, path)
+    return {"name": job.name, "count": len(job.refs), "sha256": sha256_file(path)}
 
 
-def _write_split(tmp: Path, split: str, images: np.ndarray, labels: np.ndarray, maxcount: int, bar: tqdm) -> dict:
-    """Write one split as `<split>-000000.tar`, ... (maxcount images each) into `tmp`; its manifest entry."""
-    shards = [
-        _write_shard(tmp / f"{split}-{k:06d}.tar", split, images[i : i + maxcount], labels[i : i + maxcount], i, bar)
-        for k, i in enumerate(range(0, len(labels), maxcount))
-    ]
-    return {"count": len(labels), "shards": shards}
+ShardTask = Callable[[ShardJob], dict]
+Mapper = Callable[[ShardTask, list[ShardJob]], Iterable[dict]]
 
 
-def write_shards(prepared_dir: Path, out_dir: Path, maxcount: int, progress: bool = True) -> dict:
-    """Shard every split of `prepared_dir` into `out_dir` (atomically: manifest last, then one rename).
+def in_process(task: ShardTask, jobs: list[ShardJob]) -> Iterator[dict]:
+    """Run the jobs here, one after another (the shard stage's mapper runs them as Ray tasks)."""
+    return map(task, jobs)
+
+
+def write_shards(
+    prepared_dir: Path, out_dir: Path, maxcount: int, progress: bool = True, mapper: Mapper = in_process
+) -> dict:
+    """Shard every split of `prepared_dir` into `out_dir` (atomically: manifest last, then one rename), running
+    the shard jobs through `mapper(task, jobs)`, which yields their results in order.
 
     Returns the manifest: format, image_shape, classes, num_classes, prepared (sha256 of prepare.json), maxcount,
     skipped (the source files prepare left out), splits {split: {"count", "shards": [{"name", "count", "sha256"}]}}.
     """
-    prepared_dir = Path(prepared_dir)
-    info_path = prepared_dir / "prepare.json"
-    try:
-        info_bytes = info_path.read_bytes()
-        info = json.loads(info_bytes)
-    except FileNotFoundError:
-        raise DataError(f"{info_path}: not found; run the prepare stage (dvc repro prepare)") from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{info_path}: unreadable ({exc}); re-run dvc repro prepare") from None
-    sets = {split: load_split(prepared_dir, split) for split in SPLITS}
-    for split, s in sets.items():
-        if len(s) == 0:
-            raise DataError(f"{prepared_dir / split}.npz: empty split; re-run dvc repro prepare")
+    prepared = load_prepared(prepared_dir)
+    for split in SPLITS:
+        if len(prepared.refs[split]) == 0:
+            raise DataError(f"{Path(prepared_dir) / INFO}: empty {split} split; re-run dvc repro prepare")
+    info, data = prepared.info, prepared.data
+    if data.path is not None:  # tasks run elsewhere (Ray workers): the source's absolute path
+        data = data.model_copy(update={"path": str(Path(data.path).resolve())})
     manifest = {
         "format": FORMAT,
         "image_shape": info["image_shape"],
         "classes": info["classes"],
         "num_classes": info["num_classes"],
-        "prepared": hashlib.sha256(info_bytes).hexdigest(),
+        "prepared": hashlib.sha256((Path(prepared_dir) / INFO).read_bytes()).hexdigest(),
         "maxcount": maxcount,
         "skipped": info.get("skipped", {"count": 0, "files": []}),  # files prepare left out (on_error: skip)
-        "splits": {},
+        "splits": {split: {"count": len(prepared.refs[split]), "shards": []} for split in SPLITS},
     }
-    total = sum(len(s) for s in sets.values())
+    jobs = shard_jobs(prepared, maxcount)
+    total = sum(len(job.refs) for job in jobs)
     bar = tqdm(total=total, desc="shard", unit="img", mininterval=1.0, disable=not progress)
     with atomic_dir(out_dir) as tmp, bar:
-        for split, s in sets.items():
-            manifest["splits"][split] = _write_split(tmp, split, s.images, s.labels, maxcount, bar)
+        task = functools.partial(write_shard, data=data, shape=prepared.shape, folder=tmp)
+        for job, entry in zip(jobs, mapper(task, jobs), strict=True):
+            manifest["splits"][job.split]["shards"].append(entry)
+            bar.update(entry["count"])
         (tmp / MANIFEST).write_text(json_text(manifest))
     return manifest
 

@@ -1,16 +1,25 @@
-"""Image sources: each turns `data.*` params into uint8 NHWC arrays with int64 labels.
+"""Image sources, read in two passes so that no stage holds a whole source in memory.
 
-- ``digits``: scikit-learn's bundled 8x8 digits (offline; for tests and quick runs).
-- ``idx``: MNIST-style IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in a folder.
-- ``imagefolder``: ``<path>/<class name>/*.png|jpg|jpeg``, one sub-folder per class.
+`scan_source(cfg)` walks a source and validates every image without keeping its pixels: a `SourceIndex` says where
+each image is (its *ref*), its label, the shape every image is read at and a digest of the source's bytes (the
+prepare stage writes it down). `read_images(cfg, shape, refs, files)` decodes only the images asked for, which is
+what each shard task does. `load_source(cfg)` does both at once, for data that fits in memory.
+
+- ``digits``: scikit-learn's bundled 8x8 digits (offline; for tests and quick runs). A ref is a row.
+- ``idx``: MNIST-style IDX files (``train-images-idx3-ubyte[.gz]`` etc.) in a folder, read in chunks. A ref is a
+  row of the train file, or ``n_train + row`` of the t10k file.
+- ``imagefolder``: ``<path>/<class name>/*.png|jpg|jpeg``, one sub-folder per class. A ref is a position in
+  `SourceIndex.files` (paths relative to ``data.path``, one class after another in turn).
 
 Every problem with an input file is a `DataError` naming the file. With ``data.on_error: skip`` an unreadable
-image is left out and recorded in `SourceData.skipped` instead.
+image is left out and recorded in `SourceIndex.skipped` instead.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import math
 import struct
 import warnings
@@ -31,6 +40,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
 IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dimension (N,)
+CHUNK_BYTES = 1 << 22  # what an IDX file is read in
 # What PIL may raise on a corrupt or truncated file, besides OSError (which covers "cannot identify image file").
 _DECODE_ERRORS = (
     OSError,
@@ -59,8 +69,23 @@ class ImageSet:
 
 
 @dataclass
+class SourceIndex:
+    """A source as prepare sees it: where each image is and its label, no pixels."""
+
+    refs: np.ndarray  # int64 (N,): every image, or the source's own train part
+    labels: np.ndarray  # int64 (N,)
+    test_refs: np.ndarray | None  # the source's own test part (idx t10k files) when data.keep_source_test
+    test_labels: np.ndarray | None
+    classes: list[str]  # class names, index = label
+    shape: tuple[int, int, int]  # (H, W, C) every image is read at
+    digest: str  # sha256 over the source's bytes: a changed image changes the prepared index
+    files: list[str] | None = None  # imagefolder: what a ref points at, relative to data.path
+    skipped: list[dict] = field(default_factory=list)  # [{"file", "reason"}], only with data.on_error == "skip"
+
+
+@dataclass
 class SourceData:
-    """What a source yields, before splitting."""
+    """A whole source in memory (`load_source`)."""
 
     train: ImageSet  # everything, or the source's own train part
     test: ImageSet | None  # the source's own test part (idx t10k files) when data.keep_source_test, else None
@@ -68,26 +93,64 @@ class SourceData:
     skipped: list[dict] = field(default_factory=list)  # [{"file", "reason"}], only with data.on_error == "skip"
 
 
-def load_source(cfg: DataConfig) -> SourceData:
-    """Load the images `cfg.source` names; `cfg.limit` keeps the first N training images."""
-    loaders = {"digits": _load_digits, "idx": _load_idx, "imagefolder": _load_imagefolder}
-    data = loaders[cfg.source](cfg)
+def scan_source(cfg: DataConfig) -> SourceIndex:
+    """Validate the images `cfg.source` names without keeping them; `cfg.limit` keeps the first N training images."""
+    scanners = {"digits": _scan_digits, "idx": _scan_idx, "imagefolder": _scan_imagefolder}
+    index = scanners[cfg.source](cfg)
     if cfg.limit is not None and cfg.source != "imagefolder":  # imagefolder applies it while reading
-        data.train = data.train.take(np.arange(min(cfg.limit, len(data.train))))
-    return data
+        index.refs, index.labels = index.refs[: cfg.limit], index.labels[: cfg.limit]
+    return index
+
+
+def read_images(cfg: DataConfig, shape: tuple[int, int, int], refs: np.ndarray, files: list[str] | None = None):
+    """The images at `refs` (imagefolder: the `files` they point at), uint8 (N, H, W, C) in that order."""
+    if cfg.source == "digits":
+        return _digits_images()[refs]
+    if cfg.source == "idx":
+        return _read_idx_refs(Path(cfg.path), refs, cfg)
+    return _read_files(Path(cfg.path), files, shape, cfg)
+
+
+def load_source(cfg: DataConfig) -> SourceData:
+    """The whole source in memory: `scan_source`, then `read_images` of every image it kept."""
+    index = scan_source(cfg)
+    paths = (lambda refs: [index.files[r] for r in refs]) if index.files is not None else (lambda refs: None)
+
+    def images(refs, labels):
+        return ImageSet(read_images(cfg, index.shape, refs, paths(refs)), labels)
+
+    test = None if index.test_refs is None else images(index.test_refs, index.test_labels)
+    return SourceData(images(index.refs, index.labels), test, index.classes, index.skipped)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- digits
 
 
-def _load_digits(cfg: DataConfig) -> SourceData:
-    """scikit-learn's 8x8 digits: values 0..16 scaled to 0..255."""
+def _digits_images() -> np.ndarray:
+    """scikit-learn's 8x8 digits as uint8 NHWC: values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    return np.round(load_digits().images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+
+
+def _scan_digits(cfg: DataConfig) -> SourceIndex:
+    from sklearn import __version__
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     labels = digits.target.astype(np.int64)
-    return SourceData(ImageSet(images, labels), None, [str(c) for c in digits.target_names])
+    digest = hashlib.sha256(f"sklearn {__version__} digits".encode() + digits.data.tobytes()).hexdigest()
+    classes = [str(c) for c in digits.target_names]
+    return SourceIndex(np.arange(len(labels)), labels, None, None, classes, (8, 8, 1), digest)
 
 
 # ---------------------------------------------------------------- idx
@@ -102,16 +165,46 @@ def read_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarr
     A `.gz` file is decompressed as a stream, never past what the header declares (+1 byte to find trailing
     data), and a header declaring more than `max_bytes` is refused before any data is read: a gzip bomb (a few
     kB that inflate to many GB) costs nothing."""
-    try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            return _parse_idx(f, path, magic, max_bytes)
-    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: corrupt gzip file ({exc})") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    with _open_idx(path) as f:
+        shape = _idx_header(f, path, magic, max_bytes)
+        data = _idx_data(f, path, shape, keep=True)
+    return np.frombuffer(data, np.uint8).reshape(shape)
 
 
-def _parse_idx(f, path: Path, magic: int, max_bytes: int) -> np.ndarray:
+def check_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> tuple[int, ...]:
+    """`read_idx`'s checks (header, length, trailing bytes, gzip CRC), reading the data in chunks; its shape."""
+    with _open_idx(path) as f:
+        shape = _idx_header(f, path, magic, max_bytes)
+        _idx_data(f, path, shape, keep=False)
+    return shape
+
+
+class _open_idx:
+    """An IDX file for reading (a .gz one decompressed as a stream); read errors as DataErrors naming it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.file = gzip.open(self.path, "rb") if self.path.suffix == ".gz" else open(self.path, "rb")
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        return self.file
+
+    def __exit__(self, kind, exc, tb):
+        self.file.close()
+        if isinstance(exc, DataError) or exc is None:
+            return False
+        if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
+            raise DataError(f"{self.path}: corrupt gzip file ({exc})") from None
+        if isinstance(exc, OSError):
+            raise DataError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        return False
+
+
+def _idx_header(f, path: Path, magic: int, max_bytes: int) -> tuple[int, ...]:
+    """The shape an IDX header declares, after checking its magic and that the data is at most `max_bytes`."""
     head = f.read(4)
     if len(head) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(head)} bytes)")
@@ -129,13 +222,25 @@ def _parse_idx(f, path: Path, magic: int, max_bytes: int) -> np.ndarray:
             f"{path}: header declares {shape} = {expected} bytes, more than data.max_idx_mb = "
             f"{max_bytes // 2**20} MB (a damaged header or a gzip bomb?); raise data.max_idx_mb if real"
         )
-    data = f.read(expected + 1)
-    if len(data) < expected:
-        raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {len(data)}")
-    if len(data) > expected:
+    return shape
+
+
+def _idx_data(f, path: Path, shape: tuple[int, ...], keep: bool) -> bytes:
+    """Read the data the header declared, in chunks, and check nothing follows it; the bytes when `keep`."""
+    expected, seen, chunks = math.prod(shape), 0, []
+    while seen <= expected:
+        chunk = f.read(min(CHUNK_BYTES, expected + 1 - seen))
+        if not chunk:
+            break
+        seen += len(chunk)
+        if keep:
+            chunks.append(chunk)
+    if seen < expected:
+        raise DataError(f"{path}: truncated, header says {shape} = {expected} bytes of data, found {seen}")
+    if seen > expected:
         raise DataError(f"{path}: unexpected bytes after the {shape} data the header declares")
     f.read(1)  # at the end of a .gz stream: checks its CRC and length
-    return np.frombuffer(data, np.uint8).reshape(shape)
+    return b"".join(chunks)[:expected]
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -146,18 +251,28 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx_pair(folder: Path, prefix: str, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, Path] | None:
-    """(images NHW, labels, labels file) of `<prefix>-images/labels`, None if neither file exists."""
-    images_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-    labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
-    if images_path is None and labels_path is None:
-        return None
-    if images_path is None or labels_path is None:
-        missing = f"{prefix}-images-idx3-ubyte" if images_path is None else f"{prefix}-labels-idx1-ubyte"
-        raise DataError(f"{folder}: {missing}[.gz] is missing (found the matching {prefix} file)")
+def _idx_parts(folder: Path) -> list[tuple[str, Path, Path]]:
+    """(prefix, images file, labels file) of the train pair, then the t10k pair if there is one."""
+    parts = []
+    for prefix in ("train", "t10k"):
+        images_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        labels_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        if images_path is None and labels_path is None:
+            continue
+        if images_path is None or labels_path is None:
+            missing = f"{prefix}-images-idx3-ubyte" if images_path is None else f"{prefix}-labels-idx1-ubyte"
+            raise DataError(f"{folder}: {missing}[.gz] is missing (found the matching {prefix} file)")
+        parts.append((prefix, images_path, labels_path))
+    if not parts or parts[0][0] != "train":
+        raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] found")
+    return parts
+
+
+def _check_idx_pair(images_path: Path, labels_path: Path, cfg: DataConfig) -> tuple[tuple[int, ...], np.ndarray]:
+    """(images shape, labels) of one IDX pair, every check made, no image kept."""
     max_bytes = cfg.max_idx_mb * 2**20
-    images = read_idx(images_path, IDX_IMAGES_MAGIC, max_bytes)
-    height, width = images.shape[1:]
+    shape = check_idx(images_path, IDX_IMAGES_MAGIC, max_bytes)
+    height, width = shape[1:]
     if height * width == 0:  # no pixels: nothing to learn, and the shard stage cannot encode them
         raise DataError(f"{images_path}: images of {width}x{height} pixels")
     if height * width > cfg.max_pixels:
@@ -166,12 +281,12 @@ def _read_idx_pair(folder: Path, prefix: str, cfg: DataConfig) -> tuple[np.ndarr
             f"data.max_pixels = {cfg.max_pixels}"
         )
     labels = read_idx(labels_path, IDX_LABELS_MAGIC, max_bytes)
-    if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    return images, labels, labels_path
+    if shape[0] != len(labels):
+        raise DataError(f"{images_path} has {shape[0]} images but {labels_path} has {len(labels)} labels")
+    return shape, labels
 
 
-def _load_idx(cfg: DataConfig) -> SourceData:
+def _scan_idx(cfg: DataConfig) -> SourceIndex:
     """MNIST-style IDX files; the t10k part is the test split (keep_source_test) or pooled into train.
 
     classes are the distinct label values as strings, sorted; labels are re-indexed to 0..K-1 by that order
@@ -180,32 +295,58 @@ def _load_idx(cfg: DataConfig) -> SourceData:
     folder = Path(cfg.path)
     if not folder.is_dir():
         raise DataError(f"{folder}: data.path is not a directory")
-    train = _read_idx_pair(folder, "train", cfg)
-    if train is None:
-        raise DataError(f"{folder}: no train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz] found")
-    test = _read_idx_pair(folder, "t10k", cfg)
-    train_images, train_labels, _ = train
-    if test is not None and not cfg.keep_source_test:
-        train_images = np.concatenate([train_images, test[0]])
-        train_labels = np.concatenate([train_labels, test[1]])
-        test = None
-    values = np.unique(train_labels)
-    data = SourceData(_idx_set(train_images, train_labels, values), None, [str(v) for v in values])
-    if test is not None:
-        images, labels, labels_path = test
-        unknown = np.setdiff1d(np.unique(labels), values)
+    parts = _idx_parts(folder)
+    digest = hashlib.sha256()
+    checked = []
+    for _, images_path, labels_path in parts:
+        checked.append(_check_idx_pair(images_path, labels_path, cfg))
+        for path in (images_path, labels_path):
+            digest.update(f"{path.name} {sha256_file(path)}\n".encode())
+    (train_shape, train_labels), test = checked[0], (checked[1] if len(checked) > 1 else None)
+    n_train, shape = train_shape[0], (*train_shape[1:], 1)
+    if test is not None and test[0][1:] != train_shape[1:]:
+        raise DataError(f"{folder}: t10k images are {test[0][1:]}, train images {train_shape[1:]}")
+    pooled = test is not None and not cfg.keep_source_test
+    raw = np.concatenate([train_labels, test[1]]) if pooled else train_labels
+    values = np.unique(raw)
+    index = SourceIndex(
+        np.arange(len(raw)), _label_index(raw, values), None, None, [str(v) for v in values], shape, digest.hexdigest()
+    )
+    if test is not None and not pooled:
+        unknown = np.setdiff1d(np.unique(test[1]), values)
         if unknown.size:
             known = ", ".join(str(v) for v in values)
-            raise DataError(f"{labels_path}: label {unknown[0]} does not occur in the training labels ({known})")
-        if images.shape[1:] != train_images.shape[1:]:
-            raise DataError(f"{folder}: t10k images are {images.shape[1:]}, train images {train_images.shape[1:]}")
-        data.test = _idx_set(images, labels, values)
-    return data
+            raise DataError(f"{parts[1][2]}: label {unknown[0]} does not occur in the training labels ({known})")
+        index.test_refs = n_train + np.arange(len(test[1]))
+        index.test_labels = _label_index(test[1], values)
+    return index
 
 
-def _idx_set(images: np.ndarray, labels: np.ndarray, values: np.ndarray) -> ImageSet:
-    """NHW uint8 + raw label values → ImageSet with a channel axis and labels indexed into `values`."""
-    return ImageSet(images[..., None].copy(), np.searchsorted(values, labels).astype(np.int64))
+def _label_index(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Raw label values → their positions in `values` (int64)."""
+    return np.searchsorted(values, labels).astype(np.int64)
+
+
+def _read_idx_refs(folder: Path, refs: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """The images at `refs` (train rows, then n_train + t10k rows), read in file order, one pass per file."""
+    refs = np.asarray(refs, dtype=np.int64)
+    out, start = None, 0
+    for _, images_path, _ in _idx_parts(folder):
+        with _open_idx(images_path) as f:
+            n, h, w = _idx_header(f, images_path, IDX_IMAGES_MAGIC, cfg.max_idx_mb * 2**20)
+            if out is None:
+                out = np.empty((len(refs), h, w, 1), np.uint8)
+            mine = np.flatnonzero((refs >= start) & (refs < start + n))
+            for i in mine[np.argsort(refs[mine], kind="stable")]:  # forward only: a gzip stream cannot go back
+                f.seek(16 + int(refs[i] - start) * h * w)
+                row = f.read(h * w)
+                if len(row) < h * w:
+                    raise DataError(f"{images_path}: truncated at image {refs[i] - start}; re-run the prepare stage")
+                out[i, ..., 0] = np.frombuffer(row, np.uint8).reshape(h, w)
+        start += n
+    if len(refs) and (refs.min() < 0 or refs.max() >= start):
+        raise DataError(f"{folder}: an image index is outside the {start} images there; re-run the prepare stage")
+    return out
 
 
 # ---------------------------------------------------------------- imagefolder
@@ -239,11 +380,11 @@ def _interleave(files: list[list[Path]]) -> list[tuple[Path, int]]:
     return out
 
 
-def _open_image(path: Path, cfg: DataConfig) -> Image.Image:
+def _open_image(file: Path | io.BytesIO, cfg: DataConfig) -> Image.Image:
     """Decode one image fully (load() catches truncation) after checking its size against data.max_pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # data.max_pixels is our limit
-        with Image.open(path) as im:
+        with Image.open(file) as im:
             w, h = im.size
             if w * h > cfg.max_pixels:
                 raise ValueError(
@@ -263,32 +404,54 @@ def _to_array(im: Image.Image, channels: int | None, size: int | None) -> np.nda
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _load_imagefolder(cfg: DataConfig) -> SourceData:
-    """One sub-folder per class; images converted to data.channels and resized to data.image_size."""
+def _scan_imagefolder(cfg: DataConfig) -> SourceIndex:
+    """One sub-folder per class; every image decoded once to check it, then dropped; shape from data.image_size
+    and data.channels (None: RGB if any image has colour)."""
     root = Path(cfg.path)
     classes, files = _list_imagefolder(root)
-    arrays, labels, skipped = [], [], []
+    listed, refs, labels, skipped = [], [], [], []
+    size, colour, digest = None, False, hashlib.sha256()
     for path, label in _interleave(files):
-        if cfg.limit is not None and len(arrays) >= cfg.limit:
+        if cfg.limit is not None and len(refs) >= cfg.limit:
             break
+        listed.append(path.relative_to(root).as_posix())
         try:
-            im = _open_image(path, cfg)
+            data = path.read_bytes()
+            im = _open_image(io.BytesIO(data), cfg)
         except _DECODE_ERRORS as exc:
             if cfg.on_error == "raise":
                 raise DataError(f"{path}: cannot read image ({exc})") from None
             skipped.append({"file": str(path), "reason": str(exc)})
             continue
         arr = _to_array(im, cfg.channels, cfg.image_size)
-        if arrays and arr.shape[:2] != arrays[0].shape[:2]:
+        if size is not None and arr.shape[:2] != size:
             raise DataError(
                 f"{path}: size {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; set data.image_size to resize all"
+                f"{size[1]}x{size[0]}; set data.image_size to resize all"
             )
-        arrays.append(arr)
+        size, colour = arr.shape[:2], colour or arr.shape[2] == 3
+        digest.update(f"{listed[-1]} {hashlib.sha256(data).hexdigest()}\n".encode())
+        refs.append(len(listed) - 1)
         labels.append(label)
-    if not arrays:
+    if not refs:
         raise DataError(f"{root}: no readable images ({len(skipped)} skipped)")
-    if cfg.channels is None and any(a.shape[2] == 3 for a in arrays):
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]  # = PIL's L → RGB
-    train = ImageSet(np.stack(arrays), np.asarray(labels, dtype=np.int64))
-    return SourceData(train, None, classes, skipped)
+    shape = (*size, cfg.channels or (3 if colour else 1))
+    refs_array, labels_array = np.asarray(refs, np.int64), np.asarray(labels, np.int64)
+    return SourceIndex(refs_array, labels_array, None, None, classes, shape, digest.hexdigest(), listed, skipped)
+
+
+def _read_files(root: Path, files: list[str], shape: tuple[int, int, int], cfg: DataConfig) -> np.ndarray:
+    """The images `files` (relative to `root`), converted and resized to `shape` as the scan found them."""
+    out = np.empty((len(files), *shape), np.uint8)
+    for i, name in enumerate(files):
+        path = root / name
+        try:
+            arr = _to_array(_open_image(path, cfg), cfg.channels, cfg.image_size)
+        except _DECODE_ERRORS as exc:
+            raise DataError(f"{path}: cannot read image ({exc}); it changed since the prepare stage") from None
+        if arr.shape[2] == 1 and shape[2] == 3:
+            arr = np.repeat(arr, 3, axis=2)  # = PIL's L → RGB
+        if arr.shape != tuple(shape):
+            raise DataError(f"{path}: now {arr.shape}, prepared as {tuple(shape)}; re-run the prepare stage")
+        out[i] = arr
+    return out
