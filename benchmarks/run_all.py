@@ -12,6 +12,7 @@ In sequence, each in its own process (a failing one does not stop the others):
     vq_speed      our quantizers vs vector_quantize_pytorch's, one layer forward + backward
     repro_timing  `make repro` from a clean workspace, then the no-op `dvc repro`
     elastic_resize  seconds an elastic run ([1, 2] workers) loses when a node joins and when it goes
+    data_scale    prepare + shard peak memory at N and 10·N images (PNG folder), shard images/s with 2 Ray tasks vs 1
 
 Every figure in the tables is a ratio against a baseline measured in the same run. The report also shows the
 quality benchmarks (vq_mnist, tune_mnist, stacked_mnist, resvae_mnist) from their JSON files, which this
@@ -64,6 +65,7 @@ def suite(data: str, quick_data: str | None) -> list[Step]:
         Step("vq_speed", [], ["--quick"]),
         Step("repro_timing", [], ["--quick"]),
         Step("elastic_resize", [], []),
+        Step("data_scale", ["--data", data], ["--data", data, "--quick"]),
     ]
 
 
@@ -381,6 +383,46 @@ def repro_section(name: str, r: dict) -> list[str]:
     return lines + (["", " ".join(notes)] if notes else [])
 
 
+def data_scale_section(name: str, r: dict) -> list[str]:
+    small, large = r["memory"]["N"], r["memory"]["10N"]
+    one, two = r["throughput"]["1_task"], r["throughput"]["2_tasks"]
+    memory = table(
+        ["prepare + shard, image folder (PNG)", "peak RSS vs N", "peak RSS MiB", "prepare s", "shard s", "target"],
+        [
+            [
+                f"N = {small['images']:,} images",
+                ratio(1.0),
+                fmt(small["peak_rss_mib"], ".0f"),
+                fmt(small["prepare_s"], ".1f"),
+                fmt(small["shard_s"], ".1f"),
+                "–",
+            ],
+            [
+                f"10·N = {large['images']:,} images",
+                ratio(r["memory_ratio"]),
+                fmt(large["peak_rss_mib"], ".0f"),
+                fmt(large["prepare_s"], ".1f"),
+                fmt(large["shard_s"], ".1f"),
+                r["memory_target"],
+            ],
+        ],
+    )
+    speed = table(
+        ["shard stage on Ray, 10·N images", "vs 1 task", "images/s", "s", "target"],
+        [
+            ["1 task at a time (1 CPU)", ratio(1.0), fmt(one["images_per_s"], ",.0f"), fmt(one["seconds"], ".1f"), "–"],
+            [
+                "2 tasks at a time (2 CPUs)",
+                ratio(r["speedup"]),
+                fmt(two["images_per_s"], ",.0f"),
+                fmt(two["seconds"], ".1f"),
+                r["speedup_target"],
+            ],
+        ],
+    )
+    return memory + [""] + speed
+
+
 def elastic_section(name: str, r: dict) -> list[str]:
     """Seconds and epochs (at 1 worker, measured in the same run) lost per resize of an elastic run."""
     base = r["epoch_s_1_worker"]
@@ -582,6 +624,7 @@ SPEED = [
     ("vq_speed", "Quantizer layer vs vector_quantize_pytorch", vq_speed_section, ()),
     ("repro_timing", "`make repro`: clean and no-op", repro_section, ("params", "models", "epochs")),
     ("elastic_resize", "Elastic training: time lost per resize", elastic_section, ()),
+    ("data_scale", "Data at scale: memory of prepare + shard, shard tasks on Ray", data_scale_section, ("maxcount",)),
 ]
 QUALITY = [
     ("vae_nll", "VAE likelihood on dynamically binarised MNIST", vae_nll_section, ("epochs", "k", "seeds")),

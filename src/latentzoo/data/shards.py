@@ -148,7 +148,7 @@ def write_shards(
     total = sum(len(job.refs) for job in jobs)
     bar = tqdm(total=total, desc="shard", unit="img", mininterval=1.0, disable=not progress)
     with atomic_dir(out_dir) as tmp, bar:
-        task = functools.partial(write_shard, data=data, shape=prepared.shape, folder=tmp)
+        task = functools.partial(write_shard, data=data, shape=prepared.shape, folder=tmp.resolve())
         for job, entry in zip(jobs, mapper(task, jobs), strict=True):
             manifest["splits"][job.split]["shards"].append(entry)
             bar.update(entry["count"])

@@ -27,7 +27,8 @@ def shard_stage(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     return manifest
 
 
-def _run(task: ShardTask, job: ShardJob) -> dict:
+def shard_task(task: ShardTask, job: ShardJob) -> dict:
+    """One shard written by a Ray task (the name Ray shows for it)."""
     return task(job)
 
 
@@ -37,7 +38,7 @@ def ray_tasks(task: ShardTask, jobs: list[ShardJob]) -> Iterator[dict]:
     import ray
 
     connect_ray()
-    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(_run)
+    remote = ray.remote(num_cpus=1, max_retries=TASK_RETRIES, retry_exceptions=[OSError])(shard_task)
     shared = ray.put(task)
     pending = [remote.remote(shared, job) for job in jobs]
     try:
