@@ -58,6 +58,15 @@ class ShardConfig(Section):
     """WebDataset shard writing (shard stage)."""
 
     maxcount: int = Field(default=500, ge=1)  # samples per shard
+    # null: the tars go in the stage's output folder; s3://bucket/prefix (any URI pyarrow opens): they go there,
+    # the output folder keeps only the manifest (which names the URI) and training streams from there
+    uri: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ShardConfig:
+        if self.uri is not None and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+(/\S*)?", self.uri):
+            raise ValueError(f"shard.uri must be a URI such as s3://bucket/prefix, got {self.uri!r}")
+        return self
 
 
 class TrainConfig(Section):

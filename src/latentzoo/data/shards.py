@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from tqdm import tqdm
 from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.config import DataConfig
 from latentzoo.data.prepare import INFO, SPLITS, Prepared, load_prepared
+from latentzoo.data.remote import check_location, is_uri, sha256_url, upload
 from latentzoo.data.sources import read_images, sha256_file
 from latentzoo.errors import DataError, ShardError
 
@@ -88,9 +90,17 @@ def shard_jobs(prepared: Prepared, maxcount: int) -> list[ShardJob]:
     return jobs
 
 
-def write_shard(job: ShardJob, data: DataConfig, shape: tuple[int, int, int], folder: Path) -> dict:
+def write_shard(
+    job: ShardJob, data: DataConfig, shape: tuple[int, int, int], folder: Path | None, location: str | None = None
+) -> dict:
     """Read the job's images from the source `data` names and write them as `folder/<job.name>` (a tar of blocks,
-    renamed into place when complete); its manifest entry."""
+    renamed into place when complete), or upload them to `location/<job.name>` (object storage; folder None: a
+    temporary one of this process); its manifest entry."""
+    if location is not None:
+        with tempfile.TemporaryDirectory(prefix="lz-shard-") as local:
+            entry = write_shard(job, data, shape, Path(local))
+            upload(Path(local) / job.name, f"{location}/{job.name}")
+            return entry
     images = read_images(data, shape, job.refs, job.files)
     per_block = block_size(shape)
     path, partial = Path(folder) / job.name, Path(folder) / f".{job.name}.{os.getpid()}"
@@ -119,10 +129,16 @@ def in_process(task: ShardTask, jobs: list[ShardJob]) -> Iterator[dict]:
 
 
 def write_shards(
-    prepared_dir: Path, out_dir: Path, maxcount: int, progress: bool = True, mapper: Mapper = in_process
+    prepared_dir: Path,
+    out_dir: Path,
+    maxcount: int,
+    progress: bool = True,
+    mapper: Mapper = in_process,
+    location: str | None = None,
 ) -> dict:
     """Shard every split of `prepared_dir` into `out_dir` (atomically: manifest last, then one rename), running
-    the shard jobs through `mapper(task, jobs)`, which yields their results in order.
+    the shard jobs through `mapper(task, jobs)`, which yields their results in order. With a `location` URI
+    (`shard.uri`, object storage) the tars go there and `out_dir` holds only the manifest, which names it.
 
     Returns the manifest: format, image_shape, classes, num_classes, prepared (sha256 of prepare.json), maxcount,
     skipped (the source files prepare left out), splits {split: {"count", "shards": [{"name", "count", "sha256"}]}}.
@@ -144,11 +160,16 @@ def write_shards(
         "skipped": info.get("skipped", {"count": 0, "files": []}),  # files prepare left out (on_error: skip)
         "splits": {split: {"count": len(prepared.refs[split]), "shards": []} for split in SPLITS},
     }
+    if location is not None:
+        location = location.rstrip("/")
+        check_location(location)
+        manifest["location"] = location
     jobs = shard_jobs(prepared, maxcount)
     total = sum(len(job.refs) for job in jobs)
     bar = tqdm(total=total, desc="shard", unit="img", mininterval=1.0, disable=not progress)
     with atomic_dir(out_dir) as tmp, bar:
-        task = functools.partial(write_shard, data=data, shape=prepared.shape, folder=tmp.resolve())
+        folder = None if location else tmp.resolve()
+        task = functools.partial(write_shard, data=data, shape=prepared.shape, folder=folder, location=location)
         for job, entry in zip(jobs, mapper(task, jobs), strict=True):
             manifest["splits"][job.split]["shards"].append(entry)
             bar.update(entry["count"])
@@ -180,16 +201,21 @@ def _split_entry(shard_dir: Path, manifest: dict, split: str) -> dict:
 
 
 def verify_shards(shard_dir: Path, manifest: dict | None = None, splits=None) -> None:
-    """Check every shard of `splits` (default: all) exists and matches its manifest sha256; ShardError if not."""
+    """Check every shard of `splits` (default: all) exists and matches its manifest sha256; ShardError if not.
+    Shards in object storage are read back in full to check them, as local ones are."""
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir) if manifest is None else manifest
     for split in manifest["splits"] if splits is None else splits:
-        for shard in _split_entry(shard_dir, manifest, split)["shards"]:
-            path = shard_dir / shard["name"]
-            if not path.is_file():
-                raise ShardError(f"{path}: shard listed in {MANIFEST} is missing; {_REPRO_HINT}")
-            if sha256_file(path) != shard["sha256"]:
-                raise ShardError(f"{path}: sha256 mismatch with {MANIFEST} (file changed or corrupt); {_REPRO_HINT}")
+        urls = shard_urls(shard_dir, manifest, split)
+        for shard, url in zip(_split_entry(shard_dir, manifest, split)["shards"], urls, strict=True):
+            if is_uri(url):
+                found = sha256_url(url)
+            elif Path(url).is_file():
+                found = sha256_file(Path(url))
+            else:
+                raise ShardError(f"{url}: shard listed in {MANIFEST} is missing; {_REPRO_HINT}")
+            if found != shard["sha256"]:
+                raise ShardError(f"{url}: sha256 mismatch with {MANIFEST} (file changed or corrupt); {_REPRO_HINT}")
 
 
 def checked_shards(shard_dir: Path, splits: tuple[str, ...]) -> tuple[dict, dict[str, list[str]]]:
@@ -200,6 +226,10 @@ def checked_shards(shard_dir: Path, splits: tuple[str, ...]) -> tuple[dict, dict
 
 
 def shard_urls(shard_dir: Path, manifest: dict, split: str) -> list[str]:
-    """Absolute paths of `split`'s shards, in manifest order (what `wds.WebDataset` takes)."""
+    """`split`'s shards in manifest order (what `wds.WebDataset` takes): absolute paths, or URIs under the
+    manifest's `location` when the shards are in object storage."""
+    names = [shard["name"] for shard in _split_entry(shard_dir, manifest, split)["shards"]]
+    if manifest.get("location"):
+        return [f"{manifest['location']}/{name}" for name in names]
     shard_dir = Path(shard_dir).resolve()
-    return [str(shard_dir / shard["name"]) for shard in _split_entry(shard_dir, manifest, split)["shards"]]
+    return [str(shard_dir / name) for name in names]

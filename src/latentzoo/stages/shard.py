@@ -21,9 +21,12 @@ TASK_RETRIES = 3  # a task whose worker died, or that failed reading or writing 
 
 def shard_stage(params: Params, prepared_dir: Path, out_dir: Path) -> dict:
     mapper = ray_tasks if os.environ.get("RAY_ADDRESS") else in_process
-    manifest = write_shards(Path(prepared_dir), Path(out_dir), params.shard.maxcount, mapper=mapper)
+    manifest = write_shards(
+        Path(prepared_dir), Path(out_dir), params.shard.maxcount, mapper=mapper, location=params.shard.uri
+    )
     for split, entry in manifest["splits"].items():
-        print(f"shard: {split}: {entry['count']} samples in {len(entry['shards'])} shard(s)")
+        where = f" in {manifest['location']}" if manifest.get("location") else ""
+        print(f"shard: {split}: {entry['count']} samples in {len(entry['shards'])} shard(s){where}")
     return manifest
 
 

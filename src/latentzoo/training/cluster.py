@@ -22,8 +22,15 @@ RAY_CONNECT_TIMEOUT_S = 5.0
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's driver
 # MLflow settings read where Ray's processes log for the stage: the workers' system metrics (…_SAMPLING_INTERVAL),
 # and the HTTP client's retries and timeout (…_MAX_RETRIES, …_TIMEOUT), which the per-epoch logging in Ray Train's
-# controller obeys. No credentials: a runtime env is visible in Ray's dashboard.
-FORWARDED_PREFIXES = ("MLFLOW_SYSTEM_METRICS_", "MLFLOW_HTTP_REQUEST_")
+# controller obeys; where object storage is (shard.uri: an S3-compatible endpoint, the region). No credentials: a
+# runtime env is visible in Ray's dashboard (nodes carry their own, or a role).
+FORWARDED_PREFIXES = (
+    "MLFLOW_SYSTEM_METRICS_",
+    "MLFLOW_HTTP_REQUEST_",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def connect_ray(

@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -97,19 +98,40 @@ class Session:
 
 
 def train_session() -> Session:
+    from ray.train.v2.api.context import LocalTrainContext
+
     ctx = ray.train.get_context()
     return Session(
         ctx.get_world_rank(),
         ctx.get_world_size(),
         ctx.get_local_world_size(),
         ray.train.get_checkpoint,
-        ray.train.report,
+        keeping_checkpoints(ray.train.report) if isinstance(ctx, LocalTrainContext) else ray.train.report,
         ray.train.Checkpoint,
         ray.train.torch.prepare_model,
         ray.train.torch.get_device(),
         ctx.get_node_rank() if ctx.get_local_rank() == 0 else None,
         ray.train.get_preemption_info,
     )
+
+
+def keeping_checkpoints(report: Callable[..., None]) -> Callable[..., None]:
+    """`report` for Ray Train's local mode (train.num_workers: 0), which keeps a reported checkpoint's folder as it
+    is where the distributed mode copies it to storage, and the loop deletes its folder after reporting: report a
+    copy instead, kept until the next one replaces it (the run's result is the last)."""
+    kept: list[str] = []
+
+    def report_a_copy(metrics, checkpoint=None):
+        if checkpoint is not None:
+            folder = tempfile.mkdtemp(prefix="lz-local-checkpoint-")
+            shutil.copytree(checkpoint.path, folder, dirs_exist_ok=True)
+            for old in kept:
+                shutil.rmtree(old, ignore_errors=True)
+            kept[:] = [folder]
+            checkpoint = type(checkpoint).from_directory(folder)
+        report(metrics, checkpoint=checkpoint)
+
+    return report_a_copy
 
 
 def tune_session(use_gpu: bool = False) -> Session:
