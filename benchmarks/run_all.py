@@ -407,6 +407,26 @@ def data_scale_section(name: str, r: dict) -> list[str]:
             ],
         ],
     )
+    if "prepare_images_per_s" in one:
+        prepare_rows = [
+            [
+                "1 task at a time (1 CPU)",
+                ratio(1.0),
+                fmt(one["prepare_images_per_s"], ",.0f"),
+                fmt(one["prepare_s"], ".1f"),
+                "–",
+            ],
+            [
+                "2 tasks at a time (2 CPUs)",
+                ratio(r["prepare_speedup"]),
+                fmt(two["prepare_images_per_s"], ",.0f"),
+                fmt(two["prepare_s"], ".1f"),
+                "–",
+            ],
+        ]
+        memory += [""] + table(
+            ["prepare stage on Ray (image checks), 10·N images", "vs 1 task", "images/s", "s", "target"], prepare_rows
+        )
     speed = table(
         ["shard stage on Ray, 10·N images", "vs 1 task", "images/s", "s", "target"],
         [

@@ -234,7 +234,7 @@ def test_a_source_image_gone_since_prepare_stops_the_shard_stage_naming_it(tmp_p
 
 @pytest.mark.ray
 def test_shard_tasks_on_ray_write_the_same_shards_and_fail_naming_the_file(ray_cluster, prepared_rgb, tmp_path):
-    from latentzoo.stages.shard import ray_tasks
+    from latentzoo.stages.tasks import ray_tasks
 
     here = write_shards(prepared_rgb, tmp_path / "here", maxcount=5, progress=False)
     on_ray = write_shards(prepared_rgb, tmp_path / "ray", maxcount=5, progress=False, mapper=ray_tasks)
@@ -257,7 +257,7 @@ def test_shard_tasks_on_ray_write_the_same_shards_and_fail_naming_the_file(ray_c
 def test_a_shard_task_that_fails_on_an_os_error_runs_again(ray_cluster, prepared, tmp_path):
     from latentzoo.data.prepare import load_prepared
     from latentzoo.data.shards import shard_jobs
-    from latentzoo.stages.shard import ray_tasks
+    from latentzoo.stages.tasks import ray_tasks
 
     marker = tmp_path / "failed-once"
 
@@ -270,3 +270,27 @@ def test_a_shard_task_that_fails_on_an_os_error_runs_again(ray_cluster, prepared
     jobs = shard_jobs(load_prepared(prepared), maxcount=100)
     assert [entry["name"] for entry in ray_tasks(flaky, jobs)] == [job.name for job in jobs]
     assert marker.exists()
+
+
+@pytest.mark.ray
+def test_an_image_folder_checked_by_ray_tasks_prepares_the_same_index(ray_cluster, tmp_path, monkeypatch):
+    """prepare's scan checks an image folder in chunks, as Ray tasks on a cluster: the same index and prepare.json
+    as one process, the same unreadable file skipped, or named when on_error is raise."""
+    import latentzoo.data.sources as sources
+    from latentzoo.stages.tasks import ray_tasks
+
+    monkeypatch.setattr(sources, "CHECK_CHUNK", 7)  # the driver cuts the chunks: several per task count
+    root = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(15):
+            Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(root / c / f"{i:02d}.png")
+    (root / "b" / "09.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    skip = DataConfig(source="imagefolder", path=str(root), on_error="skip")
+    here = prepare(skip, seed=0, out_dir=tmp_path / "here")
+    on_ray = prepare(skip, seed=0, out_dir=tmp_path / "ray", mapper=ray_tasks)
+    assert on_ray == here and here["skipped"]["count"] == 1
+    assert (tmp_path / "ray/index.npz").read_bytes() == (tmp_path / "here/index.npz").read_bytes()
+    with pytest.raises(DataError, match=r"b/09\.png: cannot read image"):
+        prepare(skip.model_copy(update={"on_error": "raise"}), seed=0, out_dir=tmp_path / "raise", mapper=ray_tasks)

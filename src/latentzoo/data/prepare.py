@@ -22,7 +22,7 @@ from sklearn.model_selection import train_test_split
 
 from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.config import DataConfig
-from latentzoo.data.sources import ImageSet, SourceIndex, read_images, scan_source
+from latentzoo.data.sources import ImageSet, Mapper, SourceIndex, in_process, read_images, scan_source
 from latentzoo.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -143,15 +143,15 @@ def _split(index: SourceIndex, cfg: DataConfig, seed: int) -> tuple[dict[str, np
     return {name: refs[name] for name in SPLITS}, {name: labels[name] for name in SPLITS}
 
 
-def prepare(cfg: DataConfig, seed: int, out_dir: Path) -> dict:
+def prepare(cfg: DataConfig, seed: int, out_dir: Path, mapper: Mapper = in_process) -> dict:
     """Write out_dir/index.npz (each split's refs and labels, an image folder's files) and out_dir/prepare.json,
-    atomically.
+    atomically. `mapper` runs the scan's checks of an image folder (in this process by default).
 
     Returns prepare.json's content: source, path, image_shape [C, H, W], classes, num_classes, seed, counts,
     class_counts (per split, per class), skipped ({"count", "files"}), source_sha256 (of the source's bytes: a
     changed image changes this file, so DVC re-runs the shard stage) and data (the params the source is read with).
     """
-    index = scan_source(cfg)
+    index = scan_source(cfg, mapper)
     refs, labels = _split(index, cfg, seed)
     h, w, c = index.shape
     info = {

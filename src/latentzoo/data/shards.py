@@ -27,7 +27,6 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.config import DataConfig
 from latentzoo.data.prepare import INFO, SPLITS, Prepared, load_prepared
 from latentzoo.data.remote import check_location, is_uri, sha256_url, upload
-from latentzoo.data.sources import read_images, sha256_file
+from latentzoo.data.sources import Mapper, in_process, read_images, sha256_file
 from latentzoo.errors import DataError, ShardError
 
 MANIFEST = "manifest.json"
@@ -117,15 +116,6 @@ def write_shard(
             )
     os.replace(partial, path)
     return {"name": job.name, "count": len(job.refs), "sha256": sha256_file(path)}
-
-
-ShardTask = Callable[[ShardJob], dict]
-Mapper = Callable[[ShardTask, list[ShardJob]], Iterable[dict]]
-
-
-def in_process(task: ShardTask, jobs: list[ShardJob]) -> Iterator[dict]:
-    """Run the jobs here, one after another (the shard stage's mapper runs them as Ray tasks)."""
-    return map(task, jobs)
 
 
 def write_shards(

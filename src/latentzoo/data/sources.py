@@ -17,16 +17,18 @@ image is left out and recorded in `SourceIndex.skipped` instead.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
-import io
+import itertools
 import math
 import struct
 import warnings
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -93,11 +95,21 @@ class SourceData:
     skipped: list[dict] = field(default_factory=list)  # [{"file", "reason"}], only with data.on_error == "skip"
 
 
-def scan_source(cfg: DataConfig) -> SourceIndex:
-    """Validate the images `cfg.source` names without keeping them; `cfg.limit` keeps the first N training images."""
-    scanners = {"digits": _scan_digits, "idx": _scan_idx, "imagefolder": _scan_imagefolder}
-    index = scanners[cfg.source](cfg)
-    if cfg.limit is not None and cfg.source != "imagefolder":  # imagefolder applies it while reading
+Mapper = Callable[[Callable[[Any], Any], list], Iterable[Any]]  # (task, jobs) → the tasks' results, in order
+
+
+def in_process(task: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
+    """Run the jobs here, one after another (a stage on Ray passes `latentzoo.stages.tasks.ray_tasks` instead)."""
+    return map(task, jobs)
+
+
+def scan_source(cfg: DataConfig, mapper: Mapper = in_process) -> SourceIndex:
+    """Validate the images `cfg.source` names without keeping them; `cfg.limit` keeps the first N training images.
+    An image folder's files are checked in chunks through `mapper` (the prepare stage's runs them as Ray tasks)."""
+    if cfg.source == "imagefolder":  # applies the limit while reading
+        return _scan_imagefolder(cfg, mapper)
+    index = _scan_digits(cfg) if cfg.source == "digits" else _scan_idx(cfg)
+    if cfg.limit is not None:
         index.refs, index.labels = index.refs[: cfg.limit], index.labels[: cfg.limit]
     return index
 
@@ -380,7 +392,7 @@ def _interleave(files: list[list[Path]]) -> list[tuple[Path, int]]:
     return out
 
 
-def _open_image(file: Path | io.BytesIO, cfg: DataConfig) -> Image.Image:
+def _open_image(file: Path, cfg: DataConfig) -> Image.Image:
     """Decode one image fully (load() catches truncation) after checking its size against data.max_pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # data.max_pixels is our limit
@@ -404,33 +416,69 @@ def _to_array(im: Image.Image, channels: int | None, size: int | None) -> np.nda
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def _scan_imagefolder(cfg: DataConfig) -> SourceIndex:
+CHECK_CHUNK = 1000  # image files one scan task checks
+
+
+@dataclass(frozen=True)
+class Checked:
+    """One image file as the scan found it: its size (H, W) and colour once converted, its bytes' sha256; or the
+    reason it cannot be read."""
+
+    size: tuple[int, int] | None
+    colour: bool
+    sha256: str
+    error: str | None = None
+
+
+def check_images(root: Path, names: list[str], cfg: DataConfig) -> list[Checked]:
+    """Decode each of `names` (relative to `root`) once, converted and resized as the shards will hold it, and keep
+    only what the scan needs."""
+    out = []
+    for name in names:
+        try:  # decoded from the path: PIL's errors name it (the reasons go into prepare.json, byte-stable)
+            arr = _to_array(_open_image(root / name, cfg), cfg.channels, cfg.image_size)
+            digest = sha256_file(root / name)
+        except _DECODE_ERRORS as exc:
+            out.append(Checked(None, False, "", str(exc)))
+            continue
+        out.append(Checked(arr.shape[:2], arr.shape[2] == 3, digest))
+    return out
+
+
+def _checked(root: Path, names: list[str], cfg: DataConfig, mapper: Mapper) -> Iterator[Checked]:
+    """`check_images` of every name, in order: in chunks through `mapper` (Ray tasks in the prepare stage), or,
+    with data.limit (a quick run), one image at a time here, so that the scan stops at the limit."""
+    if cfg.limit is not None:
+        return (check_images(root, [name], cfg)[0] for name in names)
+    chunks = [names[i : i + CHECK_CHUNK] for i in range(0, len(names), CHECK_CHUNK)]
+    return itertools.chain.from_iterable(mapper(functools.partial(check_images, root, cfg=cfg), chunks))
+
+
+def _scan_imagefolder(cfg: DataConfig, mapper: Mapper = in_process) -> SourceIndex:
     """One sub-folder per class; every image decoded once to check it, then dropped; shape from data.image_size
     and data.channels (None: RGB if any image has colour)."""
     root = Path(cfg.path)
     classes, files = _list_imagefolder(root)
+    order = _interleave(files)
+    names = [path.relative_to(root).as_posix() for path, _ in order]
     listed, refs, labels, skipped = [], [], [], []
     size, colour, digest = None, False, hashlib.sha256()
-    for path, label in _interleave(files):
+    for (path, label), name, checked in zip(order, names, _checked(root, names, cfg, mapper)):
         if cfg.limit is not None and len(refs) >= cfg.limit:
             break
-        listed.append(path.relative_to(root).as_posix())
-        try:
-            data = path.read_bytes()
-            im = _open_image(io.BytesIO(data), cfg)
-        except _DECODE_ERRORS as exc:
+        listed.append(name)
+        if checked.error is not None:
             if cfg.on_error == "raise":
-                raise DataError(f"{path}: cannot read image ({exc})") from None
-            skipped.append({"file": str(path), "reason": str(exc)})
+                raise DataError(f"{path}: cannot read image ({checked.error})")
+            skipped.append({"file": str(path), "reason": checked.error})
             continue
-        arr = _to_array(im, cfg.channels, cfg.image_size)
-        if size is not None and arr.shape[:2] != size:
+        if size is not None and checked.size != size:
             raise DataError(
-                f"{path}: size {arr.shape[1]}x{arr.shape[0]} differs from the first image's "
+                f"{path}: size {checked.size[1]}x{checked.size[0]} differs from the first image's "
                 f"{size[1]}x{size[0]}; set data.image_size to resize all"
             )
-        size, colour = arr.shape[:2], colour or arr.shape[2] == 3
-        digest.update(f"{listed[-1]} {hashlib.sha256(data).hexdigest()}\n".encode())
+        size, colour = checked.size, colour or checked.colour
+        digest.update(f"{name} {checked.sha256}\n".encode())
         refs.append(len(listed) - 1)
         labels.append(label)
     if not refs:
