@@ -317,7 +317,7 @@ def test_prepare_writes_an_index_of_every_split(tmp_path):
 
 
 def test_prepare_records_a_digest_of_the_source_that_changes_with_one_image(tmp_path):
-    root = image_folder(tmp_path / "folder", per_class=5)
+    root = image_folder(tmp_path / "folder", per_class=20)
     first = prepare(DataConfig(source="imagefolder", path=str(root)), seed=0, out_dir=tmp_path / "a")
     save_image(root / "cat" / "000.png", (5, 5), "L", value=101)
     second = prepare(DataConfig(source="imagefolder", path=str(root)), seed=0, out_dir=tmp_path / "b")
