@@ -8,8 +8,8 @@ MNIST (IDX files) is prepared and sharded into a temp dir by the pipeline's own 
                    x already float in memory (the baseline)
     streamed       latentzoo.data.loader.train_batches(cached=False): the tars read every epoch, whole blocks
                    through the shuffle buffer
-    cached         train_batches(cached=True): shards read once into the per-process CACHE (its first epoch,
-                   which fills it, is reported apart), then exact in-memory shuffles
+    cached         train_batches(cache=...): shards decoded once into the node cache (latentzoo.data.cache; its
+                   first epoch, which fills it, is reported apart), then exact shuffles of the mapped arrays
 
 Shards hold blocks of raw uint8 images (latentzoo.data.shards), so neither streamed nor cached decodes images.
 For larger images the fair bar is the decode floor: --rgb-images N digits of the training split, colourised and
@@ -22,6 +22,12 @@ loader's ratio to the TensorDataset's is the figure, against the target >= 0.8x 
 trains cached when the decoded train + val splits fit train.cache_mb, streamed otherwise. Other processes spoil
 the timings (with 2 torch threads on 2 busy cores small tensor ops slow down many times): each round waits up to
 --wait-idle seconds for idle CPUs, and the share other processes took is recorded (others_cpu_busy).
+
+Node memory of the cache (node_cache_memory): --workers processes (spawned, like Ray's workers) each read every
+training shard and draw every image once, either from the node cache (shared: the files mapped read-only) or
+from their own decoded copy (copied: what each worker held before the node cache). The figure is the sum over
+the workers of the growth of their proportional set size (PSS: a page shared by W processes counts 1/W in each),
+taken while all of them hold their arrays; shared / copied is the ratio (1/W when the pages are shared).
 
     .venv/bin/python benchmarks/loader_speed.py --data ../shared/data/mnist
     .venv/bin/python benchmarks/loader_speed.py --quick       # 2,000 images, 1 round; writes only with --out
@@ -84,7 +90,7 @@ def tensor_loader(prepared: Path, batch_size: int, seed: int) -> torch.utils.dat
     )
 
 
-def one_rank(params, urls: list[str], steps: int, epoch: int, cached: bool):
+def one_rank(params, urls: list[str], steps: int, epoch: int, cache=None):
     """The pipeline's training batches of one epoch for rank 0 of 1, with params' batch size, seed and buffer."""
     from latentzoo.data.loader import train_batches
 
@@ -97,11 +103,11 @@ def one_rank(params, urls: list[str], steps: int, epoch: int, cached: bool):
         seed=params.seed,
         epoch=epoch,
         shuffle_buffer=params.train.shuffle_buffer,
-        cached=cached,
+        cache=cache,
     )
 
 
-def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float) -> dict:
+def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float, cache) -> dict:
     """Seconds per epoch of each variant, rounds interleaved so that drift hits all of them alike."""
     from latentzoo.data.loader import steps_per_epoch
     from latentzoo.data.shards import load_manifest, shard_urls
@@ -111,9 +117,9 @@ def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float)
     steps = steps_per_epoch(len(baseline.dataset), 1, params.train.batch_size)
 
     def pipeline(cached: bool, epoch: int):
-        return one_rank(params, urls, steps, epoch, cached)
+        return one_rank(params, urls, steps, epoch, cache if cached else None)
 
-    cache_fill_s, _ = timed_epoch(pipeline(True, epoch=rounds))  # decodes every shard into CACHE once
+    cache_fill_s, _ = timed_epoch(pipeline(True, epoch=rounds))  # decodes every shard into the node cache once
     times: dict[str, list[float]] = {"tensordataset": [], "streamed": [], "cached": []}
     images, busy = {}, []
     for epoch in range(rounds):
@@ -145,6 +151,65 @@ def measure(params, shard_dir: Path, prepared: Path, rounds: int, idle_s: float)
         "steps_per_epoch": steps,
         "rows": rows,
         "others_cpu_busy": max(busy),
+    }
+
+
+def pss_bytes() -> int:
+    """This process's proportional set size (Linux)."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no Pss in /proc/self/smaps_rollup")
+
+
+def cache_worker(urls: list[str], cache, barrier, out) -> None:
+    """One worker's PSS growth for holding every image of `urls`: mapped from `cache`, or decoded (cache None)."""
+    from latentzoo.data.cache import Samples
+    from latentzoo.data.loader import decode_shard
+
+    before = pss_bytes()
+    if cache:
+        samples = cache.samples(urls, decode_shard)
+    else:  # each worker's own copy, as before the node cache (filled shard by shard: no concatenation)
+        images, labels, filled = None, [], 0
+        for url in urls:
+            shard = decode_shard(url)
+            if images is None:
+                images = np.empty((len(urls) * len(shard.labels), *shard.images.shape[1:]), np.uint8)
+            images[filled : filled + len(shard.labels)] = shard.images
+            labels.append(shard.labels)
+            filled += len(shard.labels)
+        samples = Samples(images[:filled], np.concatenate(labels), np.arange(filled))
+    for i in range(0, len(samples), 4096):  # draw every image once: every page is read
+        samples.take(np.arange(i, min(i + 4096, len(samples))))
+    barrier.wait()  # every worker holds its arrays: shared pages are split between them
+    out.put(pss_bytes() - before)
+    barrier.wait()
+
+
+def node_cache_memory(urls: list[str], cache, workers: int) -> dict:
+    """Sum of the workers' PSS growth, node cache (shared) vs one decoded copy per worker (copied)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    grown = {}
+    for name, node in (("copied", None), ("shared", cache)):
+        if node:
+            node.clear()
+        barrier, out = ctx.Barrier(workers), ctx.Queue()
+        procs = [ctx.Process(target=cache_worker, args=(urls, node, barrier, out)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        grown[name] = sum(out.get(timeout=600) for _ in procs)
+        for p in procs:
+            p.join()
+        print(f"node cache memory, {name}: {grown[name] / 2**20:,.0f} MiB over {workers} workers", flush=True)
+    return {
+        "workers": workers,
+        "copied_mib": grown["copied"] / 2**20,
+        "shared_mib": grown["shared"] / 2**20,
+        "ratio_shared_vs_copied": grown["shared"] / grown["copied"],
+        "cache_folder": str(cache.folder().parent),
     }
 
 
@@ -203,7 +268,7 @@ def measure_rgb(args, params, prepared: Path, work: Path) -> dict:
     for epoch in range(args.rounds):
         wait_idle(args.wait_idle)
         rates.append(decode_rate(folder))
-        seconds, images = timed_epoch(one_rank(rgb, urls, steps, epoch, cached=False))
+        seconds, images = timed_epoch(one_rank(rgb, urls, steps, epoch))
         streamed.append(images / seconds)
         print(f"round {epoch + 1}: png decode {rates[-1]:,.0f}/s on 1 core; streamed {streamed[-1]:,.0f}/s", flush=True)
     cores = os.cpu_count() or 1
@@ -231,6 +296,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (one rank: all cores)")
     ap.add_argument("--wait-idle", type=float, default=120, help="seconds to wait for idle CPUs before each round")
     ap.add_argument("--rgb-images", type=int, default=10000, help="64x64 RGB PNGs for the decode-floor test (0: off)")
+    ap.add_argument("--workers", type=int, default=2, help="processes sharing the node cache (memory figure)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2,000 images, 1 round, marked smoke")
     ap.add_argument(
         "--out", type=Path, help="JSON file (default benchmarks/results/loader_speed.json; none with --quick)"
@@ -240,10 +306,10 @@ def main() -> int:
         args.train_images, args.rounds, args.wait_idle = args.train_images or 2000, 1, 0
         args.rgb_images = min(args.rgb_images, 1000)
 
-    from latentzoo.data.shards import load_manifest
+    from latentzoo.data.shards import load_manifest, sha256_file, shard_urls
     from latentzoo.stages.prepare import prepare_stage
     from latentzoo.stages.shard import shard_stage
-    from latentzoo.training.trainer import fits_in_cache
+    from latentzoo.training.trainer import node_cache
 
     torch.set_num_threads(args.threads)
     params = params_for(args)
@@ -252,8 +318,16 @@ def main() -> int:
         prepare_stage(params, work / "prepared")
         shard_stage(params, work / "prepared", work / "shards")
         manifest = load_manifest(work / "shards")
-        measured = measure(params, work / "shards", work / "prepared", args.rounds, args.wait_idle)
+        # the node cache of these shards, whatever train.cache_mb says (the pipeline's choice is recorded below)
+        urls = {split: shard_urls(work / "shards", manifest, split) for split in ("train", "val")}
+        cache = node_cache(manifest, sha256_file(work / "shards/manifest.json"), urls, cache_mb=2**40)
+        try:
+            measured = measure(params, work / "shards", work / "prepared", args.rounds, args.wait_idle, cache)
+            memory = node_cache_memory(urls["train"], cache, args.workers)
+        finally:
+            cache.clear()
         rgb = measure_rgb(args, params, work / "prepared", work) if args.rgb_images else None
+        uses = "cached" if node_cache(manifest, "", urls, params.train.cache_mb) else "streamed"
 
     rows = measured.pop("rows")
     base = rows["tensordataset"]["images_per_s"]
@@ -272,9 +346,10 @@ def main() -> int:
         "rounds": args.rounds,
         "torch_threads": args.threads,
         "others_cpu_busy": measured["others_cpu_busy"],  # fraction of all CPUs other processes used, worst round
-        "pipeline_uses": "cached" if fits_in_cache(manifest, params.train.cache_mb) else "streamed",
+        "pipeline_uses": uses,
         "target_ratio": TARGET,
         "rows": rows,
+        "node_cache_memory": memory,
         "rgb_64": rgb,
     }
     print(json.dumps(result, indent=2))
@@ -283,6 +358,10 @@ def main() -> int:
             f"{rows[name]['target']}  {name} loader {rows[name]['ratio_vs_tensordataset']:.2f}x TensorDataset "
             f"(target >= {TARGET}x)"
         )
+    print(
+        f"node cache: {memory['workers']} workers hold {memory['shared_mib']:,.0f} MiB of training images between "
+        f"them, {memory['ratio_shared_vs_copied']:.2f}x the {memory['copied_mib']:,.0f} MiB of one copy each"
+    )
     if rgb:
         print(
             f"{rgb['target']}  streamed 64x64 RGB {rgb['ratio_vs_decode_floor']:.2f}x the decode floor "

@@ -102,6 +102,22 @@ def digits_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def node_cache(digits_shards, tmp_path, monkeypatch):
+    """The node cache of the digits' train and val shards, in this test's folder (not /dev/shm); this process's
+    maps dropped after."""
+    from latentzoo.data import cache
+    from latentzoo.data.shards import load_manifest, shard_urls
+    from latentzoo.training.trainer import node_cache
+
+    monkeypatch.setattr(cache, "bases", lambda: [tmp_path / "node"])
+    manifest = load_manifest(digits_shards)
+    urls = {split: shard_urls(digits_shards, manifest, split) for split in ("train", "val")}
+    node = node_cache(manifest, "0" * 64, urls, cache_mb=2**20)
+    yield node
+    node.clear()
+
+
+@pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

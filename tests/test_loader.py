@@ -25,7 +25,7 @@ def test_too_few_shards_for_the_workers_is_a_clear_error():
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
+def test_uneven_shards_give_equal_full_batches(digits_shards, node_cache, cached):
     manifest = load_manifest(digits_shards)
     urls = shard_urls(digits_shards, manifest, "train")
     counts = [s["count"] for s in manifest["splits"]["train"]["shards"]]
@@ -44,7 +44,7 @@ def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
                     seed=0,
                     epoch=epoch,
                     shuffle_buffer=100,
-                    cached=cached,
+                    cache=node_cache if cached else None,
                 )
             )
             assert len(batches) == steps
@@ -53,26 +53,28 @@ def test_uneven_shards_give_equal_full_batches(digits_shards, cached):
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_eval_batches_cover_each_sample_once_across_ranks(digits_shards, cached):
+def test_eval_batches_cover_each_sample_once_across_ranks(digits_shards, node_cache, cached):
     manifest = load_manifest(digits_shards)
     urls = shard_urls(digits_shards, manifest, "train")
     labels = [
-        y for rank in range(2) for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2, cached=cached)
+        y
+        for rank in range(2)
+        for _, y in eval_batches(urls, batch_size=100, rank=rank, world_size=2, cache=node_cache if cached else None)
     ]
     assert sum(len(y) for y in labels) == manifest["splits"]["train"]["count"]
 
 
-def test_cached_and_streamed_epochs_hold_the_same_samples(digits_shards):
+def test_cached_and_streamed_epochs_hold_the_same_samples(digits_shards, node_cache):
     urls = shard_urls(digits_shards, load_manifest(digits_shards), "train")
     streamed = sorted(int(v) for _, y in eval_batches(urls, batch_size=64) for v in y)
-    cached = sorted(int(v) for _, y in eval_batches(urls, batch_size=64, cached=True) for v in y)
+    cached = sorted(int(v) for _, y in eval_batches(urls, batch_size=64, cache=node_cache) for v in y)
     assert streamed == cached
-    x, _ = next(cached_epoch(urls))
+    x, _ = next(cached_epoch(urls, node_cache))
     assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
-def cached_epoch(urls):
-    return train_batches(urls, steps=3, batch_size=16, rank=0, world_size=1, seed=0, epoch=0, cached=True)
+def cached_epoch(urls, cache):
+    return train_batches(urls, steps=3, batch_size=16, rank=0, world_size=1, seed=0, epoch=0, cache=cache)
 
 
 @pytest.mark.parametrize("shuffle_buffer", [0, 100, 5000])

@@ -116,7 +116,7 @@ def test_stacked_ae_is_not_a_train_stage_model(tiny_params):
         tiny_params(models=["vae", "stacked_ae"])
 
 
-def test_label_budget_is_a_fixed_subset(digits_shards):
+def test_label_budget_is_a_fixed_subset(digits_shards, node_cache):
     keys = [f"train-{i:07d}" for i in range(5000)]
     kept = [k for k in keys if labelled(k, 0.1, seed=0)]
     assert 400 < len(kept) < 600
@@ -126,7 +126,7 @@ def test_label_budget_is_a_fixed_subset(digits_shards):
 
     urls = shard_urls(digits_shards, load_manifest(digits_shards), "train")
     n = count_labelled("train", 1258, 0.25, seed=0)
-    for cached in (False, True):
+    for cache in (None, node_cache):
         batches = train_batches(
             urls,
             steps=3,
@@ -136,7 +136,7 @@ def test_label_budget_is_a_fixed_subset(digits_shards):
             seed=0,
             epoch=0,
             shuffle_buffer=0,
-            cached=cached,
+            cache=cache,
             label_fraction=0.25,
         )
         sizes = {tuple(torch.sort(x.flatten(1).sum(1))[0].tolist()) for x, _ in batches}

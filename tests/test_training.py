@@ -14,10 +14,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from latentzoo import faults
 from latentzoo.checkpoint import load_model
+from latentzoo.data.cache import bases
 from latentzoo.errors import ShardError
 from latentzoo.models import VAEConfig, build_model
 from latentzoo.training.loop import seed_stream
-from latentzoo.training.trainer import TrainOutputs, run_name, train_model
+from latentzoo.training.trainer import TrainOutputs, run_name, train_model, training_data
 
 pytestmark = pytest.mark.ray
 
@@ -47,6 +48,8 @@ def test_two_workers_with_uneven_shards(ray_cluster, digits_shards, tiny_params,
     assert meta["model_name"] == "vae" and meta["epoch"] == 3
     assert model(torch.rand(2, 1, 8, 8)).recon.shape == (2, 1, 8, 8)
     assert (out.model_dir / "reconstructions.png").exists() and (out.model_dir / "samples.png").exists()
+    node = training_data(params, "vae", digits_shards).cache  # the digits fit train.cache_mb: decoded once per node
+    assert node is not None and not [b for b in bases() if (b / node.name).exists()]  # and removed after the run
 
     params = params.updated(**{"ray.storage_path": str(tmp_path / "ray-again")})  # a second run, same seed
     again = outputs(tmp_path / "again")

@@ -88,7 +88,7 @@ class TrainConfig(Section):
     max_failures: int = Field(default=2, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)  # per worker; None: cores // workers
     shuffle_buffer: int = Field(default=1000, ge=0)  # streaming: blocks gathered to >= this many images, permuted
-    cache_mb: int = Field(default=2048, ge=0)  # keep decoded shards in memory per worker if train+val fit (0: never)
+    cache_mb: int = Field(default=2048, ge=0)  # decoded shards kept once per node if train+val fit (0: never)
     checkpoints_to_keep: int = Field(default=2, ge=1)
     # Ask Ray Train every this many steps whether a node of the worker group is being reclaimed (drained); the first
     # notice saves a checkpoint mid-epoch, which the restarted group resumes from (0: only the epochs' checkpoints).

@@ -14,8 +14,8 @@ a hash of each sample's key (`labelled`), so every rank, epoch and restart agree
 
 Shards hold blocks of raw uint8 images (`latentzoo.data.shards`), so reading is array work, not per-image Python:
 streamed, an epoch gathers consecutive blocks into a shuffle buffer and permutes it (`shuffled_chunks`). When the
-splits fit in memory (`train.cache_mb`), each worker keeps the shards it has read (`DecodedShards`) and shuffles
-them exactly instead.
+splits fit in memory (`train.cache_mb`), the shards are decoded once per node into files every worker there maps
+(`latentzoo.data.cache`), and an epoch shuffles them exactly instead.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from latentzoo.data.cache import Decoded, NodeCache, Samples
 from latentzoo.data.shards import sample_key
 from latentzoo.errors import ShardError
 
@@ -172,36 +173,13 @@ def permuted(blocks: list[Block], rng: np.random.Generator) -> tuple[np.ndarray,
     return images[order], labels[order]
 
 
-class DecodedShards:
-    """Shards read once and kept in this process's memory (a per-worker cache).
-
-    Afterwards an epoch reads nothing from disk and draws exact shuffles. Used only when the splits fit
-    `train.cache_mb`.
-    """
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = {}
-
-    def get(self, url: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        if url not in self._arrays:
-            blocks = list(iter_blocks([url]))
-            if not blocks:
-                raise ShardError(f"{url}: holds no samples")
-            images, labels = np.concatenate([b.images for b in blocks]), np.concatenate([b.labels for b in blocks])
-            self._arrays[url] = images, labels, [k for b in blocks for k in b.keys]
-        return self._arrays[url]
-
-    def concat(self, urls: list[str], keep=None) -> tuple[np.ndarray, np.ndarray]:
-        """The decoded samples of `urls` in order; `keep(key)` filters."""
-        parts = [self.get(u) for u in urls]
-        images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        if keep is None:
-            return images, labels
-        mask = np.array([keep(key) for p in parts for key in p[2]], dtype=bool)
-        return images[mask], labels[mask]
-
-
-CACHE = DecodedShards()  # one per process: each Ray Train worker fills its own
+def decode_shard(url: str) -> Decoded:
+    """All the samples of shard `url`, as the node cache keeps them."""
+    blocks = list(iter_blocks([url]))
+    if not blocks:
+        raise ShardError(f"{url}: holds no samples")
+    images, labels = np.concatenate([b.images for b in blocks]), np.concatenate([b.labels for b in blocks])
+    return Decoded(images, labels, [k for b in blocks for k in b.keys])
 
 
 def decoded_bytes(count: int, image_shape) -> int:
@@ -219,19 +197,21 @@ def train_batches(
     seed: int,
     epoch: int,
     shuffle_buffer: int = 1000,
-    cached: bool = False,
+    cache: NodeCache | None = None,
     label_fraction: float = 1.0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Exactly `steps` full batches for this rank and epoch, cycling over the rank's shards as needed.
 
-    cached: shuffle the rank's decoded samples exactly (in memory); else stream the shards' blocks through a
-    shuffle buffer of `shuffle_buffer` images (`shuffled_chunks`; 0 or 1: in order). label_fraction < 1: only
+    cache: shuffle the rank's decoded samples (kept in this node's `cache`) exactly; else stream the shards' blocks
+    through a shuffle buffer of `shuffle_buffer` images (`shuffled_chunks`; 0 or 1: in order). label_fraction < 1: only
     the samples in the label budget (`labelled`).
     """
     mine = rank_shards(urls, rank, world_size, seed, epoch)
     keep = None if label_fraction >= 1 else (lambda key: labelled(key, label_fraction, seed))
-    if cached:
-        return cached_batches(mine, steps, batch_size, np.random.default_rng((seed, epoch, rank)), keep)
+    if cache is not None:
+        return cached_batches(
+            cache.samples(mine, decode_shard, keep), steps, batch_size, np.random.default_rng((seed, epoch, rank))
+        )
 
     rng = np.random.default_rng((seed, epoch, rank))
 
@@ -249,28 +229,26 @@ def train_batches(
     return islice(rebatch(endless(), batch_size, drop_last=True), steps)
 
 
-def cached_batches(urls: list[str], steps: int, batch_size: int, rng: np.random.Generator, keep=None):
-    """`steps` batches from successive random permutations of the decoded samples of `urls` (`keep` filters)."""
-    images, labels = CACHE.concat(urls, keep)
-    if len(images) == 0:
-        raise ShardError(f"shards {urls} hold no samples in the label budget; raise finetune.label_fraction")
-    passes = math.ceil(steps * batch_size / len(images))
-    order = np.concatenate([rng.permutation(len(images)) for _ in range(passes)])
+def cached_batches(samples: Samples, steps: int, batch_size: int, rng: np.random.Generator):
+    """`steps` batches from successive random permutations of the decoded `samples`."""
+    if len(samples) == 0:
+        raise ShardError("this rank's shards hold no samples in the label budget; raise finetune.label_fraction")
+    passes = math.ceil(steps * batch_size / len(samples))
+    order = np.concatenate([rng.permutation(len(samples)) for _ in range(passes)])
     for step in range(steps):
         idx = np.sort(order[step * batch_size : (step + 1) * batch_size])  # sorted: faster gathers
-        yield array_batch(images[idx], labels[idx])
+        yield array_batch(*samples.take(idx))
 
 
 def eval_batches(
-    urls: list[str], *, batch_size: int, rank: int = 0, world_size: int = 1, cached: bool = False
+    urls: list[str], *, batch_size: int, rank: int = 0, world_size: int = 1, cache: NodeCache | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One ordered pass over this rank's share of the shards (every sample exactly once across ranks)."""
     mine = list(islice(urls, rank, None, world_size))
-    if not cached:
+    if cache is None:
         return rebatch(arrays_of(iter_blocks(mine)), batch_size, drop_last=False)
-    if not mine:
-        return iter(())
-    images, labels = CACHE.concat(mine)
+    samples = cache.samples(mine, decode_shard)
     return (
-        array_batch(images[i : i + batch_size], labels[i : i + batch_size]) for i in range(0, len(images), batch_size)
+        array_batch(*samples.take(np.arange(i, min(i + batch_size, len(samples)))))
+        for i in range(0, len(samples), batch_size)
     )

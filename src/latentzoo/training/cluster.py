@@ -12,6 +12,7 @@ import signal
 import socket
 
 from latentzoo.config import Params
+from latentzoo.data.cache import NodeCache
 from latentzoo.errors import ConfigError, restore_sigterm
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -110,3 +111,26 @@ def check_resources(params: Params) -> None:
         raise ConfigError(
             f"train.num_workers must be <= the {cpus} CPUs of the local Ray cluster, got {params.train.num_workers}"
         )
+
+
+def clear_node_caches(cache: NodeCache | None, timeout_s: float = 10.0) -> None:
+    """Remove a run's decoded-shard cache (`latentzoo.data.cache`) here and on every other node of the cluster, by a
+    zero-CPU task pinned to each; waits at most `timeout_s` (a node that does not answer keeps its folder until
+    the next run of the same data reuses it, or a reboot)."""
+    if cache is None:
+        return
+    cache.clear()
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if not ray.is_initialized():
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    clear = ray.remote(num_cpus=0, max_retries=0)(NodeCache.clear)
+    pending = [
+        clear.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(cache)
+        for node in others
+    ]
+    if pending:
+        ray.wait(pending, num_returns=len(pending), timeout=timeout_s)

@@ -33,6 +33,7 @@ from torch import nn
 
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state, save_state
 from latentzoo.config import TrainConfig
+from latentzoo.data.cache import NodeCache
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError, quiet_signal_exits
@@ -58,7 +59,7 @@ class TrainJob:
     val_urls: list[str]
     num_train: int
     image_shape: tuple[int, int, int]
-    cached: bool = False  # decoded shards fit train.cache_mb: keep them in memory after the first read
+    cache: NodeCache | None = None  # the splits fit train.cache_mb: decoded once per node, shared by its workers
     run: TrackedRun | None = None  # the MLflow run of this training (system metrics, per-epoch rows)
     log_epochs: bool = True  # rank 0 logs each epoch's row to `run`; off where Ray Train's controller does
     phase: dict | None = None  # model.set_phase(**phase): one phase of a multi-phase family (stacked_ae)
@@ -211,7 +212,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
                 seed=job.seed,
                 epoch=epoch,
                 shuffle_buffer=train.shuffle_buffer,
-                cached=job.cached,
+                cache=job.cache,
                 label_fraction=job.label_fraction,
             )
 
@@ -242,7 +243,7 @@ def run_loop(job: TrainJob, session: Session) -> None:
             }
             step, skip = step + steps - skip, 0
             row["train_time_s"] = time.perf_counter() - started  # optimisation only, before validation
-            row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cached)
+            row |= validate(unwrap(model), job.val_urls, train.batch_size, rank, world, device, job.cache)
             row["epoch_time_s"] = time.perf_counter() - started
             row["replicas_in_sync"] = float(replicas_identical(model))
             history.append(row)
@@ -490,14 +491,14 @@ def train_epoch(
 
 
 @torch.no_grad()
-def validate(model, urls, batch_size, rank, world, device, cached=False) -> dict[str, float]:
+def validate(model, urls, batch_size, rank, world, device, cache: NodeCache | None = None) -> dict[str, float]:
     """One pass over this rank's val shards with the plain module (no DDP collectives), sums all-reduced."""
     model.eval()
     generator = torch.Generator(device=device).manual_seed(12345 + rank)
     sums: dict[str, float] = defaultdict(float)
     codes = code_counter(model, device)
     count = 0
-    for x, y in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cached=cached):
+    for x, y in eval_batches(urls, batch_size=batch_size, rank=rank, world_size=world, cache=cache):
         x = x.to(device)
         out = model(x, generator=generator, labels=y.to(device))
         accumulate(sums, "val", out, len(x))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import Params
+from latentzoo.data.cache import NodeCache
 from latentzoo.data.loader import count_labelled, decoded_bytes
 from latentzoo.data.shards import checked_shards, sha256_file
 from latentzoo.errors import ConfigError, ShardError, TrainingError, disk_full
@@ -27,7 +28,7 @@ from latentzoo.faults import planned
 from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun, log_shards
-from latentzoo.training.cluster import check_ray_address, check_resources, connect_ray
+from latentzoo.training.cluster import check_ray_address, check_resources, clear_node_caches, connect_ray
 from latentzoo.training.loop import EpochLogger, TrainJob, say, train_loop_per_worker
 from latentzoo.training.outputs import TrainOutputs, finish_mlflow_run, write_outputs
 
@@ -71,10 +72,16 @@ def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "
     return f"{prefix}{model_name}-{phase.name + '-' if phase else ''}{digest}"
 
 
-def fits_in_cache(manifest: dict, cache_mb: int) -> bool:
-    """Do the decoded train and val splits fit the per-worker memory budget `train.cache_mb`?"""
-    count = manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"]
-    return decoded_bytes(count, manifest["image_shape"]) <= cache_mb * 2**20
+def node_cache(manifest: dict, manifest_sha: str, urls: dict[str, list[str]], cache_mb: int) -> NodeCache | None:
+    """The node cache of the decoded train and val splits (`urls`), if they fit the per-node budget
+    `train.cache_mb`."""
+    shards = [
+        (url, entry["count"])
+        for split in ("train", "val")
+        for url, entry in zip(urls[split], manifest["splits"][split]["shards"])
+    ]
+    size = decoded_bytes(sum(count for _, count in shards), manifest["image_shape"])
+    return NodeCache.of(manifest_sha, shards, size) if size <= cache_mb * 2**20 else None
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,7 @@ class TrainingData:
     num_train: int
     image_shape: tuple[int, int, int]
     manifest_sha: str
-    cached: bool
+    cache: NodeCache | None
 
     def job(self, params: Params, model_name: str, run: TrackedRun | None = None) -> TrainJob:
         return TrainJob(
@@ -98,7 +105,7 @@ class TrainingData:
             val_urls=self.val_urls,
             num_train=self.num_train,
             image_shape=self.image_shape,
-            cached=self.cached,
+            cache=self.cache,
             run=run,
         )
 
@@ -115,13 +122,14 @@ def training_data(params: Params, model_name: str, shard_dir: Path) -> TrainingD
         )
     image_shape = tuple(manifest["image_shape"])
     build_model(model_name, params.model_config_for(model_name), image_shape)  # config errors before Ray starts
+    manifest_sha = sha256_file(shard_dir / "manifest.json")
     return TrainingData(
         train_urls,
         val_urls,
         manifest["splits"]["train"]["count"],
         image_shape,
-        sha256_file(shard_dir / "manifest.json"),
-        fits_in_cache(manifest, params.train.cache_mb),
+        manifest_sha,
+        node_cache(manifest, manifest_sha, urls, params.train.cache_mb),
     )
 
 
@@ -202,6 +210,8 @@ def fit(
             f"training {model_name} failed after {params.train.max_failures} retries: {root_cause(err)}. "
             f"Checkpoints are kept in {storage}/{name}; run the stage again to resume."
         ) from None
+    finally:
+        clear_node_caches(job.cache)
     fit_seconds = time.perf_counter() - started
     if result.checkpoint is None:
         raise TrainingError(f"training {model_name} reported no checkpoint (see {storage}/{name})")

@@ -35,7 +35,7 @@ from latentzoo.errors import Terminated, TrainingError
 from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun, logging_failed
-from latentzoo.training.cluster import check_ray_address, connect_ray
+from latentzoo.training.cluster import check_ray_address, clear_node_caches, connect_ray
 from latentzoo.training.loop import TrainJob, run_loop, say, tune_session
 from latentzoo.training.trainer import DONE_MARKER, run_name, training_data
 from latentzoo.tuning.tuned import section_with_weights, with_weights
@@ -185,7 +185,10 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
         "fail_trial": planned("tune.trial"),
     }
     with stop_on_sigterm() as terminated:
-        results = make_tuner(params, space, metric, ctx, folder).fit()
+        try:
+            results = make_tuner(params, space, metric, ctx, folder).fit()
+        finally:
+            clear_node_caches(data.cache)
     if terminated.is_set() or unfinished(results, params.tune.num_samples):
         # Tune caught Ctrl-C (or the SIGTERM passed on to it), saved the search and returned: the stage is not done.
         if parent:
