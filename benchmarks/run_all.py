@@ -220,8 +220,16 @@ def loader_section(name: str, r: dict) -> list[str]:
     ]
     if "first_epoch_images_per_s" in rows.get("cached", {}):
         notes.append(
-            f"The cached loader's first epoch (reading every shard into memory) ran at "
+            f"The cached loader's first epoch (decoding every shard into the node cache) ran at "
             f"{rows['cached']['first_epoch_images_per_s']:,.0f} images/s."
+        )
+    memory = r.get("node_cache_memory")
+    if memory:
+        notes.append(
+            f"Node memory of the cache: {memory['workers']} worker processes holding every training image take "
+            f"{memory['shared_mib']:,.0f} MiB between them from the node cache (mapped in {memory['cache_folder']}), "
+            f"{memory['ratio_shared_vs_copied']:.2f}× the {memory['copied_mib']:,.0f} MiB of one decoded copy each "
+            "(sum of their PSS growth)."
         )
     if (r.get("others_cpu_busy") or 0) > 0.1:
         notes.append(f"Other processes kept {100 * r['others_cpu_busy']:.0f}% of the CPUs busy: timings disturbed.")
