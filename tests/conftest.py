@@ -202,8 +202,9 @@ def mlflow_server(tmp_path, monkeypatch):
         stop_mlflow_server(server)
 
 
-def wait_until_up(url: str, process, timeout_s: float = 120.0) -> None:
-    """Poll `url` until it answers; fail with the process's stderr if it exits first, or after `timeout_s`."""
+def wait_until_up(url: str, process, timeout_s: float = 120.0, log: Path | None = None) -> None:
+    """Poll `url` until it answers; fail with the process's stderr (or its `log` file) if it exits first, or after
+    `timeout_s`."""
     import time
     import urllib.request
 
@@ -213,6 +214,6 @@ def wait_until_up(url: str, process, timeout_s: float = 120.0) -> None:
             urllib.request.urlopen(url, timeout=2)
             return
         except OSError:
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            assert process.poll() is None, (log.read_text() if log else process.stderr.read().decode())[-2000:]
             assert time.monotonic() < deadline, f"{url} did not answer within {timeout_s:.0f} s"
             time.sleep(1)

@@ -33,9 +33,19 @@ def module_file(module: str) -> Path | None:
 
 def imported_modules(path: Path) -> set[str]:
     """The latentzoo modules `path` imports, with the packages on their way (importing a.b.c runs a/__init__,
-    a/b/__init__) and names imported from a package that are modules themselves (`from a import b`)."""
+    a/b/__init__) and names imported from a package that are modules themselves (`from a import b`). Imports under
+    `if TYPE_CHECKING:` are for annotations only and never run."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for n in ast.walk(block)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("latentzoo"):
             names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]

@@ -4,6 +4,7 @@ stage with one line naming the URI."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -33,10 +34,11 @@ def s3_endpoint(tmp_path_factory):
     from latentzoo.local_cluster import free_port
 
     port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"  # a file: it logs every request, which would fill a pipe
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log.open("wb"),
         start_new_session=True,
     )
     endpoint = f"http://127.0.0.1:{port}"
@@ -47,7 +49,7 @@ def s3_endpoint(tmp_path_factory):
         "AWS_DEFAULT_REGION": "us-east-1",
     }
     try:
-        wait_until_up(f"{endpoint}/moto-api/", server, timeout_s=60)
+        wait_until_up(f"{endpoint}/moto-api/", server, timeout_s=60, log=log)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in env.items():
                 patch.setenv(name, value)
@@ -146,3 +148,68 @@ def test_shard_uri_must_be_a_uri():
     with pytest.raises(ConfigError, match="shard.uri must be a URI such as s3://bucket/prefix"):
         make_params(**{"shard.uri": "data/shards-elsewhere"})
     assert json.loads(json.dumps(make_params(**{"shard.uri": "s3://b/p"}).shard.model_dump()))["uri"] == "s3://b/p"
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def local_sources(tmp_path_factory) -> Path:
+    """An IDX gz pair (train and t10k) and an image folder with grey, RGB and one broken file."""
+    from PIL import Image
+
+    root, rng = tmp_path_factory.mktemp("sources"), np.random.default_rng(0)
+    (root / "idx").mkdir()
+    for prefix, n in (("train", 600), ("t10k", 100)):
+        write_idx(root / f"idx/{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 9, 7), np.uint8), 0x803)
+        write_idx(root / f"idx/{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 3, n, np.uint8), 0x801)
+    for c, name in enumerate(("ant", "bee", "cat")):
+        (root / "folder" / name).mkdir(parents=True)
+        for i in range(20):
+            shape = (10, 12, 3) if (i + c) % 3 == 0 else (10, 12)
+            Image.fromarray(rng.integers(0, 256, shape, np.uint8)).save(root / "folder" / name / f"{i:03d}.png")
+    (root / "folder/bee/broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    return root
+
+
+def upload_folder(folder: Path, uri: str) -> None:
+    from latentzoo.data.remote import upload
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        upload(path, f"{uri}/{path.relative_to(folder).as_posix()}")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"data.source": "idx", "data.keep_source_test": True},
+        {"data.source": "imagefolder", "data.image_size": 8, "data.on_error": "skip"},
+    ],
+    ids=["idx", "imagefolder"],
+)
+def test_a_source_in_object_storage_gives_the_shards_its_local_copy_gives(s3_endpoint, local_sources, tmp_path, data):
+    kind = "idx" if data["data.source"] == "idx" else "folder"
+    uri = f"s3://{BUCKET}/sources-{kind}"
+    upload_folder(local_sources / kind, uri)
+    runs = {}
+    for where, path in (("local", str(local_sources / kind)), ("bucket", uri)):
+        params = make_params(**data, **{"data.path": path, "shard.maxcount": 100})
+        info = prepare(params.data, params.seed, tmp_path / where / "prepared")
+        manifest = shard_stage(params, tmp_path / where / "prepared", tmp_path / where / "shards")
+        runs[where] = info, manifest
+    assert runs["bucket"][1]["splits"] == runs["local"][1]["splits"]  # every shard's sha256: the same bytes
+    assert runs["bucket"][0]["source_sha256"] == runs["local"][0]["source_sha256"]
+    if kind == "folder":
+        (skipped,) = runs["bucket"][0]["skipped"]["files"]
+        assert skipped["file"] == f"{uri}/bee/broken.png" and f"'{uri}/bee/broken.png'" in skipped["reason"]
+
+
+def test_a_missing_source_in_object_storage_is_named(s3_endpoint, tmp_path):
+    from latentzoo.errors import DataError
+
+    params = make_params(**{"data.source": "idx", "data.path": f"s3://{BUCKET}/no-such-source"})
+    with pytest.raises(DataError, match=rf"^s3://{BUCKET}/no-such-source: data.path is not a directory"):
+        prepare(params.data, params.seed, tmp_path / "prepared")

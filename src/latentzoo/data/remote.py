@@ -52,7 +52,7 @@ def upload(path: Path, url: str) -> None:
     """Copy the local file `path` to `url`."""
     with reaching(url, "uploading a shard"):
         filesystem, target = open_location(url)
-        with open(path, "rb") as src, filesystem.open_output_stream(target) as dst:
+        with open(path, "rb") as src, filesystem.open_output_stream(target, compression=None) as dst:
             shutil.copyfileobj(src, dst, length=1 << 22)
 
 
@@ -60,7 +60,7 @@ def open_url(url: str):
     """`url` open for reading (a stream)."""
     with reaching(url, "opening a shard"):
         filesystem, path = open_location(url)
-        return filesystem.open_input_stream(path)
+        return filesystem.open_input_stream(path, compression=None)  # bytes as stored, whatever the suffix
 
 
 def sha256_url(url: str, chunk: int = 1 << 22) -> str:

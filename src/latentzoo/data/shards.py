@@ -138,7 +138,7 @@ def write_shards(
         if len(prepared.refs[split]) == 0:
             raise DataError(f"{Path(prepared_dir) / INFO}: empty {split} split; re-run dvc repro prepare")
     info, data = prepared.info, prepared.data
-    if data.path is not None:  # tasks run elsewhere (Ray workers): the source's absolute path
+    if data.path is not None and not is_uri(data.path):  # tasks run elsewhere (Ray workers): an absolute path
         data = data.model_copy(update={"path": str(Path(data.path).resolve())})
     manifest = {
         "format": FORMAT,

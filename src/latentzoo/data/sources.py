@@ -33,11 +33,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from latentzoo.data.object_path import ObjectPath, source_path
 from latentzoo.errors import DataError
 
 if TYPE_CHECKING:
     from latentzoo.config import DataConfig
 
+SourcePath = Path | ObjectPath  # data.path on a disk, or in object storage (latentzoo.data.object_path)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg"}
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
@@ -119,8 +121,8 @@ def read_images(cfg: DataConfig, shape: tuple[int, int, int], refs: np.ndarray, 
     if cfg.source == "digits":
         return _digits_images()[refs]
     if cfg.source == "idx":
-        return _read_idx_refs(Path(cfg.path), refs, cfg)
-    return _read_files(Path(cfg.path), files, shape, cfg)
+        return _read_idx_refs(source_path(cfg.path), refs, cfg)
+    return _read_files(source_path(cfg.path), files, shape, cfg)
 
 
 def load_source(cfg: DataConfig) -> SourceData:
@@ -135,10 +137,10 @@ def load_source(cfg: DataConfig) -> SourceData:
     return SourceData(images(index.refs, index.labels), test, index.classes, index.skipped)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: SourcePath, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") if isinstance(path, ObjectPath) else open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -171,7 +173,7 @@ def _scan_digits(cfg: DataConfig) -> SourceIndex:
 MAX_IDX_BYTES = 8192 * 2**20  # data.max_idx_mb's default
 
 
-def read_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+def read_idx(path: SourcePath, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Parse an IDX file of uint8 (http://yann.lecun.com/exdb/mnist/): big-endian magic, dims, then the data.
 
     A `.gz` file is decompressed as a stream, never past what the header declares (+1 byte to find trailing
@@ -183,7 +185,7 @@ def read_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> np.ndarr
     return np.frombuffer(data, np.uint8).reshape(shape)
 
 
-def check_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> tuple[int, ...]:
+def check_idx(path: SourcePath, magic: int, max_bytes: int = MAX_IDX_BYTES) -> tuple[int, ...]:
     """`read_idx`'s checks (header, length, trailing bytes, gzip CRC), reading the data in chunks; its shape."""
     with _open_idx(path) as f:
         shape = _idx_header(f, path, magic, max_bytes)
@@ -194,18 +196,20 @@ def check_idx(path: Path, magic: int, max_bytes: int = MAX_IDX_BYTES) -> tuple[i
 class _open_idx:
     """An IDX file for reading (a .gz one decompressed as a stream); read errors as DataErrors naming it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: SourcePath):
         self.path = path
 
     def __enter__(self):
         try:
-            self.file = gzip.open(self.path, "rb") if self.path.suffix == ".gz" else open(self.path, "rb")
+            self.raw = self.path.open("rb")
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        self.file = gzip.GzipFile(fileobj=self.raw, mode="rb") if self.path.suffix == ".gz" else self.raw
         return self.file
 
     def __exit__(self, kind, exc, tb):
         self.file.close()
+        self.raw.close()
         if isinstance(exc, DataError) or exc is None:
             return False
         if isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile)):
@@ -215,7 +219,7 @@ class _open_idx:
         return False
 
 
-def _idx_header(f, path: Path, magic: int, max_bytes: int) -> tuple[int, ...]:
+def _idx_header(f, path: SourcePath, magic: int, max_bytes: int) -> tuple[int, ...]:
     """The shape an IDX header declares, after checking its magic and that the data is at most `max_bytes`."""
     head = f.read(4)
     if len(head) < 4:
@@ -237,7 +241,7 @@ def _idx_header(f, path: Path, magic: int, max_bytes: int) -> tuple[int, ...]:
     return shape
 
 
-def _idx_data(f, path: Path, shape: tuple[int, ...], keep: bool) -> bytes:
+def _idx_data(f, path: SourcePath, shape: tuple[int, ...], keep: bool) -> bytes:
     """Read the data the header declared, in chunks, and check nothing follows it; the bytes when `keep`."""
     expected, seen, chunks = math.prod(shape), 0, []
     while seen <= expected:
@@ -255,7 +259,7 @@ def _idx_data(f, path: Path, shape: tuple[int, ...], keep: bool) -> bytes:
     return b"".join(chunks)[:expected]
 
 
-def _find_idx(folder: Path, stem: str) -> Path | None:
+def _find_idx(folder: SourcePath, stem: str) -> SourcePath | None:
     """`folder/stem` or `folder/stem.gz`, whichever exists (raw first)."""
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
@@ -263,7 +267,7 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_parts(folder: Path) -> list[tuple[str, Path, Path]]:
+def _idx_parts(folder: SourcePath) -> list[tuple[str, SourcePath, SourcePath]]:
     """(prefix, images file, labels file) of the train pair, then the t10k pair if there is one."""
     parts = []
     for prefix in ("train", "t10k"):
@@ -280,7 +284,9 @@ def _idx_parts(folder: Path) -> list[tuple[str, Path, Path]]:
     return parts
 
 
-def _check_idx_pair(images_path: Path, labels_path: Path, cfg: DataConfig) -> tuple[tuple[int, ...], np.ndarray]:
+def _check_idx_pair(
+    images_path: SourcePath, labels_path: SourcePath, cfg: DataConfig
+) -> tuple[tuple[int, ...], np.ndarray]:
     """(images shape, labels) of one IDX pair, every check made, no image kept."""
     max_bytes = cfg.max_idx_mb * 2**20
     shape = check_idx(images_path, IDX_IMAGES_MAGIC, max_bytes)
@@ -304,7 +310,7 @@ def _scan_idx(cfg: DataConfig) -> SourceIndex:
     classes are the distinct label values as strings, sorted; labels are re-indexed to 0..K-1 by that order
     (the identity for MNIST's 0..9).
     """
-    folder = Path(cfg.path)
+    folder = source_path(cfg.path)
     if not folder.is_dir():
         raise DataError(f"{folder}: data.path is not a directory")
     parts = _idx_parts(folder)
@@ -339,7 +345,7 @@ def _label_index(labels: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.searchsorted(values, labels).astype(np.int64)
 
 
-def _read_idx_refs(folder: Path, refs: np.ndarray, cfg: DataConfig) -> np.ndarray:
+def _read_idx_refs(folder: SourcePath, refs: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """The images at `refs` (train rows, then n_train + t10k rows), read in file order, one pass per file."""
     refs = np.asarray(refs, dtype=np.int64)
     out, start = None, 0
@@ -364,7 +370,7 @@ def _read_idx_refs(folder: Path, refs: np.ndarray, cfg: DataConfig) -> np.ndarra
 # ---------------------------------------------------------------- imagefolder
 
 
-def _list_imagefolder(root: Path) -> tuple[list[str], list[list[Path]]]:
+def _list_imagefolder(root: SourcePath) -> tuple[list[str], list[list[SourcePath]]]:
     """Class names (sorted sub-folders) and each class's image files (sorted); hidden entries are ignored."""
     if not root.is_dir():
         raise DataError(f"{root}: data.path is not a directory")
@@ -384,7 +390,7 @@ def _list_imagefolder(root: Path) -> tuple[list[str], list[list[Path]]]:
     return [d.name for d in class_dirs], files
 
 
-def _interleave(files: list[list[Path]]) -> list[tuple[Path, int]]:
+def _interleave(files: list[list[SourcePath]]) -> list[tuple[SourcePath, int]]:
     """(file, label) taking one file per class in turn, so any prefix (data.limit) covers every class."""
     out = []
     for i in range(max(len(f) for f in files)):
@@ -392,11 +398,11 @@ def _interleave(files: list[list[Path]]) -> list[tuple[Path, int]]:
     return out
 
 
-def _open_image(file: Path, cfg: DataConfig) -> Image.Image:
+def _open_image(file: SourcePath, cfg: DataConfig) -> Image.Image:
     """Decode one image fully (load() catches truncation) after checking its size against data.max_pixels."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # data.max_pixels is our limit
-        with Image.open(file) as im:
+        with Image.open(file.read_image_file() if isinstance(file, ObjectPath) else file) as im:
             w, h = im.size
             if w * h > cfg.max_pixels:
                 raise ValueError(
@@ -430,7 +436,7 @@ class Checked:
     error: str | None = None
 
 
-def check_images(root: Path, names: list[str], cfg: DataConfig) -> list[Checked]:
+def check_images(root: SourcePath, names: list[str], cfg: DataConfig) -> list[Checked]:
     """Decode each of `names` (relative to `root`) once, converted and resized as the shards will hold it, and keep
     only what the scan needs."""
     out = []
@@ -445,7 +451,7 @@ def check_images(root: Path, names: list[str], cfg: DataConfig) -> list[Checked]
     return out
 
 
-def _checked(root: Path, names: list[str], cfg: DataConfig, mapper: Mapper) -> Iterator[Checked]:
+def _checked(root: SourcePath, names: list[str], cfg: DataConfig, mapper: Mapper) -> Iterator[Checked]:
     """`check_images` of every name, in order: in chunks through `mapper` (Ray tasks in the prepare stage), or,
     with data.limit (a quick run), one image at a time here, so that the scan stops at the limit."""
     if cfg.limit is not None:
@@ -457,7 +463,7 @@ def _checked(root: Path, names: list[str], cfg: DataConfig, mapper: Mapper) -> I
 def _scan_imagefolder(cfg: DataConfig, mapper: Mapper = in_process) -> SourceIndex:
     """One sub-folder per class; every image decoded once to check it, then dropped; shape from data.image_size
     and data.channels (None: RGB if any image has colour)."""
-    root = Path(cfg.path)
+    root = source_path(cfg.path)
     classes, files = _list_imagefolder(root)
     order = _interleave(files)
     names = [path.relative_to(root).as_posix() for path, _ in order]
@@ -488,7 +494,7 @@ def _scan_imagefolder(cfg: DataConfig, mapper: Mapper = in_process) -> SourceInd
     return SourceIndex(refs_array, labels_array, None, None, classes, shape, digest.hexdigest(), listed, skipped)
 
 
-def _read_files(root: Path, files: list[str], shape: tuple[int, int, int], cfg: DataConfig) -> np.ndarray:
+def _read_files(root: SourcePath, files: list[str], shape: tuple[int, int, int], cfg: DataConfig) -> np.ndarray:
     """The images `files` (relative to `root`), converted and resized to `shape` as the scan found them."""
     out = np.empty((len(files), *shape), np.uint8)
     for i, name in enumerate(files):

@@ -10,10 +10,13 @@ import os
 import re
 import signal
 import socket
+from typing import TYPE_CHECKING
 
 from latentzoo.config import Params
-from latentzoo.data.cache import NodeCache
 from latentzoo.errors import ConfigError, restore_sigterm
+
+if TYPE_CHECKING:  # the data stages use this module too, and do not load the training data path
+    from latentzoo.data.cache import NodeCache
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 WORKER_START_TIMEOUT_S = 600
@@ -127,7 +130,7 @@ def clear_node_caches(cache: NodeCache | None, timeout_s: float = 10.0) -> None:
         return
     here = ray.get_runtime_context().get_node_id()
     others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
-    clear = ray.remote(num_cpus=0, max_retries=0)(NodeCache.clear)
+    clear = ray.remote(num_cpus=0, max_retries=0)(type(cache).clear)
     pending = [
         clear.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(cache)
         for node in others
