@@ -39,6 +39,21 @@ def fresh_machine() -> None:
 fresh_machine()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_node_cache_left():
+    """Remove the node caches of decoded shards (`latentzoo.data.cache`) this session made: `train_model` clears its
+    own, but tests that run the loop directly leave theirs in /dev/shm."""
+    from latentzoo.data.cache import bases
+
+    def found() -> set[Path]:
+        return {folder for base in bases() for folder in base.glob("latentzoo-cache-*")}
+
+    before = found()
+    yield
+    for folder in found() - before:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def make_params(**overrides):
     """Validated Params from the repo's params.yaml with dotted overrides, e.g. {"train.epochs": 2}."""
     from latentzoo.config import validate_params

@@ -273,6 +273,28 @@ def test_a_shard_task_that_fails_on_an_os_error_runs_again(ray_cluster, prepared
 
 
 @pytest.mark.ray
+def test_a_consumer_that_stops_reading_cancels_only_the_unfinished_tasks(ray_cluster, tmp_path):
+    import time
+
+    import ray
+
+    from latentzoo.stages.tasks import ray_tasks
+
+    def job(seconds):
+        time.sleep(seconds)
+        (tmp_path / f"finished-{seconds}").touch()
+        return seconds
+
+    results = ray_tasks(job, [0, 3])
+    assert next(results) == 0
+    results.close()  # as zip does with a generator it no longer needs: the running task is cancelled
+    time.sleep(5)
+    assert (tmp_path / "finished-0").exists() and not (tmp_path / "finished-3").exists()
+    assert list(ray_tasks(job, [0, 0])) == [0, 0]  # read to the end: nothing to cancel, and Ray is still up
+    assert ray.is_initialized()
+
+
+@pytest.mark.ray
 def test_an_image_folder_checked_by_ray_tasks_prepares_the_same_index(ray_cluster, tmp_path, monkeypatch):
     """prepare's scan checks an image folder in chunks, as Ray tasks on a cluster: the same index and prepare.json
     as one process, the same unreadable file skipped, or named when on_error is raise."""

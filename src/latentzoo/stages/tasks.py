@@ -38,9 +38,22 @@ def ray_tasks(task: Callable[[Any], Any], jobs: list) -> Iterator[Any]:
     try:
         for ref in pending:
             yield ray.get(ref)
-    except BaseException as err:
-        for ref in pending:  # the stage stops: no task writes on into its temporary folder
-            ray.cancel(ref)
-        if isinstance(err, ray.exceptions.RayTaskError) and isinstance(err.cause, (LatentzooError, OSError)):
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, (LatentzooError, OSError)):
             raise err.cause from None
         raise
+    finally:  # stopped early (an error, Ctrl-C, a consumer that stops reading): no task writes on
+        cancel_unfinished(pending)
+
+
+def cancel_unfinished(refs: list) -> None:
+    """Cancel the tasks of `refs` that have not finished. Only those: cancelling a task whose reply is being
+    processed can crash the driver's Ray core ("Tried to complete task that was not pending", ray#54527), which
+    a consumer that stops reading after the last result (prepare's zip) used to trigger for every task."""
+    import ray
+
+    if not refs:
+        return
+    _, unfinished = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+    for ref in unfinished:
+        ray.cancel(ref)
