@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from PIL import Image
 
 from latentzoo.config import DataConfig, Params, load_params, validate_params
-from latentzoo.data.prepare import prepare
+from latentzoo.data.prepare import load_prepared, prepare
 from latentzoo.data.sources import IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC, load_source, read_idx
 from latentzoo.errors import ConfigError, DataError, LatentzooError
 from latentzoo.models import REGISTRY
@@ -128,6 +128,14 @@ def test_read_idx_never_crashes(file, magic):
     t10k=st.none() | st.tuples(stored(idx_file(3)), stored(idx_file(1))),
     keep_source_test=st.booleans(),
 )
+@example(  # a valid pair large enough to split: the success branch runs every time, not only when drawn
+    train=(
+        (idx_bytes(np.arange(160).reshape(40, 2, 2) % 256), False),
+        (gzip.compress(idx_bytes(np.arange(40) % 2)), True),
+    ),
+    t10k=None,
+    keep_source_test=False,
+)
 def test_idx_folder_prepares_or_names_the_problem(train, t10k, keep_source_test):
     """Through the prepare stage: clear error and nothing written, or splits of real (non-empty) images."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,9 +155,8 @@ def test_idx_folder_prepares_or_names_the_problem(train, t10k, keep_source_test)
         assert c == 1 and h >= 1 and w >= 1
         for split, counts in result["class_counts"].items():
             assert len(counts) == result["num_classes"]  # every label indexes a class
-            with np.load(out / f"{split}.npz") as f:
-                labels = f["labels"]
-            assert labels.min() >= 0 and labels.max() < result["num_classes"]
+            labels = load_prepared(out).labels[split]
+            assert len(labels) == sum(counts) and labels.min() >= 0 and labels.max() < result["num_classes"]
 
 
 def test_idx_header_whose_size_overflows_int64(tmp_path):
