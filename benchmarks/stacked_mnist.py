@@ -1,10 +1,14 @@
 """Stacked autoencoder on MNIST: greedy layer-wise pretraining (784-500-500-2000), then fine-tuning with 1%, 10%
 and 100% of the training labels, from the pretrained stack and from random initialisation with the same epochs,
-and a linear probe of the frozen pretrained features. Runs the pipeline's own pretrain and finetune stages.
+and a linear probe of the frozen pretrained features. Runs the pipeline's own pretrain and finetune stages, once
+per seed (weights, masking noise, dropout, the labelled subset; the data split is params.yaml's).
 
-    .venv/bin/python benchmarks/stacked_mnist.py --data ../shared/data/mnist --fractions 0.01 0.1 1.0
+    .venv/bin/python benchmarks/stacked_mnist.py --data ../shared/data/mnist --fractions 0.01 0.1 1.0 --seeds 0 1 2
 
-Prints the figures and writes them to benchmarks/results/stacked_mnist.json. Exits non-zero only on errors.
+The report gives each accuracy as mean ± std over the seeds and calls pretrained better or worse than random
+initialisation only when the intervals do not overlap; the all-labels target (SdA-3's 1.28% error, Vincent et
+al. 2010) is judged on the mean. Prints the figures and writes them to benchmarks/results/stacked_mnist.json (or
+--out). Exits non-zero only on errors.
 """
 
 from __future__ import annotations
@@ -23,12 +27,19 @@ from results_io import write_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def params_for(args, workdir: Path, fraction: float):
+TARGET_ALL_LABELS = 0.987  # test accuracy with every label: SdA-3's 1.28% error, the Theano tutorial's 1.3%
+
+
+def params_for(args, workdir: Path, fraction: float, seed: int | None = None):
     from latentzoo.config import validate_params
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if seed is not None:
+        raw["seed"] = seed
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()), limit=args.train_images)
-    raw["shard"]["maxcount"] = 5000
+    raw["shard"]["maxcount"] = max(
+        100, min(5000, (args.train_images or 60000) // (4 * args.workers))
+    )  # every worker gets shards
     raw["train"].update(num_workers=args.workers, batch_size=args.batch_size // args.workers, use_gpu=args.gpu)
     raw["stacked_ae"].update(layers=args.layers, pretrain_epochs=args.pretrain_epochs, corruption=args.corruption)
     raw["finetune"].update(
@@ -56,6 +67,8 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=0.2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", default=None)
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     ap.add_argument(
         "--workdir",
@@ -67,38 +80,50 @@ def main() -> int:
 
     from latentzoo.stages.prepare import prepare_stage
     from latentzoo.stages.shard import shard_stage
-    from latentzoo.stages.stacked import finetune_stage, pretrain_stage
 
-    result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir")}
-    result |= {"cpus": os.cpu_count(), "by_fraction": {}}
+    result = {k: v for k, v in vars(args).items() if k not in ("data", "workdir", "out")}
+    result |= {"cpus": os.cpu_count(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="lz-stack-") as d:
         work = args.workdir.resolve() if args.workdir else Path(d)
         params = params_for(args, work, max(args.fractions))
         prepare_stage(params, work / "prepared")
         shard_stage(params, work / "prepared", work / "shards")
-        start = time.perf_counter()
-        result["pretrain"] = pretrain_stage(
-            params, work / "shards", work / "pretrained", work / "pretrain.json", work / "pretrain.csv"
-        )
-        result["pretrain_wall_s"] = time.perf_counter() - start
-        for fraction in args.fractions:
-            params = params_for(args, work, fraction)
-            start = time.perf_counter()
-            metrics = finetune_stage(
-                params,
-                work / "pretrained",
-                work / "shards",
-                work / f"ft-{fraction}",
-                work / f"ft-{fraction}.json",
-                work / f"ft-{fraction}.csv",
-            )
-            result["by_fraction"][str(fraction)] = metrics | {"wall_s": time.perf_counter() - start}
-            print(json.dumps({fraction: result["by_fraction"][str(fraction)]}, indent=2), flush=True)
+        for seed in args.seeds:
+            result["runs"].append(one_seed(args, work, seed))
 
-    top = result["by_fraction"][str(max(args.fractions))]
-    result["target_all_labels_98_3"] = "PASS" if top["test_accuracy"] >= 0.983 else "FAIL"
-    write_result("stacked_mnist", result)
+    top = [run["by_fraction"][str(max(args.fractions))]["test_accuracy"] for run in result["runs"]]
+    mean = sum(top) / len(top)
+    result["target_all_labels"] = {
+        "accuracy": TARGET_ALL_LABELS,
+        "verdict": "PASS" if mean >= TARGET_ALL_LABELS else "FAIL",
+    }
+    write_result("stacked_mnist", result, args.out)
     return 0
+
+
+def one_seed(args, work: Path, seed: int) -> dict:
+    """Pretrain the stack at `seed`, then fine-tune it (and a random-init twin) with each label fraction."""
+    from latentzoo.stages.stacked import finetune_stage, pretrain_stage
+
+    run, shards, work = {"seed": seed, "by_fraction": {}}, work / "shards", work / f"seed{seed}"
+    params = params_for(args, work, max(args.fractions), seed)
+    start = time.perf_counter()
+    run["pretrain"] = pretrain_stage(params, shards, work / "pretrained", work / "pretrain.json", work / "pretrain.csv")
+    run["pretrain_wall_s"] = time.perf_counter() - start
+    for fraction in args.fractions:
+        params = params_for(args, work, fraction, seed)
+        start = time.perf_counter()
+        metrics = finetune_stage(
+            params,
+            work / "pretrained",
+            shards,
+            work / f"ft-{fraction}",
+            work / f"ft-{fraction}.json",
+            work / f"ft-{fraction}.csv",
+        )
+        run["by_fraction"][str(fraction)] = metrics | {"wall_s": time.perf_counter() - start}
+        print(json.dumps({seed: {fraction: run["by_fraction"][str(fraction)]}}, indent=2), flush=True)
+    return run
 
 
 if __name__ == "__main__":

@@ -116,3 +116,39 @@ def test_a_difference_is_called_only_when_the_intervals_do_not_overlap():
     assert a["n"] == 3 and abs(a["mean"] - 1.1) < 1e-12 and abs(a["std"] - 0.1) < 1e-12
     assert not differs(a, b) and differs(a, c) and differs(c, a)
     assert mean_std(a) == "1.10 ± 0.10 (n=3)" and mean_std(None) == "–"
+
+
+def test_quality_tables_give_mean_and_std_over_seeds_and_call_a_difference_only_without_overlap(run_all, tmp_path):
+    def stacked_run(seed: int, few: float, few_random: float) -> dict:
+        return {
+            "seed": seed,
+            "by_fraction": {
+                "0.01": {"test_accuracy": few, "test_accuracy_random": few_random, "labelled_images": 533},
+                "1.0": {"test_accuracy": 0.985 + seed / 1000, "test_accuracy_random": 0.986 - seed / 1000},
+            },
+        }
+
+    stacked = {
+        "runs": [stacked_run(0, 0.90, 0.87), stacked_run(1, 0.91, 0.86), stacked_run(2, 0.90, 0.87)],
+        "target_all_labels": {"accuracy": 0.987, "verdict": "FAIL"},
+    }
+    tune_run = {"metric": "val_mse", "default_weights": {"commitment_weight": 0.25}, "trials_per_hour": 100.0}
+    tune = {
+        "models": {
+            "vqvae": {
+                "runs": [
+                    tune_run | {"tuned_weights": {"commitment_weight": w}, "test_default": d, "test_tuned": t}
+                    for w, d, t in ((0.05, 1.0, 0.9), (0.06, 1.1, 0.95), (0.07, 1.05, 1.0))
+                ]
+            }
+        }
+    }
+    for name, result in (("stacked_mnist", stacked), ("tune_mnist", tune)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+    report = run_all.render_report(tmp_path)
+
+    assert "| 1% (533) | 0.73× | 90.33 ± 0.58 (n=3) | 86.67 ± 0.58 (n=3) | better | – |" in report
+    assert "| 100% | 0.93× | 98.60 ± 0.10 (n=3) | 98.50 ± 0.10 (n=3) | no difference | – |" in report  # touching
+    assert "Target ≥ 98.7% with all labels (mean over seeds): FAIL." in report
+    assert "commitment_weight 0.25 → 0.05 / 0.06 / 0.07" in report
+    assert "| 1.05 ± 0.05 (n=3) | 0.95 ± 0.05 (n=3) | no difference |" in report  # intervals touch: not called
