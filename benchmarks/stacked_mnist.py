@@ -9,6 +9,10 @@ The report gives each accuracy as mean ± std over the seeds and calls pretraine
 initialisation only when the intervals do not overlap; the all-labels target (SdA-3's 1.28% error, Vincent et
 al. 2010) is judged on the mean. Prints the figures and writes them to benchmarks/results/stacked_mnist.json (or
 --out). Exits non-zero only on errors.
+
+A seed is about an hour on 2 cores. With --workdir, every finished step (a seed's pretraining, each fraction's
+fine-tuning) is recorded in <workdir>/seed<N>/run.json with the hashes of the code that produced it, and a rerun
+with the same settings picks up where the last one stopped; a seed whose code has changed since is run again.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import yaml
-from results_io import summary, write_result
+from results_io import source_hashes, stale_sources, summary, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +78,7 @@ def main() -> int:
         "--workdir",
         type=Path,
         default=None,
-        help="keep data and Ray runs here (default: a temp dir); a rerun reuses finished layers",
+        help="keep data, Ray runs and finished steps here (default: a temp dir); a rerun resumes",
     )
     args = ap.parse_args()
 
@@ -100,15 +105,25 @@ def main() -> int:
 
 
 def one_seed(args, work: Path, seed: int) -> dict:
-    """Pretrain the stack at `seed`, then fine-tune it (and a random-init twin) with each label fraction."""
+    """Pretrain the stack at `seed`, then fine-tune it (and a random-init twin) with each label fraction; steps
+    recorded in <work>/seed<N>/run.json by an earlier run with these settings and this code are not repeated."""
     from latentzoo.stages.stacked import finetune_stage, pretrain_stage
 
-    run, shards, work = {"seed": seed, "by_fraction": {}}, work / "shards", work / f"seed{seed}"
+    shards, work = work / "shards", work / f"seed{seed}"
+    record = work / "run.json"
+    run = resumable(record, settings(args)) or {"seed": seed, "settings": settings(args), "by_fraction": {}}
     params = params_for(args, work, max(args.fractions), seed)
-    start = time.perf_counter()
-    run["pretrain"] = pretrain_stage(params, shards, work / "pretrained", work / "pretrain.json", work / "pretrain.csv")
-    run["pretrain_wall_s"] = time.perf_counter() - start
+    if "pretrain" not in run:
+        start = time.perf_counter()
+        run["pretrain"] = pretrain_stage(
+            params, shards, work / "pretrained", work / "pretrain.json", work / "pretrain.csv"
+        )
+        run["pretrain_wall_s"] = time.perf_counter() - start
+        save(record, run)
     for fraction in args.fractions:
+        if str(fraction) in run["by_fraction"]:
+            print(f"seed {seed}, {fraction:.0%} of the labels: recorded in {record}, not run again", flush=True)
+            continue
         params = params_for(args, work, fraction, seed)
         start = time.perf_counter()
         metrics = finetune_stage(
@@ -120,8 +135,37 @@ def one_seed(args, work: Path, seed: int) -> dict:
             work / f"ft-{fraction}.csv",
         )
         run["by_fraction"][str(fraction)] = metrics | {"wall_s": time.perf_counter() - start}
+        save(record, run)
         print(json.dumps({seed: {fraction: run["by_fraction"][str(fraction)]}}, indent=2), flush=True)
-    return run
+    return {k: v for k, v in run.items() if k not in ("settings", "sources")}
+
+
+def settings(args) -> dict:
+    """What a recorded step depends on besides the seed and the code."""
+    return {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "workdir")}
+
+
+def resumable(record: Path, wanted: dict) -> dict | None:
+    """The steps recorded at `record` if they were made with `wanted` settings by the code as it is now; otherwise
+    None, and the seed's folder (its pretrained layers included) is cleared so that nothing stale is reused."""
+    if not record.exists():
+        shutil.rmtree(record.parent, ignore_errors=True)  # layers from a run that recorded nothing: not trusted
+        return None
+    run = json.loads(record.read_text())
+    changed = stale_sources(run) if run.get("settings") == wanted else ["the settings"]
+    if not changed:
+        return run
+    print(f"{record.parent}: made with other settings or code ({', '.join(changed)}): run again", flush=True)
+    shutil.rmtree(record.parent)
+    return None
+
+
+def save(record: Path, run: dict) -> None:
+    """Record the finished steps with the hashes of the code that made them (temp file, then rename)."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    partial = record.with_suffix(".tmp")
+    partial.write_text(json.dumps(run | {"sources": source_hashes()}, indent=2) + "\n")
+    partial.replace(record)
 
 
 if __name__ == "__main__":
