@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from latentzoo.atomic import atomic_dir, json_text
 from latentzoo.config import DataConfig
@@ -43,6 +42,8 @@ def _carve(idx: np.ndarray, labels: np.ndarray, size: int, seed: int) -> tuple[n
             stacklevel=3,
         )
         stratify = None
+    from sklearn.model_selection import train_test_split  # here: 2 s of imports every process reading shards skips
+
     rest, held = train_test_split(idx, test_size=size, stratify=stratify, random_state=seed)
     return rest, held
 

@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 
 def mse(x: Tensor, y: Tensor) -> Tensor:
@@ -24,6 +23,8 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
 
     Capped at 10 log10(L^2 / 1e-10) (100 dB at L = 1), so identical images give a finite figure instead of inf.
     """
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # here: torchmetrics takes 2 s to import
+
     value = peak_signal_noise_ratio(x.float(), y.float(), data_range=data_range, reduction="none", dim=(1, 2, 3))
     return value.clamp(max=10.0 * math.log10(data_range**2 / 1e-10))
 
@@ -39,6 +40,8 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, sigma: float = 1.5) -> T
     reflect-padded border torchmetrics adds. An image no larger than the window (the 8x8 digits) has no valid
     position and keeps torchmetrics' padded map.
     """
+    from torchmetrics.functional.image import structural_similarity_index_measure  # here: 2 s to import
+
     _, full = structural_similarity_index_measure(
         x.double(), y.double(), sigma=sigma, data_range=data_range, reduction="none", return_full_image=True
     )
