@@ -14,7 +14,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import init_gloo
 
-from latentzoo.models.quantizer import CodeCounter, SimVQ, VectorQuantizer, codebook_usage, kmeans, nearest_codes
+from latentzoo.models.quantizer import (
+    CodeCounter,
+    SimVQ,
+    VectorQuantizer,
+    codebook_usage,
+    kmeans,
+    nearest_codes,
+    rotate_to,
+)
 
 
 def randn(*shape, seed=0, dtype=torch.float32):
@@ -69,6 +77,36 @@ def test_straight_through_gradient():
     torch.testing.assert_close(z.grad, quantized.grad)
     torch.testing.assert_close(z.grad, weights)
     assert vq.codebook.grad is None  # the reconstruction path does not reach the codebook
+
+
+def test_the_rotation_trick_gives_the_code_and_rotates_the_gradient():
+    z, q = randn(64, 5).requires_grad_(), randn(64, 5, seed=1)
+    rotated = rotate_to(z, q)
+    torch.testing.assert_close(rotated, q)  # forward: the code itself
+    weights = randn(64, 5, seed=2)
+    (rotated * weights).sum().backward()
+    scale = q.norm(dim=1) / z.detach().norm(dim=1)
+    torch.testing.assert_close(z.grad.norm(dim=1), scale * weights.norm(dim=1))  # lambda R^T g: R keeps lengths
+    assert not torch.allclose(z.grad, scale[:, None] * weights)  # but turns the gradient
+
+    along = randn(4, 5, seed=3).requires_grad_()
+    (rotate_to(along, 3 * along.detach()) * weights[:4]).sum().backward()  # q along z: R = I, lambda = 3
+    torch.testing.assert_close(along.grad, 3 * weights[:4])
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: VectorQuantizer(8, 3, rotation_trick=True), lambda: SimVQ(8, 3, rotation_trick=True)]
+)
+def test_a_quantizer_with_the_rotation_trick_keeps_its_codes_and_losses(make):
+    vq = make()
+    z = randn(2, 3, 4, 4).requires_grad_()
+    quantized, codes, losses = vq(z)
+    vq.rotation_trick = False
+    plain, plain_codes, plain_losses = vq(z)
+    torch.testing.assert_close(quantized, plain)
+    assert torch.equal(codes, plain_codes) and losses.keys() == plain_losses.keys()
+    (quantized * randn(*z.shape, seed=5)).sum().backward()
+    assert z.grad is not None and all(p.grad is None for p in vq.parameters())  # only the losses train the codebook
 
 
 def test_codebook_gradient_only_from_codebook_loss():

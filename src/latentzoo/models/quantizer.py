@@ -4,7 +4,9 @@ Each encoder output z_e(x) in R^D is replaced by its nearest codebook vector,
 
     k = argmin_j ||z_e(x) - e_j||^2,    z_q(x) = e_k,
 
-and the decoder's gradient is copied straight through to z_e (z_q = z_e + sg[e_k - z_e]). Training adds
+and the decoder's gradient is copied straight through to z_e (z_q = z_e + sg[e_k - z_e]), or, with
+`rotation_trick=True`, carried to z_e by the rotation that takes z_e onto e_k (Fifty et al., arXiv 2410.06424;
+see `rotate_to`). Training adds
 
     L = ||sg[z_e] - e||^2  (codebook)  +  beta ||z_e - sg[e]||^2  (commitment),
 
@@ -164,6 +166,28 @@ def kmeans(z: Tensor, k: int, iters: int = 10, chunk_size: int = 1024) -> tuple[
     return centroids, counts
 
 
+# ---------------------------------------------------------------- gradient through the code search
+
+
+def rotate_to(z: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
+    """The rotation trick (Fifty et al., arXiv 2410.06424, Sec. 4.2): rows of q reached from rows of z as
+
+        q~ = sg[lambda R] z,   lambda = ||q|| / ||z||,   R = I - 2 r r^T + 2 v u^T,
+        u = z / ||z||,  v = q / ||q||,  r = (u + v) / ||u + v||,
+
+    R being the rotation in the plane of u and v that takes u to v (so q~ = q in value). The decoder's gradient
+    reaches z rotated and scaled by R and lambda, not copied unchanged as by straight-through: it keeps its angle
+    to the code and pushes z across the boundary of the code it is given, so the encoder spreads over more codes.
+    """
+    with torch.no_grad():
+        z_norm, q_norm = z.norm(dim=1, keepdim=True).clamp(min=eps), q.norm(dim=1, keepdim=True).clamp(min=eps)
+        u, v = z / z_norm, q / q_norm
+        r = F.normalize(u + v, dim=1, eps=eps)
+        scale = q_norm / z_norm
+    rz = z - 2 * (z * r).sum(dim=1, keepdim=True) * r + 2 * (z * u).sum(dim=1, keepdim=True) * v
+    return scale * rz
+
+
 # ---------------------------------------------------------------- modules
 
 
@@ -181,19 +205,22 @@ class Quantizer(nn.Module):
     indices (B, H, W) or (N,), losses).
 
     losses["commitment"] = commitment_weight * mean ||z - sg[e]||^2 always; losses["codebook"] =
-    mean ||sg[z] - e||^2 unless the codebook is updated by EMA instead of by gradients.
+    mean ||sg[z] - e||^2 unless the codebook is updated by EMA instead of by gradients. The decoder's gradient
+    reaches z straight through, or rotated (`rotation_trick`, see `rotate_to`).
     Subclasses define `codebook` (K, D) and `lookup(indices)`; `prepare` and `update` hook training-time changes.
     """
 
     ema = False
 
-    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, chunk_size: int):
+    def __init__(
+        self, codebook_size: int, dim: int, commitment_weight: float, chunk_size: int, rotation_trick: bool = False
+    ):
         super().__init__()
         for name, value in (("codebook_size", codebook_size), ("dim", dim), ("chunk_size", chunk_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.codebook_size, self.dim = codebook_size, dim
-        self.commitment_weight, self.chunk_size = commitment_weight, chunk_size
+        self.commitment_weight, self.chunk_size, self.rotation_trick = commitment_weight, chunk_size, rotation_trick
 
     @property
     def codebook(self) -> Tensor:
@@ -222,7 +249,10 @@ class Quantizer(nn.Module):
             losses["codebook"] = F.mse_loss(flat.detach(), q)
         if self.training:
             self.update(flat.detach(), indices)
-        quantized = flat + (q - flat).detach()  # straight-through estimator (arXiv 1711.00937, Sec. 3.2)
+        if self.rotation_trick:
+            quantized = rotate_to(flat, q.detach())
+        else:
+            quantized = flat + (q - flat).detach()  # straight-through estimator (arXiv 1711.00937, Sec. 3.2)
         return self._unflatten(quantized, z), self._unflatten_indices(indices, z), losses
 
     # ------------------------------------------------------------ shapes
@@ -260,8 +290,9 @@ class VectorQuantizer(Quantizer):
         kmeans_init: bool = False,
         kmeans_iters: int = 10,
         chunk_size: int = 1024,
+        rotation_trick: bool = False,
     ):
-        super().__init__(codebook_size, dim, commitment_weight, chunk_size)
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick)
         self.ema, self.decay, self.eps = ema, decay, eps
         self.restart_after, self.kmeans_init, self.kmeans_iters = restart_after, kmeans_init, kmeans_iters
         init = uniform_init(codebook_size, dim)
@@ -351,8 +382,15 @@ class SimVQ(Quantizer):
     because W is shared by every code, each step moves the whole code space, not only the codes a batch chose.
     """
 
-    def __init__(self, codebook_size: int, dim: int, commitment_weight: float = 0.25, chunk_size: int = 1024):
-        super().__init__(codebook_size, dim, commitment_weight, chunk_size)
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        commitment_weight: float = 0.25,
+        chunk_size: int = 1024,
+        rotation_trick: bool = False,
+    ):
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick)
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)  # C
         self.codebook_transform = nn.Linear(dim, dim, bias=False)  # W
 

@@ -32,6 +32,7 @@ class _VQSection(Section):
     codebook_size: int = Field(512, ge=1)  # K
     commitment_weight: float = Field(0.25, ge=0)  # beta
     chunk_size: int = Field(1024, ge=1)  # codes per block of the nearest-code search (benchmarks/vq_speed.py)
+    rotation_trick: bool = False  # decoder gradient to z_e by the rotation onto its code, not straight-through
 
 
 class VQVAEConfig(_VQSection):
@@ -54,6 +55,7 @@ class VQVAEConfig(_VQSection):
             kmeans_init=self.kmeans_init,
             kmeans_iters=self.kmeans_iters,
             chunk_size=self.chunk_size,
+            rotation_trick=self.rotation_trick,
         )
 
 
@@ -61,7 +63,13 @@ class SimVQConfig(_VQSection):
     """params.yaml section `simvq`."""
 
     def build_quantizer(self) -> Quantizer:
-        return SimVQ(self.codebook_size, self.codebook_dim, self.commitment_weight, chunk_size=self.chunk_size)
+        return SimVQ(
+            self.codebook_size,
+            self.codebook_dim,
+            self.commitment_weight,
+            chunk_size=self.chunk_size,
+            rotation_trick=self.rotation_trick,
+        )
 
 
 class VQVAE(LatentModel):
