@@ -10,6 +10,7 @@ from latentzoo.errors import ConfigError
 from latentzoo.models import REGISTRY, build_model
 from latentzoo.models.quantizer import SimVQ, VectorQuantizer, codebook_usage
 from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig
+from latentzoo.training.loop import set_lr
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 CONFIGS = {
@@ -83,6 +84,18 @@ def test_learns_real_digits_and_uses_its_codebook(name):
     used = codebook_usage(out.codes, 32)["utilisation"]
     # 150 steps are too few for the learned codebooks to spread; restarts keep every code in use
     assert used == 1.0 if name == "vqvae-ema-restart-kmeans" else used >= 3 / 32
+
+
+def test_the_codebook_learns_at_its_own_rate():
+    cfg = SimVQConfig(hidden_channels=8, codebook_dim=4, codebook_size=32, codebook_lr_scale=5.0)
+    model = VQVAE(cfg, (1, 8, 8))
+    rest, codebook = model.optimizer_groups()
+    assert codebook["params"] == [model.quantizer.codebook_transform.weight] and codebook["lr_scale"] == 5.0
+    assert len(rest["params"]) + 1 == len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(model.optimizer_groups(), lr=1e-3)
+    set_lr(optimizer, 2e-3)  # what the loop does at every epoch, with its schedule
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([2e-3, 1e-2])
+    assert len(VQVAE(CONFIGS["vqvae-ema-restart-kmeans"], (1, 8, 8)).optimizer_groups()) == 1  # EMA: no parameters
 
 
 def test_encode_then_decode_is_the_reconstruction():

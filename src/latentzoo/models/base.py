@@ -70,7 +70,8 @@ class LatentModel(nn.Module):
 
     def optimizer_groups(self) -> list[dict]:
         """The training loop's optimizer parameter groups (torch.optim form): by default every parameter the
-        current phase trains, with the loop's lr, weight decay and betas."""
+        current phase trains, with the loop's lr, weight decay and betas. A group's "lr_scale" multiplies the
+        loop's lr (and its schedule) for that group."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
 

@@ -33,6 +33,7 @@ class _VQSection(Section):
     commitment_weight: float = Field(0.25, ge=0)  # beta
     chunk_size: int = Field(1024, ge=1)  # codes per block of the nearest-code search (benchmarks/vq_speed.py)
     rotation_trick: bool = False  # decoder gradient to z_e by the rotation onto its code, not straight-through
+    codebook_lr_scale: float = Field(1.0, gt=0)  # the codebook's (SimVQ: W's) learning rate over train.lr
 
 
 class VQVAEConfig(_VQSection):
@@ -99,6 +100,14 @@ class VQVAE(LatentModel):
     @property
     def codebook_size(self) -> int:
         return self.cfg.codebook_size
+
+    def optimizer_groups(self) -> list[dict]:
+        """The autoencoder at the loop's lr; the quantizer's parameters (the codebook, or SimVQ's W) at
+        `codebook_lr_scale` times it."""
+        codebook = [p for p in self.quantizer.parameters() if p.requires_grad]
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not q for q in codebook)]
+        groups = [{"params": rest}, {"params": codebook, "lr_scale": self.cfg.codebook_lr_scale}]
+        return [g for g in groups if g["params"]]  # an EMA codebook has no parameters
 
     def encode(self, x: Tensor) -> Tensor:
         """x (B, C, H, W) → code indices (B, H/f, W/f)."""

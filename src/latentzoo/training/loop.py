@@ -367,8 +367,9 @@ def resume_state(checkpoint, tag: str | None) -> dict | None:
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Every parameter group at `lr`, times the group's own "lr_scale" where the model gives one."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def node_metrics(job: TrainJob, session: Session, resumed: bool):
