@@ -1,10 +1,12 @@
 """Every stage of the DAG, run by `dvc repro` as its real `pipelines/<stage>.py`, stopped while it writes its
-output, twice: by Ctrl-C (SIGINT to the terminal's process group: DVC ignores it, the stage exits 130) and by a
-scheduler's SIGTERM to `dvc` alone (DVC dies at once; the stage, which waits on DVC's pidfd, sends itself SIGTERM,
-`errors.stop_with_dvc`, and exits 143). DVC runs each command with `/bin/sh -c` here, dash on Debian, which stays
-between DVC and the stage (bash would exec it: tests/test_bad_input.py covers both). Each time nothing is left
-under the stage's outputs, no temporary sibling either, and the next `dvc repro` of the stage completes. The
-project runs untracked (`tracking.enabled: false`): the whole DAG without MLflow.
+output, by Ctrl-C (SIGINT to the terminal's process group: DVC ignores it, the stage exits 130) or by a scheduler's
+SIGTERM to `dvc` alone (DVC dies at once; the stage, which waits on DVC's pidfd, sends itself SIGTERM,
+`errors.stop_with_dvc`, and exits 143): the two signals in turn down the DAG, each stage stopped once (what is the
+stage's own, the cleanup of its outputs, is the same under both, and every stop costs the stage's whole work up to
+its first write). DVC runs each command with `/bin/sh -c` here, dash on Debian, which stays between DVC and the
+stage (bash would exec it: tests/test_bad_input.py covers both). Each time nothing is left under the stage's
+outputs, no temporary sibling either, and the next `dvc repro` of the stage completes. The project runs untracked
+(`tracking.enabled: false`): the whole DAG without MLflow.
 
 "While it writes" is made exact with the tests-only hook LATENTZOO_PAUSE_WRITING: the stage's first atomic output
 pauses once its temporary sibling exists (`faults.pause_writing`). The train and tune stages are also stopped
@@ -12,6 +14,7 @@ mid-training and mid-search in tests/test_interrupt_stages.py and tests/test_tun
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -92,17 +95,15 @@ def test_every_stage_stopped_while_writing_leaves_nothing_and_completes_next_tim
     }
     outs = outputs_of(project)
     assert set(STAGES) == set(outs), "a stage of dvc.yaml this test does not stop"
-    for stage in STAGES:
-        code, output = stop_while_writing(project, stage, env, signal.SIGINT)
-        # bash execs a lone command, so DVC sees the stage's 130; dash stays between them and dies of the SIGINT (-2)
-        assert code != 0 and re.search(r"exited with (130|-2)\b", output), f"{stage}: {output[-3000:]}"
-        assert "interrupted: nothing was written under the final output names" in output, output[-3000:]
-        assert "Traceback" not in output, output[-3000:]
-        assert left_behind(outs[stage]) == [], stage
-
-        code, output = stop_while_writing(project, stage, env, signal.SIGTERM)
-        assert code == -signal.SIGTERM, f"{stage}: {output[-3000:]}"
-        assert "terminated: nothing was written under the final output names" in output, f"{stage}: {output[-3000:]}"
+    for stage, sig in zip(STAGES, itertools.cycle((signal.SIGINT, signal.SIGTERM))):
+        code, output = stop_while_writing(project, stage, env, sig)
+        if sig == signal.SIGINT:
+            # bash execs a lone command, so DVC sees the stage's 130; dash stays between them and dies of SIGINT (-2)
+            assert code != 0 and re.search(r"exited with (130|-2)\b", output), f"{stage}: {output[-3000:]}"
+            assert "interrupted: nothing was written under the final output names" in output, output[-3000:]
+        else:
+            assert code == -signal.SIGTERM, f"{stage}: {output[-3000:]}"
+            assert "terminated: nothing was written under the final output names" in output, output[-3000:]
         assert "Traceback" not in output, output[-3000:]
         assert left_behind(outs[stage]) == [], stage
 
