@@ -5,13 +5,16 @@ batches and budget; only the quantizer differs:
 
     vq              ours, plain VQ-VAE: learned codebook, codebook + commitment loss (arXiv 1711.00937)
     ema-restart     ours, EMA codebook (decay 0.99) + k-means init + dead-code restart
-    simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038)
+    simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038), with the
+                    `simvq` defaults: the rotation trick (arXiv 2410.06424) and W at codebook_lr_scale x the lr
     vqtorch-vq      vector_quantize_pytorch VectorQuantize, learned codebook (no EMA)
     vqtorch-ema-restart  VectorQuantize, EMA (decay 0.99) + kmeans_init + threshold_ema_dead_code
-    vqtorch-simvq   vector_quantize_pytorch SimVQ (commitment 0.25 on the input, 1 on the codebook side, as ours)
+    vqtorch-simvq   vector_quantize_pytorch SimVQ (commitment 0.25 on the input, 1 on the codebook side, as ours),
+                    rotation trick on (its default) and W at the same codebook_lr_scale x the lr as ours
 
-Both sides use the same options where the libraries share them: straight-through gradients (the rotation trick,
-on by default in vector_quantize_pytorch, is switched off), commitment weight 0.25, EMA decay 0.99, and the same
+Both sides use the same options where the libraries share them: straight-through gradients for the VQ variants
+(the rotation trick, on by default in vector_quantize_pytorch, is switched off there) and the rotation trick for
+both SimVQs, commitment weight 0.25, EMA decay 0.99, the same learning rate for each codebook, and the same
 initial codebook scale (ours follows vector_quantize_pytorch's kaiming-uniform). What differs: their learnable
 codebook is trained by 0.25·||z − e||² where ours has ||sg[z] − e||² + 0.25·||z − sg[e]||², and their dead-code
 threshold is on the EMA cluster size (threshold_ema_dead_code=2) where ours counts steps unused (--restart-after).
@@ -44,8 +47,9 @@ from mnist_data import load_mnist  # noqa: E402
 from results_io import differs, summary, write_result  # noqa: E402
 
 from latentzoo.evaluation.metrics import psnr  # noqa: E402
-from latentzoo.models.quantizer import CodeCounter, SimVQ, VectorQuantizer  # noqa: E402
-from latentzoo.models.vqvae import VQVAE, SimVQConfig  # noqa: E402
+from latentzoo.models.quantizer import CodeCounter, VectorQuantizer  # noqa: E402
+from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig  # noqa: E402
+from latentzoo.training.loop import set_lr  # noqa: E402
 
 OURS = ("vq", "ema-restart", "simvq")
 THEIRS = ("vqtorch-vq", "vqtorch-ema-restart", "vqtorch-simvq")
@@ -77,7 +81,7 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
             chunk_size=args.chunk_size,
         )
     if variant == "simvq":
-        return SimVQ(size, dim, chunk_size=args.chunk_size)
+        return SimVQConfig(codebook_size=size, codebook_dim=dim, chunk_size=args.chunk_size).build_quantizer()
     import vector_quantize_pytorch as vqp
 
     if variant == "vqtorch-vq":
@@ -102,7 +106,7 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
             accept_image_fmap=True,
         )
     elif variant == "vqtorch-simvq":
-        layer = vqp.SimVQ(dim, size, channel_first=True, rotation_trick=False)
+        layer = vqp.SimVQ(dim, size, channel_first=True, rotation_trick=SimVQConfig().rotation_trick)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return TheirQuantizer(layer, size)
@@ -110,15 +114,17 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
 
 def build(variant: str, size: int, args, seed: int) -> VQVAE:
     """The same encoder/decoder (seeded identically) around the variant's quantizer."""
+    config = SimVQConfig if variant.endswith("simvq") else VQVAEConfig  # the codebook's lr scale: the family's
     torch.manual_seed(seed)
-    model = VQVAE(SimVQConfig(hidden_channels=32, codebook_dim=args.dim, codebook_size=size), (1, 28, 28))
+    model = VQVAE(config(hidden_channels=32, codebook_dim=args.dim, codebook_size=size), (1, 28, 28))
     torch.manual_seed(seed + 1)
     model.quantizer = quantizer(variant, size, args.dim, args)
     return model.to(args.device)
 
 
 def train(model: VQVAE, images: Tensor, args, seed: int) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.optimizer_groups(), lr=args.lr)
+    set_lr(optimizer, args.lr)  # the codebook's group at its lr_scale, as in the training loop
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
@@ -190,7 +196,19 @@ def check_targets(rows: list[dict]) -> list[str]:
     def better(figure):
         return lambda x, y: x[figure]["mean"] > y[figure]["mean"] and differs(x[figure], y[figure])
 
-    check("simvq utilisation >= 90% at K=512", ("simvq", 512), None, lambda x, _: x["utilisation"]["mean"] >= 0.9)
+    for size, floor in ((512, 0.9), (8192, 0.9), (65536, 0.8)):  # #22: 90% of 8,192 codes, 80% of 65,536
+        check(
+            f"simvq utilisation >= {floor:.0%} at K={size}",
+            ("simvq", size),
+            None,
+            lambda x, _, floor=floor: x["utilisation"]["mean"] >= floor,
+        )
+        check(
+            f"simvq PSNR not below ema-restart's at K={size}",
+            ("simvq", size),
+            ("ema-restart", size),
+            lambda x, y: not better("psnr")(y, x),
+        )
     for size in (8192, 65536):
         check(f"simvq utilisation above plain vq's at K={size}", ("simvq", size), ("vq", size), better("utilisation"))
         check(f"simvq PSNR above plain vq's at K={size}", ("simvq", size), ("vq", size), better("psnr"))
