@@ -5,8 +5,8 @@ batches and budget; only the quantizer differs:
 
     vq              ours, plain VQ-VAE: learned codebook, codebook + commitment loss (arXiv 1711.00937)
     ema-restart     ours, EMA codebook (decay 0.99) + k-means init + dead-code restart
-    simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038), with the
-                    `simvq` defaults: the rotation trick (arXiv 2410.06424) and W at codebook_lr_scale x the lr
+    simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038), with
+                    RECIPE: the rotation trick (arXiv 2410.06424) and W at codebook_lr_scale x the lr
     vqtorch-vq      vector_quantize_pytorch VectorQuantize, learned codebook (no EMA)
     vqtorch-ema-restart  VectorQuantize, EMA (decay 0.99) + kmeans_init + threshold_ema_dead_code
     vqtorch-simvq   vector_quantize_pytorch SimVQ (commitment 0.25 on the input, 1 on the codebook side, as ours),
@@ -52,6 +52,7 @@ from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig  # noqa: E402
 from latentzoo.training.loop import set_lr  # noqa: E402
 
 OURS = ("vq", "ema-restart", "simvq")
+RECIPE = {"rotation_trick": True, "codebook_lr_scale": 5.0}  # both SimVQs (opt-in `simvq` settings, README)
 THEIRS = ("vqtorch-vq", "vqtorch-ema-restart", "vqtorch-simvq")
 
 
@@ -81,7 +82,7 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
             chunk_size=args.chunk_size,
         )
     if variant == "simvq":
-        return SimVQConfig(codebook_size=size, codebook_dim=dim, chunk_size=args.chunk_size).build_quantizer()
+        return SimVQConfig(codebook_size=size, codebook_dim=dim, chunk_size=args.chunk_size, **RECIPE).build_quantizer()
     import vector_quantize_pytorch as vqp
 
     if variant == "vqtorch-vq":
@@ -106,7 +107,7 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
             accept_image_fmap=True,
         )
     elif variant == "vqtorch-simvq":
-        layer = vqp.SimVQ(dim, size, channel_first=True, rotation_trick=SimVQConfig().rotation_trick)
+        layer = vqp.SimVQ(dim, size, channel_first=True, rotation_trick=RECIPE["rotation_trick"])
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return TheirQuantizer(layer, size)
@@ -114,9 +115,10 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
 
 def build(variant: str, size: int, args, seed: int) -> VQVAE:
     """The same encoder/decoder (seeded identically) around the variant's quantizer."""
-    config = SimVQConfig if variant.endswith("simvq") else VQVAEConfig  # the codebook's lr scale: the family's
+    config = SimVQConfig(**RECIPE) if variant.endswith("simvq") else VQVAEConfig()  # W's lr scale for both SimVQs
     torch.manual_seed(seed)
-    model = VQVAE(config(hidden_channels=32, codebook_dim=args.dim, codebook_size=size), (1, 28, 28))
+    config = config.model_copy(update={"hidden_channels": 32, "codebook_dim": args.dim, "codebook_size": size})
+    model = VQVAE(config, (1, 28, 28))
     torch.manual_seed(seed + 1)
     model.quantizer = quantizer(variant, size, args.dim, args)
     return model.to(args.device)
