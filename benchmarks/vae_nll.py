@@ -6,7 +6,9 @@ test digits binarised once (seeded): −ELBO with one sample of z, and the impor
 q(z|x) (`latentzoo.evaluation.likelihood`, the evaluate stage's code). Reported as mean ± standard deviation over
 the seeds, beside the published anchors (pythae's VAE, k = 200: 89.78 nats; VampPrior: 85.6).
 
-    .venv/bin/python benchmarks/vae_nll.py --data ../shared/data/mnist --seeds 0 1 2 --epochs 10 --k 200
+    .venv/bin/python benchmarks/vae_nll.py --data ../shared/data/mnist --seeds 0 1 2 --epochs 50 --k 1000
+
+Every --curve-every epochs it also scores the first --curve-images test digits (k = --curve-k), the learning curve.
 
 Tensors stay in memory and the loop is plain PyTorch (no Ray): this measures the model and the bound, not the
 pipeline's speed (`vae_mnist.py` does that). Add --device cuda on a GPU machine. Writes
@@ -39,12 +41,15 @@ from latentzoo.models.vae import VAE, VAEConfig  # noqa: E402
 ANCHORS = {"pythae VAE (k = 200)": 89.78, "VampPrior (Tomczak & Welling, 2018)": 85.6}
 
 
-def train(model: VAE, images: Tensor, args, seed: int) -> float:
+def train(model: VAE, images: Tensor, test_images: Tensor, args, seed: int) -> tuple[float, list[dict]]:
+    """Adam over the training digits; the seconds it took (curve points excluded) and the learning curve: test
+    -ELBO and NLL_k (k = --curve-k, first --curve-images test digits) every --curve-every epochs."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     order = torch.Generator().manual_seed(seed)
-    model.train()
-    start = time.perf_counter()
+    curve, spent = [], 0.0
     for epoch in range(args.epochs):
+        model.train()
+        start = time.perf_counter()
         total = 0.0
         for idx in torch.randperm(len(images), generator=order).split(args.batch_size):
             loss = model(images[idx]).total
@@ -52,8 +57,12 @@ def train(model: VAE, images: Tensor, args, seed: int) -> float:
             loss.backward()
             optimizer.step()
             total += float(loss) * len(idx)
+        spent += time.perf_counter() - start
         print(f"  seed {seed} epoch {epoch + 1}/{args.epochs}: train loss {total / len(images):.2f}", flush=True)
-    return time.perf_counter() - start
+        if args.curve_every and (epoch + 1) % args.curve_every == 0:
+            point = score(model, test_images[: args.curve_images], args.curve_k, seed)
+            curve.append({"epoch": epoch + 1, "neg_elbo": point["neg_elbo"], "nll": point["nll"]})
+    return spent, curve
 
 
 @torch.no_grad()
@@ -103,6 +112,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--k", type=int, default=200, help="importance samples per test image")
+    ap.add_argument("--curve-every", type=int, default=10, help="epochs between learning-curve points (0: none)")
+    ap.add_argument("--curve-k", type=int, default=100, help="importance samples at the curve's points")
+    ap.add_argument("--curve-images", type=int, default=1000, help="test digits scored at the curve's points")
     ap.add_argument("--train-images", type=int, default=None)
     ap.add_argument("--test-images", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -121,8 +133,9 @@ def main() -> int:
     for seed in args.seeds if not rows else ():
         torch.manual_seed(seed)
         model = VAE(cfg, (1, 28, 28)).to(args.device)
-        train_s = train(model, train_images, args, seed)
+        train_s, curve = train(model, train_images, test_images, args, seed)
         row = {"seed": seed, "train_s": train_s, **score(model, test_images, args.k, seed)}
+        row["curve"] = curve
         print(f"seed {seed}: test -ELBO {row['neg_elbo']:.2f}, NLL (k={args.k}) {row['nll']:.2f} nats", flush=True)
         rows.append(row)
     result = {
@@ -134,6 +147,7 @@ def main() -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "k": args.k,
+        "curve": {"every": args.curve_every, "k": args.curve_k, "images": args.curve_images},
         "seeds": args.seeds,
         "rows": rows,
         "neg_elbo": summary([r["neg_elbo"] for r in rows]),
