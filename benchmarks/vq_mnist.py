@@ -114,11 +114,12 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
 
 
 def build(variant: str, size: int, args, seed: int) -> VQVAE:
-    """The same encoder/decoder (seeded identically) around the variant's quantizer."""
-    config = SimVQConfig(**RECIPE) if variant.endswith("simvq") else VQVAEConfig()  # W's lr scale for both SimVQs
+    """The same encoder/decoder (seeded identically) around the variant's quantizer. Both SimVQs get RECIPE's
+    config, so `optimizer_groups` gives W the same lr scale on both sides."""
+    shape = {"hidden_channels": 32, "codebook_dim": args.dim, "codebook_size": size}
+    config = SimVQConfig(**RECIPE, **shape) if variant.endswith("simvq") else VQVAEConfig(**shape)
     torch.manual_seed(seed)
-    config = config.model_copy(update={"hidden_channels": 32, "codebook_dim": args.dim, "codebook_size": size})
-    model = VQVAE(config, (1, 28, 28))
+    model = VQVAE(config, (1, 28, 28))  # its own quantizer is replaced by the variant's below
     torch.manual_seed(seed + 1)
     model.quantizer = quantizer(variant, size, args.dim, args)
     return model.to(args.device)
