@@ -51,10 +51,24 @@ def kill_one_training_worker(run_dir: Path, after_checkpoints: int, timeout_s: f
     while len(list(run_dir.glob("*/checkpoint_*"))) < after_checkpoints:
         assert time.monotonic() < deadline, f"no checkpoints under {run_dir} after {timeout_s} s"
         time.sleep(0.1)
-    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    assert pids, "no Ray Train worker process found"
-    os.kill(int(pids[0]), signal.SIGKILL)
-    return int(pids[0])
+    pids = [pid for pid in ray_train_workers() if started_here(pid)]
+    assert pids, "no Ray Train worker process of this session found"
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
+def ray_train_workers() -> list[int]:
+    return [int(p) for p in subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True).stdout.split()]
+
+
+def started_here(pid: int) -> bool:
+    """Whether process `pid` belongs to this test session's Ray: its environment holds the session's RAY_TMPDIR
+    (tests/conftest.py gives each session, and each pytest-xdist worker, one of its own)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:  # gone already
+        return False
+    return f"RAY_TMPDIR={os.environ['RAY_TMPDIR']}".encode() in environ
 
 
 def test_ddp_across_two_nodes_resumes_after_a_worker_is_killed(digits_shards, tmp_path, mlflow_server):
