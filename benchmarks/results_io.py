@@ -3,7 +3,9 @@ was made, and the statistics the report uses to call a difference.
 
 `provenance()` records the command, date, git commit, machine (cores, GPU) and versions, and the sha256 of every
 project file the benchmark had imported when it wrote its result; `stale_sources` compares those with the files
-as they are now, so results.md flags a figure whose producing code changed since it was measured.
+as they are now, so results.md flags a figure whose producing code changed since it was measured. The commit and
+the hashes are those of when the benchmark imported this module (its start): a run that hours later writes its
+result after a commit records the code it ran, not the code at its end.
 """
 
 from __future__ import annotations
@@ -37,18 +39,32 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _tracked_files() -> dict[str, str]:
+    """{repo path: sha256} of every project file a result may record, as they are now."""
+    return {p.relative_to(ROOT).as_posix(): _sha256(p) for part in TRACKED for p in sorted((ROOT / part).rglob("*.py"))}
+
+
+def _commit() -> str:
+    """HEAD, with '+dirty' when tracked project files have changes."""
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--untracked-files=no", "--", *TRACKED):
+        commit += "+dirty"
+    return commit
+
+
 def source_hashes() -> dict[str, str]:
-    """{repo path: sha256} of the project files loaded in this process (the benchmark script and what it imports)."""
+    """{repo path: sha256} of the project files loaded in this process (the benchmark script and what it imports),
+    as they were when the run started (`AT_START`)."""
     found = {}
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
         if not file:
             continue
         path = Path(file).resolve()
-        if path.suffix == ".py" and path.is_relative_to(ROOT):
+        if path.suffix == ".py" and path.is_relative_to(ROOT) and path.is_file():  # not a relative __file__
             relative = path.relative_to(ROOT).as_posix()
             if relative.startswith(TRACKED):
-                found[relative] = _sha256(path)
+                found[relative] = AT_START["files"].get(relative) or _sha256(path)
     return dict(sorted(found.items()))
 
 
@@ -87,13 +103,11 @@ def _gpu() -> str | None:
 def provenance() -> dict:
     """What produced a result: the command line (relative to the repo), when, at which commit (with '+dirty' when
     tracked files had changes), on what machine, with which versions, from which source files."""
-    commit = _git("rev-parse", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no", "--", *TRACKED):
-        commit += "+dirty"
     return {
         "command": shlex.join(["python", *sys.argv]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "commit": commit,
+        "started": AT_START["date"],
+        "commit": AT_START["commit"],
         "machine": {"cpus": os.cpu_count(), "gpu": _gpu(), "platform": platform.platform(terse=True)},
         "versions": _versions(),
         "sources": source_hashes(),
@@ -120,3 +134,7 @@ def mean_std(s: dict | None, spec: str = ".2f") -> str:
     if not s:
         return "–"
     return f"{s['mean']:{spec}} ± {s['std']:{spec}} (n={s['n']})"
+
+
+# When a benchmark imports this module, at its start: the commit and the project files it is about to run.
+AT_START = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _commit(), "files": _tracked_files()}

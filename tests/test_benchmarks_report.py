@@ -152,3 +152,16 @@ def test_quality_tables_give_mean_and_std_over_seeds_and_call_a_difference_only_
     assert "Target ≥ 98.7% with all labels (mean over seeds): FAIL." in report
     assert "commitment_weight 0.25 → 0.05 / 0.06 / 0.07" in report
     assert "| 1.05 ± 0.05 (n=3) | 0.95 ± 0.05 (n=3) | no difference |" in report  # intervals touch: not called
+
+
+def test_a_result_records_the_code_its_run_started_with(monkeypatch):
+    """A benchmark that runs for hours across a commit records the commit and file hashes of its start."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_io
+
+    start = {**results_io.AT_START, "commit": "abc123", "files": {"benchmarks/results_io.py": "1" * 64}}
+    monkeypatch.setattr(results_io, "AT_START", start)
+    record = results_io.provenance()
+    assert record["commit"] == "abc123" and record["started"] == start["date"]
+    assert record["sources"]["benchmarks/results_io.py"] == "1" * 64  # as at the start, not as now
+    assert results_io.stale_sources(record) == ["benchmarks/results_io.py"]  # so results.md flags it
