@@ -52,7 +52,7 @@ from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig  # noqa: E402
 from latentzoo.training.loop import set_lr  # noqa: E402
 
 OURS = ("vq", "ema-restart", "simvq")
-RECIPE = {"rotation_trick": True, "codebook_lr_scale": 5.0}  # both SimVQs (the `simvq` defaults, README)
+RECIPE = SimVQConfig().model_dump(include={"rotation_trick", "codebook_lr_scale"})  # the `simvq` defaults, both sides
 THEIRS = ("vqtorch-vq", "vqtorch-ema-restart", "vqtorch-simvq")
 
 
