@@ -56,7 +56,7 @@ def train(model: VAE, images: Tensor, test_images: Tensor, args, seed: int) -> t
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         spent += time.perf_counter() - start
         print(f"  seed {seed} epoch {epoch + 1}/{args.epochs}: train loss {total / len(images):.2f}", flush=True)
         if args.curve_every and (epoch + 1) % args.curve_every == 0:
