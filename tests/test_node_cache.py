@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -87,3 +90,11 @@ def test_a_shard_whose_count_differs_from_the_manifest_is_named(urls, node_cache
 
     with pytest.raises(ShardError, match=f"{urls[0]}: 499 samples where the manifest says 500"):
         node_cache.samples(urls[:1], short)
+
+
+def test_the_cache_folder_is_the_environments_when_set_else_shared_memory_or_the_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "fast-disk"))
+    node = cache.NodeCache.of("ab" * 32, [("shard-0.tar", 10)], size_bytes=10**15)  # too big for /dev/shm
+    assert node.folder() == tmp_path / "fast-disk" / node.name
+    monkeypatch.delenv(cache.CACHE_DIR_ENV)
+    assert cache.bases()[-1] == Path(tempfile.gettempdir()) and node.folder().parent == Path(tempfile.gettempdir())

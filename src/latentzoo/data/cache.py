@@ -9,6 +9,8 @@ finds the shards already decoded. A batch is one gather from one array (`Samples
 
     /dev/shm/<name>   (memory) when it has room for the splits, else <tempdir>/<name> (the page cache),
 
+or $LATENTZOO_CACHE_DIR/<name> when that is set (e.g. a fast local disk, or a folder of one's own; on every node),
+
 with `name` the same on every node (`NodeCache`); the driver removes it on every node when the run ends
 (`latentzoo.training.cluster.clear_node_caches`). The files are created under temporary names and linked into
 place (never replaced), and two workers decoding the same shard at once write the same bytes; a removal while a
@@ -31,6 +33,7 @@ from latentzoo.data.shards import sample_key
 from latentzoo.errors import ShardError
 
 SHM = Path("/dev/shm")
+CACHE_DIR_ENV = "LATENTZOO_CACHE_DIR"  # where node caches go instead of /dev/shm or the temp dir
 ROOM = 1.25  # /dev/shm is used when its free space is at least this many times the decoded splits
 
 
@@ -160,6 +163,9 @@ _MEMBERS = ("images", "labels", "index")
 
 
 def bases() -> list[Path]:
+    """The folders a node cache may live in, in order of preference."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return [Path(os.environ[CACHE_DIR_ENV])]
     return [SHM, Path(tempfile.gettempdir())] if SHM.is_dir() else [Path(tempfile.gettempdir())]
 
 
