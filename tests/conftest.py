@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from latentzoo.data.cache import CACHE_DIR_ENV
 from latentzoo.local_cluster import auth_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,34 +25,23 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 def fresh_machine() -> None:
     """Run the session as on a fresh machine: an empty home (no ~/.ray token, no DVC, MLflow or git user config),
     DVC's system config and site cache inside it, Ray's temp files in a folder of its own (not /tmp/ray), and one
-    random Ray token for the session's Ray and every stage it starts, handed over in the environment."""
+    random Ray token for the session's Ray and every stage it starts, handed over in the environment. The node
+    caches of decoded shards (`latentzoo.data.cache`) go to a folder of the session's own, removed at exit: runs
+    clear their own, tests that run the loop directly leave theirs, and parallel sessions (pytest -n) would
+    otherwise share, and remove, one another's (the digits shards' manifests are the same)."""
     home = tempfile.mkdtemp(prefix="lz-home-")
     ray_tmp = tempfile.mkdtemp(prefix="lz-tmp-", dir="/tmp")  # short: Ray's socket paths live under it
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
-    atexit.register(shutil.rmtree, ray_tmp, ignore_errors=True)
+    caches = tempfile.mkdtemp(prefix="lz-cache-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    for folder in (home, ray_tmp, caches):
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     for name in ("XDG_CONFIG_HOME", "XDG_CACHE_HOME", "XDG_DATA_HOME", "RAY_AUTH_TOKEN_PATH"):
         os.environ.pop(name, None)
-    os.environ.update({"HOME": home, "RAY_TMPDIR": ray_tmp, **auth_env()})
+    os.environ.update({"HOME": home, "RAY_TMPDIR": ray_tmp, CACHE_DIR_ENV: caches, **auth_env()})
     for name in ("DVC_SYSTEM_CONFIG_DIR", "DVC_GLOBAL_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):  # not /etc/xdg, /var/tmp
         os.environ[name] = os.path.join(home, name.lower())
 
 
 fresh_machine()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def no_node_cache_left():
-    """Remove the node caches of decoded shards (`latentzoo.data.cache`) this session made: `train_model` clears its
-    own, but tests that run the loop directly leave theirs in /dev/shm."""
-    from latentzoo.data.cache import bases
-
-    def found() -> set[Path]:
-        return {folder for base in bases() for folder in base.glob("latentzoo-cache-*")}
-
-    before = found()
-    yield
-    for folder in found() - before:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_params(**overrides):
