@@ -281,15 +281,27 @@ def test_a_consumer_that_stops_reading_cancels_only_the_unfinished_tasks(ray_clu
     from latentzoo.stages.tasks import ray_tasks
 
     def job(seconds):
-        time.sleep(seconds)
+        (tmp_path / f"started-{seconds}").touch()
+        try:
+            time.sleep(seconds)
+        except KeyboardInterrupt:  # how ray.cancel stops a running task
+            (tmp_path / f"cancelled-{seconds}").touch()
+            raise
         (tmp_path / f"finished-{seconds}").touch()
         return seconds
 
-    results = ray_tasks(job, [0, 3])
+    def wait_for(path):  # under load a task's worker can take seconds to start
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert time.monotonic() < deadline, f"no {path.name}"
+            time.sleep(0.05)
+
+    results = ray_tasks(job, [0, 60])
     assert next(results) == 0
+    wait_for(tmp_path / "started-60")  # running, not only queued
     results.close()  # as zip does with a generator it no longer needs: the running task is cancelled
-    time.sleep(5)
-    assert (tmp_path / "finished-0").exists() and not (tmp_path / "finished-3").exists()
+    wait_for(tmp_path / "cancelled-60")
+    assert (tmp_path / "finished-0").exists() and not (tmp_path / "finished-60").exists()
     assert list(ray_tasks(job, [0, 0])) == [0, 0]  # read to the end: nothing to cancel, and Ray is still up
     assert ray.is_initialized()
 
