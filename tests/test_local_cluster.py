@@ -104,3 +104,19 @@ def test_a_failing_ray_start_is_one_line(tmp_path, monkeypatch, capsys):
     assert exit_.value.code == 2
     assert err.count("\n") == 1 and err.startswith("error: ray start --head failed: ")
     assert "RuntimeError: no room for a head" in err
+
+
+def test_a_head_address_reaches_the_jobs_processes_so_ray_trains_controller_finds_its_own_cluster(monkeypatch):
+    """Ray Train's controller asks the state API about its actors; without RAY_ADDRESS in its environment Ray
+    searches the machine and fails where two clusters run ("Found multiple active Ray instances")."""
+    from latentzoo.training.cluster import JOB_CONFIG_ENV, forwarded_env
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    for address in ("10.0.0.1:6379", "http://head:8265"):
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert forwarded_env()["RAY_ADDRESS"] == address
+    for address in ("auto", "ray://head:10001"):  # nothing a worker could use
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        assert "RAY_ADDRESS" not in forwarded_env()
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert "RAY_ADDRESS" not in forwarded_env()

@@ -23,6 +23,7 @@ WORKER_START_TIMEOUT_S = 600
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.2
 RAY_CONNECT_TIMEOUT_S = 5.0
+HEAD_ADDRESS = re.compile(r"(?:https?://)?\[?([\w.\-:]+?)\]?:(\d+)/?")  # a head's GCS, or its job server
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for a submitted job's driver
 # MLflow settings read where Ray's processes log for the stage: the workers' system metrics (…_SAMPLING_INTERVAL),
 # and the HTTP client's retries and timeout (…_MAX_RETRIES, …_TIMEOUT), which the per-epoch logging in Ray Train's
@@ -76,11 +77,16 @@ def connect_ray(
 
 
 def forwarded_env() -> dict[str, str]:
-    """The variables of this process that Ray's processes for this job need too: Ray Train's timeouts and the
-    MLflow settings above. A submitted job's own runtime env reaches every process already, and Ray refuses a
-    ray.init runtime env that sets a name the job's sets, so those are left out."""
+    """The variables of this process that Ray's processes for this job need too: Ray Train's timeouts, the MLflow
+    settings above, and RAY_ADDRESS when it names a head (host:port): Ray Train's controller asks the cluster's
+    state API whether its actors live, and without an address Ray looks for the cluster on the machine and fails
+    where two run ("Found multiple active Ray instances", a traceback when a stage is stopped). A submitted job's
+    own runtime env reaches every process already, and Ray refuses a ray.init runtime env that sets a name the
+    job's sets, so those are left out."""
     job = json.loads(os.environ.get(JOB_CONFIG_ENV, "{}")).get("runtime_env") or {}
     names = [START_TIMEOUT_ENV, POLL_INTERVAL_ENV, *(n for n in os.environ if n.startswith(FORWARDED_PREFIXES))]
+    if HEAD_ADDRESS.fullmatch(os.environ.get("RAY_ADDRESS", "")):
+        names.append("RAY_ADDRESS")
     return {name: os.environ[name] for name in names if name in os.environ and name not in job.get("env_vars", {})}
 
 
@@ -89,7 +95,7 @@ def check_ray_address(address: str | None = None, timeout_s: float = RAY_CONNECT
     server) names no listening head: `ray.init` would retry for a minute and end in a traceback. Unset, or other
     forms (`auto`, `ray://...`), are left to Ray."""
     address = address or os.environ.get("RAY_ADDRESS", "")
-    found = re.fullmatch(r"(?:https?://)?\[?([\w.\-:]+?)\]?:(\d+)/?", address)
+    found = HEAD_ADDRESS.fullmatch(address)
     if not found:
         return
     host, port = found.group(1), int(found.group(2))
