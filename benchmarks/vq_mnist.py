@@ -49,7 +49,6 @@ from results_io import differs, summary, write_result  # noqa: E402
 from latentzoo.evaluation.metrics import psnr  # noqa: E402
 from latentzoo.models.quantizer import CodeCounter, VectorQuantizer  # noqa: E402
 from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig  # noqa: E402
-from latentzoo.training.loop import set_lr  # noqa: E402
 
 OURS = ("vq", "ema-restart", "simvq")
 RECIPE = SimVQConfig().model_dump(include={"rotation_trick", "codebook_lr_scale"})  # the `simvq` defaults, both sides
@@ -126,8 +125,10 @@ def build(variant: str, size: int, args, seed: int) -> VQVAE:
 
 
 def train(model: VQVAE, images: Tensor, args, seed: int) -> float:
-    optimizer = torch.optim.Adam(model.optimizer_groups(), lr=args.lr)
-    set_lr(optimizer, args.lr)  # the codebook's group at its lr_scale, as in the training loop
+    # each group at lr x its "lr_scale" (the codebook's, or SimVQ's W), as the training loop sets it; not imported
+    # from the loop, so this benchmark's sources (and its freshness) are the model code alone
+    groups = [{**group, "lr": args.lr * group.get("lr_scale", 1.0)} for group in model.optimizer_groups()]
+    optimizer = torch.optim.Adam(groups, lr=args.lr)
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
