@@ -43,6 +43,8 @@ sys.path.insert(0, str(BENCH))
 
 from results_io import differs, mean_std, stale_sources, summary  # noqa: E402
 
+VAE_NLL_TARGET = 87.0  # nats: #22's VAE target, better than pythae's VAE (89.78), toward VampPrior (85.6)
+
 
 @dataclass
 class Step:
@@ -516,7 +518,29 @@ def vae_nll_section(name: str, r: dict) -> list[str]:
     ]
     for label, value in r.get("anchors", {}).items():
         rows.append([label + " (published)", f"{value:.2f}", f"{nll['mean'] - value:+.2f}"])
-    return table(["model", "test nats per image (lower is better)", "our NLL minus it"], rows)
+    lines = table(["model", "test nats per image (lower is better)", "our NLL minus it"], rows)
+    on_cpu = not (r.get("machine") or {}).get("gpu") and r.get("device", "cpu") == "cpu"
+    passed = nll["mean"] <= VAE_NLL_TARGET and r["k"] >= 1000 and nll["n"] >= 3 and on_cpu
+    verdict = "PASS" if passed else "FAIL"
+    lines += ["", f"Target (#22): NLL ≤ {VAE_NLL_TARGET} nats, k ≥ 1,000, ≥ 3 seeds, trained on CPU: {verdict}."]
+    return lines + vae_curve(r)
+
+
+def vae_curve(r: dict) -> list[str]:
+    """The learning curve the seeds recorded: −ELBO and NLL (the curve's own k, on its first test digits) by epoch,
+    mean ± std over the seeds."""
+    curves = [row.get("curve") or [] for row in r.get("rows", [])]
+    epochs = sorted({point["epoch"] for curve in curves for point in curve})
+    if not epochs:
+        return []
+    setting = r.get("curve", {})
+
+    def at(epoch: int, key: str) -> str:
+        return mean_std(summary([p[key] for curve in curves for p in curve if p["epoch"] == epoch]))
+
+    rows = [[epoch, at(epoch, "neg_elbo"), at(epoch, "nll")] for epoch in epochs]
+    head = f"Learning curve (first {setting.get('images', '?')} test digits, k = {setting.get('k', '?')}):"
+    return ["", head, "", *table(["epoch", "test −ELBO", "test NLL"], rows)]
 
 
 def vq_mnist_section(name: str, r: dict) -> list[str]:

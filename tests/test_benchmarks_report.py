@@ -154,6 +154,34 @@ def test_quality_tables_give_mean_and_std_over_seeds_and_call_a_difference_only_
     assert "| 1.05 ± 0.05 (n=3) | 0.95 ± 0.05 (n=3) | no difference |" in report  # intervals touch: not called
 
 
+def test_the_vae_likelihood_table_judges_the_target_and_shows_the_learning_curve(run_all, tmp_path):
+    def nll(values):
+        return {"mean": sum(values) / len(values), "std": 0.1, "n": len(values), "values": values}
+
+    curve = [{"epoch": 10, "neg_elbo": 92.0, "nll": 88.0}, {"epoch": 20, "neg_elbo": 90.0, "nll": 86.0}]
+    result = {
+        "machine": {"cpus": 2, "gpu": None},
+        "device": "cpu",
+        "k": 1000,
+        "epochs": 20,
+        "neg_elbo": nll([90.0, 90.0, 90.0]),
+        "nll": nll([86.0, 86.0, 86.0]),
+        "anchors": {"pythae VAE (k = 200)": 89.78},
+        "curve": {"every": 10, "k": 100, "images": 1000},
+        "rows": [{"seed": seed, "curve": curve} for seed in range(3)],
+    }
+    (tmp_path / "vae_nll.json").write_text(json.dumps(result))
+    report = run_all.render_report(tmp_path)
+    assert "| pythae VAE (k = 200) (published) | 89.78 | -3.78 |" in report
+    assert "Target (#22): NLL ≤ 87.0 nats, k ≥ 1,000, ≥ 3 seeds, trained on CPU: PASS." in report
+    assert "Learning curve (first 1000 test digits, k = 100):" in report
+    assert "| 20 | 90.00 ± 0.00 (n=3) | 86.00 ± 0.00 (n=3) |" in report
+
+    for changed in ({"k": 200}, {"device": "NVIDIA H200"}, {"nll": nll([87.5, 87.5, 87.5])}):
+        (tmp_path / "vae_nll.json").write_text(json.dumps(result | changed))
+        assert "trained on CPU: FAIL." in run_all.render_report(tmp_path), changed
+
+
 def test_a_result_records_the_code_its_run_started_with(monkeypatch):
     """A benchmark that runs for hours across a commit records the commit and file hashes of its start."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
