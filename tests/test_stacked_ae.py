@@ -93,6 +93,21 @@ def test_masking_noise_only_in_training(stack):
     assert torch.equal(stack.corrupt(h), h)
 
 
+def test_input_corruption_masks_pixels_only_while_fine_tuning(stack):
+    x = torch.rand(256, 1, 8, 8) + 0.1
+    seen = []  # what the first encoder receives
+    stack.encoders[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    stack.set_phase("finetune", input_corruption=0.3).train()
+    stack(x)
+    assert (seen.pop() == 0).float().mean().item() == pytest.approx(0.3, abs=0.03)
+    stack.eval()
+    stack(x)
+    assert torch.equal(seen.pop(), x.flatten(1))  # evaluation sees the clean image
+    stack.set_phase("probe", input_corruption=0.3).train()
+    stack(x)
+    assert torch.equal(seen.pop(), x.flatten(1))  # so does the linear probe
+
+
 def test_a_phase_needs_a_valid_layer(stack):
     with pytest.raises(ValueError, match="pretrain needs a layer in 1..3, got 4"):
         stack.set_phase("pretrain", layer=4)

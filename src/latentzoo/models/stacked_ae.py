@@ -9,8 +9,8 @@ where h̃ is h with a fraction ν of its entries set to 0 (masking noise; ν = `
 f the activation, g_1 a sigmoid (pixels lie in [0, 1]) and g_k the identity above. The model trains in phases:
 
     pretrain k:  minimise mean (ĥ_{k-1} - h_{k-1})² over W_k, W'_k; layers 1..k-1 frozen (their outputs are the data)
-    finetune:    minimise cross-entropy of softmax(V h_L) over W_1..W_L and the head V (decoders frozen), with
-                 dropout on every h_k
+    finetune:    minimise cross-entropy of softmax(V h_L(x̃)) over W_1..W_L and the head V (decoders frozen), with
+                 dropout on every h_k and x̃ = x with a fraction of its pixels masked to 0 (`input_corruption`)
     probe:       the same loss over the head V alone (a linear probe of the frozen features h_L)
 
 `set_phase` selects one; only that phase's parameters keep requires_grad, so the optimiser and DDP see exactly
@@ -69,6 +69,7 @@ class StackedAutoencoder(LatentModel):
         self.decoders = nn.ModuleList(nn.Linear(b, a) for a, b in zip(dims, dims[1:]))
         self.head = nn.Linear(dims[-1], cfg.num_classes)
         self.dropout = nn.Dropout(0.0)
+        self.input_corruption = 0.0  # ν_0: masking noise on the pixels while fine-tuning
         self.mode: Mode = "finetune"
         self.layer = len(cfg.layers)
         self.set_phase("finetune")
@@ -81,14 +82,18 @@ class StackedAutoencoder(LatentModel):
     def num_classes(self) -> int:
         return self.cfg.num_classes
 
-    def set_phase(self, mode: Mode = "finetune", layer: int | None = None, dropout: float = 0.0) -> StackedAutoencoder:
-        """Train layer `layer` (1-based) as an autoencoder, fine-tune the stack with its head, or probe the head."""
+    def set_phase(
+        self, mode: Mode = "finetune", layer: int | None = None, dropout: float = 0.0, input_corruption: float = 0.0
+    ) -> StackedAutoencoder:
+        """Train layer `layer` (1-based) as an autoencoder, fine-tune the stack with its head, or probe the head;
+        `dropout` and `input_corruption` (masking noise on x) act while fine-tuning only."""
         if mode not in ("pretrain", "finetune", "probe"):
             raise ValueError(f"unknown phase {mode!r}: pretrain, finetune or probe")
         if mode == "pretrain" and not (layer and 1 <= layer <= self.num_layers):
             raise ValueError(f"pretrain needs a layer in 1..{self.num_layers}, got {layer}")
         self.mode, self.layer = mode, layer if mode == "pretrain" else self.num_layers
-        self.dropout.p = dropout
+        self.dropout.p = dropout if mode == "finetune" else 0.0
+        self.input_corruption = input_corruption if mode == "finetune" else 0.0
         trained = {
             "pretrain": [self.encoders[self.layer - 1], self.decoders[self.layer - 1]] if mode == "pretrain" else [],
             "finetune": [self.encoders, self.head],
@@ -128,9 +133,9 @@ class StackedAutoencoder(LatentModel):
         """The top features h_L(x), (B, d_L)."""
         return self.features(x)
 
-    def corrupt(self, h: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Masking noise: h̃ = h ⊙ m, m_i ~ Bernoulli(1 - ν), in training only."""
-        nu = self.cfg.corruption
+    def corrupt(self, h: Tensor, generator: torch.Generator | None = None, nu: float | None = None) -> Tensor:
+        """Masking noise: h̃ = h ⊙ m, m_i ~ Bernoulli(1 - ν), in training only (ν: `corruption` unless given)."""
+        nu = self.cfg.corruption if nu is None else nu
         if not self.training or nu == 0:
             return h
         keep = torch.rand(h.shape, device=h.device, generator=generator) >= nu
@@ -146,7 +151,7 @@ class StackedAutoencoder(LatentModel):
         (finetune, probe; without labels, only the logits). `step`: the common interface, unused."""
         if self.mode == "pretrain":
             return self._pretrain_step(x, generator)
-        return self._classify(x, labels)
+        return self._classify(self.corrupt(x, generator, nu=self.input_corruption), labels)
 
     def _pretrain_step(self, x: Tensor, generator: torch.Generator | None) -> ModelOutput:
         k = self.layer

@@ -96,7 +96,8 @@ def finetune_stack(
     result, curves, fit = {"label_fraction": ft.label_fraction, "epochs": ft.epochs}, {}, 0.0
     with atomic_dir(out_dir) as tmp:
         for name, mode, init in variants:
-            args = {"mode": mode, "dropout": ft.dropout if mode == "finetune" else 0.0}
+            noise = {"dropout": ft.dropout, "input_corruption": ft.input_corruption} if mode == "finetune" else {}
+            args = {"mode": mode, **noise}
             phase = Phase(f"finetune-{name}", args, init, ft.label_fraction, parent)
             out = phase_outputs(tmp, name)
             final = train_model(phase_params, MODEL, shard_dir, out, root, phase)
