@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from results_io import write_result  # noqa: E402
+from results_io import PIPELINE_SECTIONS, read_params, write_result  # noqa: E402
 from test_cluster import worker_node  # noqa: E402
 from test_elastic import drain  # noqa: E402
 
@@ -131,7 +131,7 @@ def main() -> int:
     import ray
 
     work = Path(tempfile.mkdtemp(prefix="lz-elastic-"))
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params(*PIPELINE_SECTIONS, "vae")
     raw["train"].update(
         num_workers=[1, 2],
         epochs=args.epochs,

@@ -48,8 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from results_io import provenance, write_result
+from results_io import provenance, read_params, write_result
 from vq_speed import cpu_ticks, others_busy, wait_idle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +58,7 @@ TARGET = 0.8  # loader images/s over TensorDataset images/s
 def params_for(args):
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params("seed", "data", "shard", "train")
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()), limit=args.train_images)
     if args.batch_size:
         raw["train"]["batch_size"] = args.batch_size

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
-from results_io import provenance, write_result
+from results_io import provenance, read_params, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 600.0
@@ -59,7 +59,7 @@ def copy_project(dest: Path, quick: bool) -> dict:
         shutil.copy(ROOT / name, dest / name)
     (dest / ".dvc").mkdir()
     shutil.copy(ROOT / ".dvc/config", dest / ".dvc/config")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = read_params()
     if quick:
         for section, values in TINY.items():
             params[section].update(values)

@@ -2,10 +2,11 @@
 was made, and the statistics the report uses to call a difference.
 
 `provenance()` records the command, date, git commit, machine (cores, GPU) and versions, and the sha256 of every
-project file the benchmark had imported when it wrote its result; `stale_sources` compares those with the files
-as they are now, so results.md flags a figure whose producing code changed since it was measured. The commit and
-the hashes are those of when the benchmark imported this module (its start): a run that hours later writes its
-result after a commit records the code it ran, not the code at its end.
+project file the benchmark had imported when it wrote its result and of each params.yaml section it read
+(`read_params`); `stale_sources` compares those with the files as they are now, so results.md flags a figure
+whose producing code or defaults changed since it was measured. The commit and the hashes are those of when the
+benchmark imported this module (its start): a run that hours later writes its result after a commit records the
+code it ran, not the code at its end.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
 TRACKED = ("src/latentzoo", "benchmarks")  # the project files whose hashes a result records
+CONFIG = "params.yaml"  # recorded too, per section, where a benchmark reads it (`read_params`)
+PIPELINE_SECTIONS = ("seed", "data", "shard", "train", "evaluate")  # what every pipeline-driving benchmark reads
 
 
 def write_result(name: str, result: dict, out_file: Path | str | None = None) -> Path:
@@ -39,6 +42,36 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def read_params(*sections: str) -> dict:
+    """params.yaml as a dict (as it was at the start). The result records the hash of each named section, or of
+    the whole file without names: a later change to the defaults the figures came from flags them stale, a change
+    to another family's section does not."""
+    unknown = [section for section in sections if section not in AT_START["config"]]
+    if unknown:
+        raise KeyError(f"{CONFIG} has no section {', '.join(unknown)}")
+    _PARAMS_READ.update(sections or [""])
+    return json.loads(AT_START["params"])
+
+
+def _config_hash(root: Path, section: str) -> str | None:
+    """sha256 of params.yaml's `section` (canonical JSON), of the whole file for ""; None if absent."""
+    path = root / CONFIG
+    if not path.is_file():
+        return None
+    if not section:
+        return _sha256(path)
+    import yaml
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    if section not in raw:
+        return None
+    return hashlib.sha256(json.dumps(raw[section], sort_keys=True).encode()).hexdigest()
+
+
+def _config_key(section: str) -> str:
+    return f"{CONFIG}:{section}" if section else CONFIG
+
+
 def _tracked_files() -> dict[str, str]:
     """{repo path: sha256} of every project file a result may record, as they are now."""
     return {p.relative_to(ROOT).as_posix(): _sha256(p) for part in TRACKED for p in sorted((ROOT / part).rglob("*.py"))}
@@ -47,7 +80,7 @@ def _tracked_files() -> dict[str, str]:
 def _commit() -> str:
     """HEAD, with '+dirty' when tracked project files have changes."""
     commit = _git("rev-parse", "HEAD") or "unknown"
-    if _git("status", "--porcelain", "--untracked-files=no", "--", *TRACKED):
+    if _git("status", "--porcelain", "--untracked-files=no", "--", *TRACKED, CONFIG):
         commit += "+dirty"
     return commit
 
@@ -65,6 +98,8 @@ def source_hashes() -> dict[str, str]:
             relative = path.relative_to(ROOT).as_posix()
             if relative.startswith(TRACKED):
                 found[relative] = AT_START["files"].get(relative) or _sha256(path)
+    for section in _PARAMS_READ:
+        found[_config_key(section)] = AT_START["config"][section]
     return dict(sorted(found.items()))
 
 
@@ -73,7 +108,14 @@ def stale_sources(result: dict, root: Path = ROOT) -> list[str] | None:
     recorded = result.get("sources")
     if not recorded:
         return None
-    return sorted(p for p, sha in recorded.items() if not (root / p).exists() or _sha256(root / p) != sha)
+    return sorted(key for key, sha in recorded.items() if _current_hash(root, key) != sha)
+
+
+def _current_hash(root: Path, key: str) -> str | None:
+    """The hash a recorded source has now: a file's, or params.yaml's section's ("params.yaml:vae"); None if gone."""
+    if key == CONFIG or key.startswith(CONFIG + ":"):
+        return _config_hash(root, key.partition(":")[2])
+    return _sha256(root / key) if (root / key).is_file() else None
 
 
 def _git(*args: str) -> str:
@@ -137,4 +179,16 @@ def mean_std(s: dict | None, spec: str = ".2f") -> str:
 
 
 # When a benchmark imports this module, at its start: the commit and the project files it is about to run.
+def _config_at_start() -> tuple[str, dict[str, str | None]]:
+    """params.yaml's contents (JSON) and the hash of the file and of each of its sections, as they are now."""
+    import yaml
+
+    path = ROOT / CONFIG
+    raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return json.dumps(raw), {section: _config_hash(ROOT, section) for section in ["", *raw]}
+
+
+# When a benchmark imports this module, at its start: the commit and the project files it is about to run.
+_PARAMS_READ: set[str] = set()
 AT_START = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _commit(), "files": _tracked_files()}
+AT_START["params"], AT_START["config"] = _config_at_start()

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from results_io import differs, summary, write_result
+from results_io import PIPELINE_SECTIONS, differs, read_params, summary, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +98,7 @@ REPORTED = (
 def params_for(args, workdir: Path, family: str, overrides: dict, seed: int | None = None):
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params(*PIPELINE_SECTIONS, "vae", "resvae_gan", "classifier")
     if seed is not None:
         raw["seed"] = seed
     raw["models"] = [family]

@@ -3,6 +3,11 @@ and 100% of the training labels, from the pretrained stack and from random initi
 and a linear probe of the frozen pretrained features. Runs the pipeline's own pretrain and finetune stages, once
 per seed (weights, masking noise, dropout, the labelled subset; the data split is params.yaml's).
 
+The fine-tuning recipe (Srivastava et al. 2014's MNIST setting): dropout 0.5 on every hidden layer, 20% of the
+input pixels masked to 0, a cosine learning rate over 50 epochs, AdamW (lr 1e-3, weight decay 0.01, batch 128).
+One seed of a plain loop over the same network gave 98.43% with the earlier recipe (dropout 0.2, 30 epochs),
+98.46% with dropout 0.5 alone and 98.70% with both.
+
     .venv/bin/python benchmarks/stacked_mnist.py --data ../shared/data/mnist --fractions 0.01 0.1 1.0 --seeds 0 1 2
 
 The report gives each accuracy as mean ± std over the seeds and calls pretrained better or worse than random
@@ -10,7 +15,7 @@ initialisation only when the intervals do not overlap; the all-labels target (Sd
 al. 2010) is judged on the mean. Prints the figures and writes them to benchmarks/results/stacked_mnist.json (or
 --out). Exits non-zero only on errors.
 
-A seed is about an hour on 2 cores. With --workdir, every finished step (a seed's pretraining, each fraction's
+A seed is about 1.5 hours on 2 cores. With --workdir, every finished step (a seed's pretraining, each fraction's
 fine-tuning) is recorded in <workdir>/seed<N>/run.json with the hashes of the code that produced it, and a rerun
 with the same settings picks up where the last one stopped; a seed whose code has changed since is run again.
 """
@@ -26,8 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from results_io import source_hashes, stale_sources, summary, write_result
+from results_io import PIPELINE_SECTIONS, read_params, source_hashes, stale_sources, summary, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,19 +42,25 @@ TARGET_ALL_LABELS = 0.987  # test accuracy with every label: SdA-3's 1.28% error
 def params_for(args, workdir: Path, fraction: float, seed: int | None = None):
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params(*PIPELINE_SECTIONS, "stacked_ae", "finetune")
     if seed is not None:
         raw["seed"] = seed
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()), limit=args.train_images)
     per_shard = (args.train_images or 60000) // (4 * args.workers)  # every worker gets shards
     raw["shard"]["maxcount"] = max(100, min(5000, per_shard))
-    raw["train"].update(num_workers=args.workers, batch_size=args.batch_size // args.workers, use_gpu=args.gpu)
+    raw["train"].update(
+        num_workers=args.workers,
+        batch_size=args.batch_size // args.workers,
+        use_gpu=args.gpu,
+        weight_decay=args.weight_decay,
+    )
     raw["stacked_ae"].update(layers=args.layers, pretrain_epochs=args.pretrain_epochs, corruption=args.corruption)
     raw["finetune"].update(
         epochs=args.finetune_epochs,
         label_fraction=fraction,
         lr=args.lr,
         dropout=args.dropout,
+        input_corruption=args.input_corruption,
         probe=fraction == max(args.fractions),
     )
     raw["tracking"]["enabled"] = False
@@ -65,10 +75,14 @@ def main() -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[500, 500, 2000])
     ap.add_argument("--corruption", type=float, default=0.2)
     ap.add_argument("--pretrain-epochs", type=int, default=10)
-    ap.add_argument("--finetune-epochs", type=int, default=30)
+    ap.add_argument("--finetune-epochs", type=int, default=50)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--dropout", type=float, default=0.5, help="on every hidden layer while fine-tuning")
+    ap.add_argument(
+        "--input-corruption", type=float, default=0.2, help="fraction of pixels masked to 0 while fine-tuning"
+    )
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's, in every phase")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128, help="global batch size")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from results_io import write_result
+from results_io import PIPELINE_SECTIONS, read_params, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_METRIC = {"val_neg_elbo": "test_neg_elbo", "val_mse": "test_mse"}
@@ -33,7 +32,7 @@ TEST_METRIC = {"val_neg_elbo": "test_neg_elbo", "val_mse": "test_mse"}
 def params_for(args, workdir: Path, seed: int | None = None):
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params(*PIPELINE_SECTIONS, "tune", *args.models)
     if seed is not None:
         raw["seed"] = seed
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()), limit=args.train_images)

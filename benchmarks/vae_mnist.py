@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from results_io import write_result
+from results_io import PIPELINE_SECTIONS, read_params, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def params_for(args, workdir: Path):
     from latentzoo.config import validate_params
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw = read_params(*PIPELINE_SECTIONS, "vae")
     raw["data"].update(source="idx", path=str(Path(args.data).resolve()))
     raw["shard"]["maxcount"] = 5000
     raw["train"].update(

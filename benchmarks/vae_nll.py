@@ -31,14 +31,13 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mnist_data import load_mnist  # noqa: E402
-from results_io import source_hashes, stale_sources, summary, write_result  # noqa: E402
+from results_io import read_params, source_hashes, stale_sources, summary, write_result  # noqa: E402
 
 from latentzoo.evaluation.likelihood import importance_sampled_nll  # noqa: E402
 from latentzoo.models.vae import VAE, VAEConfig  # noqa: E402
@@ -154,7 +153,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = VAEConfig.model_validate(yaml.safe_load((ROOT / "params.yaml").read_text())["vae"])
+    cfg = VAEConfig.model_validate(read_params("vae")["vae"])
     data = Path(args.data)
     train_images = load_mnist(data, "train", args.train_images).to(args.device)
     test_images = load_mnist(data, "test", args.test_images).to(args.device)

@@ -193,3 +193,26 @@ def test_a_result_records_the_code_its_run_started_with(monkeypatch):
     assert record["commit"] == "abc123" and record["started"] == start["date"]
     assert record["sources"]["benchmarks/results_io.py"] == "1" * 64  # as at the start, not as now
     assert results_io.stale_sources(record) == ["benchmarks/results_io.py"]  # so results.md flags it
+
+
+def test_a_result_records_the_params_sections_it_read(monkeypatch, tmp_path: Path):
+    """A changed default in a section the benchmark read flags it stale; a change to another section does not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results_io
+
+    monkeypatch.setattr(results_io, "_PARAMS_READ", set())
+    assert results_io.read_params("seed", "vae")["vae"]["beta"] == 1.0
+    with pytest.raises(KeyError, match="params.yaml has no section nope"):
+        results_io.read_params("nope")
+    record = results_io.provenance()
+    assert {"params.yaml:seed", "params.yaml:vae"} <= set(record["sources"]) and "params.yaml" not in record["sources"]
+    root = tmp_path / "repo"
+    for path in record["sources"]:
+        if not path.startswith("params.yaml"):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_bytes((ROOT / path).read_bytes())
+    config = (ROOT / "params.yaml").read_text()
+    (root / "params.yaml").write_text(config.replace("num_samples: 2000", "num_samples: 10"))  # classifier: unread
+    assert results_io.stale_sources(record, root) == []
+    (root / "params.yaml").write_text(config.replace("\n  beta: 1.0", "\n  beta: 0.5"))
+    assert results_io.stale_sources(record, root) == ["params.yaml:vae"]

@@ -14,7 +14,7 @@ from conftest import ROOT
 from latentzoo import params_reads
 from latentzoo.config import Params, load_params, validate_params
 from latentzoo.errors import ConfigError
-from latentzoo.models import VAEConfig
+from latentzoo.models.vae import VAEConfig
 
 
 def raw_params() -> dict:

@@ -8,7 +8,8 @@ import reference_metrics as hand_written
 import torch
 from PIL import Image
 
-from latentzoo.evaluation import active_units, image_grid, mse, perplexity, psnr, save_grid, ssim
+from latentzoo.evaluation import active_units, mse, perplexity, psnr, ssim
+from latentzoo.evaluation.grids import image_grid, save_grid
 
 
 def rand(*shape, seed=0):

@@ -16,7 +16,8 @@ from latentzoo import faults
 from latentzoo.checkpoint import load_model
 from latentzoo.data.cache import bases
 from latentzoo.errors import ShardError
-from latentzoo.models import VAEConfig, build_model
+from latentzoo.models import build_model
+from latentzoo.models.vae import VAEConfig
 from latentzoo.training.loop import seed_stream
 from latentzoo.training.trainer import TrainOutputs, run_name, train_model, training_data
 
@@ -183,7 +184,7 @@ def test_run_name_changes_with_params_not_with_retries(tiny_params):
 
 def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
     from latentzoo.config import TrainConfig
-    from latentzoo.models import VAEConfig
+    from latentzoo.models.vae import VAEConfig
     from latentzoo.tracking.runs import TrackedRun
     from latentzoo.training.loop import EpochLogger, TrainJob, log_epoch
 

@@ -7,7 +7,7 @@ import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from latentzoo.errors import ConfigError
-from latentzoo.models import REGISTRY, ModelEntry, build_model
+from latentzoo.models import REGISTRY, build_model
 from latentzoo.models.vae import VAE, VAEConfig, bernoulli_nll, gaussian_nll, kl_normal_standard
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
@@ -39,7 +39,7 @@ def test_bad_shape_raises_config_error(shape):
 
 
 def test_registry_builds_vae():
-    assert REGISTRY["vae"] == ModelEntry(VAEConfig, VAE)
+    assert REGISTRY["vae"].config_cls is VAEConfig and REGISTRY["vae"].model_cls is VAE
     assert isinstance(build_model("vae", VAEConfig(latent_dim=3), (1, 8, 8)), VAE)
     with pytest.raises(ConfigError, match="unknown model"):
         build_model("nope", VAEConfig(), (1, 8, 8))

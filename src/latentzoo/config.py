@@ -17,14 +17,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from latentzoo import params_reads
 from latentzoo.errors import ConfigError
-from latentzoo.models import (
-    REGISTRY,
-    ResVAEGANConfig,
-    SimVQConfig,
-    StackedAEConfig,
-    VAEConfig,
-    VQVAEConfig,
-)
+from latentzoo.models import REGISTRY
+from latentzoo.models.resvae_gan import ResVAEGANConfig
+from latentzoo.models.stacked_ae import StackedAEConfig
+from latentzoo.models.vae import VAEConfig
+from latentzoo.models.vqvae import SimVQConfig, VQVAEConfig
 from latentzoo.schema import Section
 
 

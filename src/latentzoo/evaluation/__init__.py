@@ -1,6 +1,9 @@
-"""Held-out evaluation helpers: per-image metrics and image grids (no training, no tracking)."""
+"""Held-out evaluation: per-image metrics (`metrics`), image grids (`grids`), the importance-sampled NLL
+(`likelihood`), the feature classifier and its distances (`feature_classifier`, `quality`), the evaluate stage's
+driver (`evaluate`) and the cross-model report (`report`). Only the metrics, which import nothing of the project,
+are re-exported here: a benchmark that scores a model imports no more than it uses.
+"""
 
-from latentzoo.evaluation.grids import image_grid, save_grid
 from latentzoo.evaluation.metrics import active_units, mse, perplexity, psnr, ssim
 
-__all__ = ["active_units", "image_grid", "mse", "perplexity", "psnr", "save_grid", "ssim"]
+__all__ = ["active_units", "mse", "perplexity", "psnr", "ssim"]

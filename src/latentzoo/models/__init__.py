@@ -7,33 +7,41 @@ Must not import latentzoo.config: config.Params holds one section per REGISTRY e
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 from torch import nn
 
 from latentzoo.errors import ConfigError
 from latentzoo.models.base import ModelOutput
-from latentzoo.models.resvae_gan import ResVAEGAN, ResVAEGANConfig
-from latentzoo.models.stacked_ae import StackedAEConfig, StackedAutoencoder
-from latentzoo.models.vae import VAE, VAEConfig
-from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig
 from latentzoo.schema import Section
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A family's params section class and its module class, built as model_cls(cfg, image_shape)."""
+    """A family: the module holding its params section class and its module class, built as model_cls(cfg,
+    image_shape). The module is imported at first use, so code that uses one family (a benchmark of the VAE)
+    imports that family's files only, and a change to another family's file does not touch it."""
 
-    config_cls: type[Section]
-    model_cls: type[nn.Module]
+    module: str
+    config_name: str
+    model_name: str
+
+    @property
+    def config_cls(self) -> type[Section]:
+        return getattr(importlib.import_module(self.module), self.config_name)
+
+    @property
+    def model_cls(self) -> type[nn.Module]:
+        return getattr(importlib.import_module(self.module), self.model_name)
 
 
 REGISTRY: dict[str, ModelEntry] = {
-    "vae": ModelEntry(VAEConfig, VAE),
-    "vqvae": ModelEntry(VQVAEConfig, VQVAE),
-    "simvq": ModelEntry(SimVQConfig, VQVAE),
-    "stacked_ae": ModelEntry(StackedAEConfig, StackedAutoencoder),
-    "resvae_gan": ModelEntry(ResVAEGANConfig, ResVAEGAN),
+    "vae": ModelEntry("latentzoo.models.vae", "VAEConfig", "VAE"),
+    "vqvae": ModelEntry("latentzoo.models.vqvae", "VQVAEConfig", "VQVAE"),
+    "simvq": ModelEntry("latentzoo.models.vqvae", "SimVQConfig", "VQVAE"),
+    "stacked_ae": ModelEntry("latentzoo.models.stacked_ae", "StackedAEConfig", "StackedAutoencoder"),
+    "resvae_gan": ModelEntry("latentzoo.models.resvae_gan", "ResVAEGANConfig", "ResVAEGAN"),
 }
 
 
@@ -47,18 +55,4 @@ def build_model(name: str, cfg: Section, image_shape: tuple[int, int, int]) -> n
     return entry.model_cls(cfg, tuple(image_shape))
 
 
-__all__ = [
-    "REGISTRY",
-    "ModelEntry",
-    "ModelOutput",
-    "ResVAEGAN",
-    "ResVAEGANConfig",
-    "SimVQConfig",
-    "StackedAEConfig",
-    "StackedAutoencoder",
-    "VAE",
-    "VAEConfig",
-    "VQVAE",
-    "VQVAEConfig",
-    "build_model",
-]
+__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "build_model"]
