@@ -24,7 +24,7 @@ from latentzoo.data.loader import eval_batches, to_float
 from latentzoo.data.shards import checked_shards
 from latentzoo.errors import LatentzooError, cli_errors
 from latentzoo.evaluation.grids import save_grid
-from latentzoo.models.base import Generative
+from latentzoo.models import Generative
 from latentzoo.submit import submit
 from latentzoo.tracking.models import Reconstructor, load
 

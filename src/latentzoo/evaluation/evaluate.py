@@ -34,7 +34,7 @@ from latentzoo.evaluation.figures import save_usage_histogram
 from latentzoo.evaluation.grids import write_grids
 from latentzoo.evaluation.likelihood import importance_sampled_nll
 from latentzoo.evaluation.quality import quality_metrics
-from latentzoo.models.base import Coded, Generative, Variational
+from latentzoo.models import Coded, Generative, Variational
 from latentzoo.models.quantizer import CodeCounter
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from latentzoo.data.loader import eval_batches
-from latentzoo.models.base import Generative
+from latentzoo.models import Generative
 
 
 def to_uint8_nhwc(images: Tensor | np.ndarray) -> np.ndarray:

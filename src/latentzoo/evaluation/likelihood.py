@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from latentzoo.models.base import Variational
+from latentzoo.models import Variational
 
 LOG_2PI = math.log(2 * math.pi)
 ROWS_PER_CHUNK = 4096  # decoder inputs per forward pass (samples x images)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from latentzoo.errors import ConfigError
-from latentzoo.models.base import ModelOutput
+from latentzoo.models.base import Adversarial, Coded, Generative, ModelOutput, Supervised, Variational, frozen
 from latentzoo.schema import Section
 
 
@@ -55,4 +55,16 @@ def build_model(name: str, cfg: Section, image_shape: tuple[int, int, int]) -> n
     return entry.model_cls(cfg, tuple(image_shape))
 
 
-__all__ = ["REGISTRY", "ModelEntry", "ModelOutput", "build_model"]
+# What the driver layer (loop, evaluation, CLI) sees of a model: the capability interfaces of models.base.
+__all__ = [
+    "REGISTRY",
+    "Adversarial",
+    "Coded",
+    "Generative",
+    "ModelEntry",
+    "ModelOutput",
+    "Supervised",
+    "Variational",
+    "build_model",
+    "frozen",
+]

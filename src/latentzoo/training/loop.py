@@ -38,8 +38,7 @@ from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
 from latentzoo.errors import LatentzooError, quiet_signal_exits
 from latentzoo.faults import fail_if_planned
-from latentzoo.models import build_model
-from latentzoo.models.base import Adversarial, Coded, frozen
+from latentzoo.models import Adversarial, Coded, build_model, frozen
 from latentzoo.models.quantizer import CodeCounter
 from latentzoo.schema import Section
 from latentzoo.storage import readable_checkpoints
