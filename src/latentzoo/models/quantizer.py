@@ -213,13 +213,7 @@ class Quantizer(nn.Module):
     ema = False
 
     def __init__(
-        self,
-        codebook_size: int,
-        dim: int,
-        commitment_weight: float,
-        chunk_size: int,
-        rotation_trick: bool = False,
-        restart_after: int = 0,
+        self, codebook_size: int, dim: int, commitment_weight: float, chunk_size: int, rotation_trick: bool = False
     ):
         super().__init__()
         for name, value in (("codebook_size", codebook_size), ("dim", dim), ("chunk_size", chunk_size)):
@@ -227,9 +221,6 @@ class Quantizer(nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.codebook_size, self.dim = codebook_size, dim
         self.commitment_weight, self.chunk_size, self.rotation_trick = commitment_weight, chunk_size, rotation_trick
-        self.restart_after = restart_after
-        if restart_after > 0:
-            self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
 
     @property
     def codebook(self) -> Tensor:
@@ -245,24 +236,6 @@ class Quantizer(nn.Module):
 
     def update(self, z: Tensor, indices: Tensor) -> None:
         """Called with the detached flat z and its codes after the code search of every training step."""
-
-    def reseed(self, codes: Tensor, targets: Tensor) -> None:
-        """Move codes `codes` (n,) onto the vectors `targets` (n, D), identical on every rank (dead-code restart)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def restart_dead(self, z: Tensor, counts: Tensor) -> None:
-        """Re-seed codes unused for `restart_after` steps with distinct random encoder outputs of this batch: at most
-        one code per row of rank 0's batch (more would repeat rows, and of two equal codes one is never nearest),
-        the longest unused first; the dead codes left over are restarted at the next steps."""
-        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
-        dead = (self.steps_unused >= self.restart_after).nonzero().squeeze(1)
-        rows = int(broadcast_from_rank0(torch.tensor(z.shape[0], device=z.device)))
-        dead = dead[torch.argsort(self.steps_unused[dead], descending=True, stable=True)][:rows]
-        if dead.numel() == 0:
-            return
-        self.reseed(dead, sample_rows(z, dead.numel()))
-        self.steps_unused.index_fill_(0, dead, 0)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         flat = self._flatten(z)
@@ -319,9 +292,9 @@ class VectorQuantizer(Quantizer):
         chunk_size: int = 1024,
         rotation_trick: bool = False,
     ):
-        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick, restart_after)
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick)
         self.ema, self.decay, self.eps = ema, decay, eps
-        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.restart_after, self.kmeans_init, self.kmeans_iters = restart_after, kmeans_init, kmeans_iters
         init = uniform_init(codebook_size, dim)
         if ema:
             self.register_buffer("embed", init)
@@ -330,6 +303,8 @@ class VectorQuantizer(Quantizer):
             self.register_buffer("embed_avg", init.clone())
         else:
             self.embed = nn.Parameter(init)
+        if restart_after > 0:
+            self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
         # saved with the weights, so a resumed or loaded model is not initialised again
         self.register_buffer("initted", torch.tensor(not kmeans_init))
 
@@ -354,7 +329,7 @@ class VectorQuantizer(Quantizer):
         if self.ema:
             self._ema_update(counts, sums)
         if self.restart_after > 0:
-            self.restart_dead(z, counts)
+            self._restart_dead(z, counts)
 
     # ------------------------------------------------------------ training-time codebook updates
 
@@ -382,12 +357,22 @@ class VectorQuantizer(Quantizer):
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n
         self.embed.copy_(self.embed_avg / smoothed[:, None])
 
-    def reseed(self, codes: Tensor, targets: Tensor) -> None:
-        """e_k ← the target; with EMA also N_k = 1, m_k = e_k, so the restarted code starts where it was put."""
-        self.embed.index_copy_(0, codes, targets)
-        if self.ema:
-            self.cluster_size.index_fill_(0, codes, 1.0)
-            self.embed_avg.index_copy_(0, codes, targets)
+    def _restart_dead(self, z: Tensor, counts: Tensor) -> None:
+        """Re-seed codes unused for `restart_after` steps with distinct random encoder outputs of this batch: at most
+        one code per row of rank 0's batch (more would repeat rows, and of two equal codes one is never nearest),
+        the longest unused first; the dead codes left over are restarted at the next steps."""
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.steps_unused >= self.restart_after).nonzero().squeeze(1)
+        rows = int(broadcast_from_rank0(torch.tensor(z.shape[0], device=z.device)))
+        dead = dead[torch.argsort(self.steps_unused[dead], descending=True, stable=True)][:rows]
+        if dead.numel() == 0:
+            return
+        fresh = sample_rows(z, dead.numel())
+        self.embed.index_copy_(0, dead, fresh)
+        self.steps_unused.index_fill_(0, dead, 0)
+        if self.ema:  # N_k = 1, m_k = e_k: the restarted code starts where it was put
+            self.cluster_size.index_fill_(0, dead, 1.0)
+            self.embed_avg.index_copy_(0, dead, fresh)
 
 
 class SimVQ(Quantizer):
@@ -395,8 +380,6 @@ class SimVQ(Quantizer):
 
     Nearest codes and losses are those of VectorQuantizer; the codebook loss ||sg[z] - C_k W^T||^2 trains W, and
     because W is shared by every code, each step moves the whole code space, not only the codes a batch chose.
-    With `restart_after` > 0 a code unused that many steps is re-seeded on an encoder output z by its row of C:
-    C_k = W^-1 z, so e_k = W C_k = z (C stays frozen to the optimiser; W goes on moving every code).
     """
 
     def __init__(
@@ -406,9 +389,8 @@ class SimVQ(Quantizer):
         commitment_weight: float = 0.25,
         chunk_size: int = 1024,
         rotation_trick: bool = False,
-        restart_after: int = 0,
     ):
-        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick, restart_after)
+        super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick)
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)  # C
         self.codebook_transform = nn.Linear(dim, dim, bias=False)  # W
 
@@ -418,16 +400,3 @@ class SimVQ(Quantizer):
 
     def lookup(self, indices: Tensor) -> Tensor:
         return self.codebook_transform(self.frozen_codebook[indices])  # C_k W^T without forming all of C W^T
-
-    @torch.no_grad()
-    def update(self, z: Tensor, indices: Tensor) -> None:
-        """Dead-code restart from this step's code counts (summed over ranks)."""
-        if self.restart_after > 0:
-            counts = all_reduce_sum(torch.bincount(indices, minlength=self.codebook_size))
-            self.restart_dead(z.to(self.frozen_codebook.dtype), counts)
-
-    def reseed(self, codes: Tensor, targets: Tensor) -> None:
-        """C_k = W^-1 z for each target z (least squares, should W be near singular): e_k = W C_k = z."""
-        weight = self.codebook_transform.weight.to(targets.dtype)
-        rows = torch.linalg.lstsq(weight, targets.T).solution.T
-        self.frozen_codebook.index_copy_(0, codes, rows.to(self.frozen_codebook.dtype))

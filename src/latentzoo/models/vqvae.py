@@ -69,7 +69,6 @@ class SimVQConfig(_VQSection):
 
     rotation_trick: bool = True
     codebook_lr_scale: float = Field(5.0, gt=0)
-    restart_after: int = Field(0, ge=0)  # re-seed codes unused for this many steps: C_k = W^-1 z (0: off)
 
     def build_quantizer(self) -> Quantizer:
         return SimVQ(
@@ -78,7 +77,6 @@ class SimVQConfig(_VQSection):
             self.commitment_weight,
             chunk_size=self.chunk_size,
             rotation_trick=self.rotation_trick,
-            restart_after=self.restart_after,
         )
 
 
