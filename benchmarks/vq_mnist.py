@@ -6,11 +6,13 @@ batches and budget; only the quantizer differs:
     vq              ours, plain VQ-VAE: learned codebook, codebook + commitment loss (arXiv 1711.00937)
     ema-restart     ours, EMA codebook (decay 0.99) + k-means init + dead-code restart
     simvq           ours, SimVQ: codebook = C W^T, frozen random C, one learned linear W (arXiv 2411.02038), with
-                    RECIPE: the rotation trick (arXiv 2410.06424) and W at codebook_lr_scale x the lr
+                    RECIPE: the rotation trick (arXiv 2410.06424), W at codebook_lr_scale x the lr, and W's bias
+                    as the `simvq` default sets it
     vqtorch-vq      vector_quantize_pytorch VectorQuantize, learned codebook (no EMA)
     vqtorch-ema-restart  VectorQuantize, EMA (decay 0.99) + kmeans_init + threshold_ema_dead_code
     vqtorch-simvq   vector_quantize_pytorch SimVQ (commitment 0.25 on the input, 1 on the codebook side, as ours),
-                    rotation trick on (its default) and W at the same codebook_lr_scale x the lr as ours
+                    rotation trick on (its default), W at the same codebook_lr_scale x the lr as ours, and our
+                    bias setting (its own W has none; it is given an nn.Linear with or without one)
 
 Both sides use the same options where the libraries share them: straight-through gradients for the VQ variants
 (the rotation trick, on by default in vector_quantize_pytorch, is switched off there) and the rotation trick for
@@ -51,7 +53,8 @@ from latentzoo.models.quantizer import CodeCounter, VectorQuantizer  # noqa: E40
 from latentzoo.models.vqvae import VQVAE, SimVQConfig, VQVAEConfig  # noqa: E402
 
 OURS = ("vq", "ema-restart", "simvq")
-RECIPE = SimVQConfig().model_dump(include={"rotation_trick", "codebook_lr_scale"})  # the `simvq` defaults, both sides
+# the `simvq` defaults, both sides
+RECIPE = SimVQConfig().model_dump(include={"rotation_trick", "codebook_lr_scale", "bias"})
 THEIRS = ("vqtorch-vq", "vqtorch-ema-restart", "vqtorch-simvq")
 
 
@@ -106,7 +109,8 @@ def quantizer(variant: str, size: int, dim: int, args) -> nn.Module:
             accept_image_fmap=True,
         )
     elif variant == "vqtorch-simvq":
-        layer = vqp.SimVQ(dim, size, channel_first=True, rotation_trick=RECIPE["rotation_trick"])
+        transform = nn.Linear(dim, dim, bias=RECIPE["bias"])  # theirs has no bias unless given this layer
+        layer = vqp.SimVQ(dim, size, transform, channel_first=True, rotation_trick=RECIPE["rotation_trick"])
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return TheirQuantizer(layer, size)

@@ -336,6 +336,17 @@ def test_simvq_trains_w_and_moves_every_code():
     assert indices.unique().numel() < 64 and moved.all()  # codes no batch chose moved too
 
 
+def test_simvq_bias_shifts_every_code_and_trains():
+    torch.manual_seed(0)
+    vq = SimVQ(64, 4, bias=True)
+    assert [name for name, _ in vq.named_parameters()] == ["codebook_transform.weight", "codebook_transform.bias"]
+    layer = vq.codebook_transform
+    torch.testing.assert_close(vq.codebook, vq.frozen_codebook @ layer.weight.t() + layer.bias)
+    _, _, losses = vq(randn(8, 4) * 3 + 5)  # latents centred away from the origin
+    losses["codebook"].backward()
+    assert layer.bias.grad.abs().sum() > 0
+
+
 def test_simvq_straight_through_and_state_round_trip():
     vq = SimVQ(32, 4)
     z = randn(2, 4, 3, 3).requires_grad_()

@@ -376,10 +376,12 @@ class VectorQuantizer(Quantizer):
 
 
 class SimVQ(Quantizer):
-    """SimVQ (arXiv 2411.02038): codebook e = C W^T, C ~ N(0, 1/D) frozen (a buffer), W one learnable nn.Linear.
+    """SimVQ (arXiv 2411.02038): codebook e = C W^T (+ b), C ~ N(0, 1/D) frozen (a buffer), W one learnable
+    nn.Linear, with a bias b as in the official code (`bias`; vector-quantize-pytorch's has none).
 
-    Nearest codes and losses are those of VectorQuantizer; the codebook loss ||sg[z] - C_k W^T||^2 trains W, and
-    because W is shared by every code, each step moves the whole code space, not only the codes a batch chose.
+    Nearest codes and losses are those of VectorQuantizer; the codebook loss ||sg[z] - C_k W^T - b||^2 trains W and
+    b, and because they are shared by every code, each step moves the whole code space, not only the codes a batch
+    chose. The bias moves the cloud's centre to the latents' without spending W on it.
     """
 
     def __init__(
@@ -389,14 +391,15 @@ class SimVQ(Quantizer):
         commitment_weight: float = 0.25,
         chunk_size: int = 1024,
         rotation_trick: bool = False,
+        bias: bool = False,
     ):
         super().__init__(codebook_size, dim, commitment_weight, chunk_size, rotation_trick)
         self.register_buffer("frozen_codebook", torch.randn(codebook_size, dim) * dim**-0.5)  # C
-        self.codebook_transform = nn.Linear(dim, dim, bias=False)  # W
+        self.codebook_transform = nn.Linear(dim, dim, bias=bias)  # W, b
 
     @property
     def codebook(self) -> Tensor:
         return self.codebook_transform(self.frozen_codebook)
 
     def lookup(self, indices: Tensor) -> Tensor:
-        return self.codebook_transform(self.frozen_codebook[indices])  # C_k W^T without forming all of C W^T
+        return self.codebook_transform(self.frozen_codebook[indices])  # C_k W^T + b without forming all of C W^T

@@ -69,6 +69,7 @@ class SimVQConfig(_VQSection):
 
     rotation_trick: bool = True
     codebook_lr_scale: float = Field(5.0, gt=0)
+    bias: bool = False  # e = C W^T + b: the official code's nn.Linear keeps its bias
 
     def build_quantizer(self) -> Quantizer:
         return SimVQ(
@@ -77,6 +78,7 @@ class SimVQConfig(_VQSection):
             self.commitment_weight,
             chunk_size=self.chunk_size,
             rotation_trick=self.rotation_trick,
+            bias=self.bias,
         )
 
 
