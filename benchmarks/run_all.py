@@ -563,7 +563,31 @@ def vq_mnist_section(name: str, r: dict) -> list[str]:
     targets = r.get("targets", [])
     counts = {word: sum(t.startswith(word) for t in targets) for word in ("PASS", "FAIL", "NOT MEASURED")}
     tally = ", ".join(f"{n} {word}" for word, n in counts.items() if n) or "none"
-    return lines + ["", f"Test-split codebook utilisation ({budget}). Targets: {tally}.", *targets_list(targets)]
+    lines += ["", f"Test-split codebook utilisation ({budget}). Targets: {tally}.", *targets_list(targets)]
+    return lines + vq_curves(r["rows"], variants)
+
+
+def vq_curves(rows: list[dict], variants: list[str]) -> list[str]:
+    """Per K with a curve of more than one epoch: % of codes used on the test split after each epoch, mean ± std
+    over the seeds, one column per variant."""
+    lines = []
+    for k in sorted({row["codebook_size"] for row in rows}):
+        curves = {
+            v: [row.get("curve") or [] for row in rows if (row["variant"], row["codebook_size"]) == (v, k)]
+            for v in variants
+        }
+        curves = {v: c for v, c in curves.items() if c and all(len(curve) > 1 for curve in c)}
+        epochs = sorted({point["epoch"] for c in curves.values() for curve in c for point in curve})
+        if epochs:
+            cells = [[epoch, *[used_at(c, epoch) for c in curves.values()]] for epoch in epochs]
+            head = ["epoch", *[f"{v} (% used)" for v in curves]]
+            lines += ["", f"Codes used after each epoch, K = {k:,}:", "", *table(head, cells)]
+    return lines
+
+
+def used_at(curves: list[list[dict]], epoch: int) -> str:
+    values = [point["utilisation"] * 100 for curve in curves for point in curve if point["epoch"] == epoch]
+    return mean_std(summary(values), ".1f") if values else "–"
 
 
 def scaled(s: dict, factor: float) -> dict:

@@ -128,21 +128,25 @@ def build(variant: str, size: int, args, seed: int) -> VQVAE:
     return model.to(args.device)
 
 
-def train(model: VQVAE, images: Tensor, args, seed: int) -> float:
+def train(model: VQVAE, images: Tensor, test_images: Tensor, args, seed: int) -> tuple[float, list[dict]]:
+    """Train for args.epochs; return the training seconds and the test figures after every epoch (the curve)."""
     # each group at lr x its "lr_scale" (the codebook's, or SimVQ's W), as the training loop sets it; not imported
     # from the loop, so this benchmark's sources (and its freshness) are the model code alone
     groups = [{**group, "lr": args.lr * group.get("lr_scale", 1.0)} for group in model.optimizer_groups()]
     optimizer = torch.optim.Adam(groups, lr=args.lr)
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    start = time.perf_counter()
-    for _ in range(args.epochs):
+    seconds, curve = 0.0, []
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        start = time.perf_counter()
         for idx in torch.randperm(len(images), generator=generator).split(args.batch_size):
             loss = model(images[idx].to(args.device)).total
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    return time.perf_counter() - start
+        seconds += time.perf_counter() - start
+        curve.append({"epoch": epoch, **evaluate(model, test_images, args)})
+    return seconds, curve
 
 
 @torch.no_grad()
@@ -160,7 +164,7 @@ def evaluate(model: VQVAE, images: Tensor, args) -> dict:
 
 def run(variant: str, size: int, train_images: Tensor, test_images: Tensor, args, seed: int) -> dict:
     model = build(variant, size, args, seed)
-    seconds = train(model, train_images, args, seed)
+    seconds, curve = train(model, train_images, test_images, args, seed)
     budget = {"train_images": len(train_images), "epochs": args.epochs, "batch_size": args.batch_size}
     result = {
         "variant": variant,
@@ -168,8 +172,10 @@ def run(variant: str, size: int, train_images: Tensor, test_images: Tensor, args
         "seed": seed,
         **budget,
         "train_s": round(seconds, 1),
-        **evaluate(model, test_images, args),
+        **curve[-1],  # the figures after the last epoch
+        "curve": curve,
     }
+    del result["epoch"]
     print(
         f"{variant:>20} K={size:>6} seed {seed}  used {result['utilisation']:7.2%}  "
         f"perplexity {result['perplexity']:8.1f}  PSNR {result['psnr']:5.2f} dB  ({seconds:.0f}s)",

@@ -216,3 +216,21 @@ def test_a_result_records_the_params_sections_it_read(monkeypatch, tmp_path: Pat
     assert results_io.stale_sources(record, root) == []
     (root / "params.yaml").write_text(config.replace("\n  beta: 1.0", "\n  beta: 0.5"))
     assert results_io.stale_sources(record, root) == ["params.yaml:vae"]
+
+
+def test_the_vq_table_shows_the_codes_used_after_each_epoch(run_all):
+    def row(variant: str, seed: int, used: list[float]) -> dict:
+        curve = [{"epoch": e, "utilisation": u, "perplexity": 1.0, "psnr": 20.0} for e, u in enumerate(used, 1)]
+        return {
+            "variant": variant,
+            "codebook_size": 8192,
+            "seed": seed,
+            "epochs": len(used),
+            **curve[-1],
+            "curve": curve,
+        }
+
+    rows = [row("simvq", 0, [0.80, 0.86]), row("simvq", 1, [0.82, 0.88]), row("ema-restart", 0, [0.5, 0.6])]
+    section = "\n".join(run_all.vq_curves(rows, ["simvq", "ema-restart"]))
+    assert "Codes used after each epoch, K = 8,192:" in section
+    assert "| 2 | 87.0 ± 1.4 (n=2) | 60.0 ± 0.0 (n=1) |" in section
