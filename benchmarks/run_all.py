@@ -762,7 +762,16 @@ QUALITY = [
         "stacked_mnist",
         "Stacked autoencoder: pretrained vs random init",
         stacked_section,
-        ("pretrain_epochs", "finetune_epochs", "workers", "cpus", "device"),
+        (
+            "pretrain_epochs",
+            "finetune_epochs",
+            "dropout",
+            "input_corruption",
+            "weight_decay",
+            "workers",
+            "cpus",
+            "device",
+        ),
     ),
     (
         "resvae_mnist",
