@@ -53,19 +53,19 @@ def read_params(*sections: str) -> dict:
     return json.loads(AT_START["params"])
 
 
-def _config_hash(root: Path, section: str) -> str | None:
-    """sha256 of params.yaml's `section` (canonical JSON), of the whole file for ""; None if absent."""
-    path = root / CONFIG
-    if not path.is_file():
-        return None
-    if not section:
-        return _sha256(path)
+def _config_hashes(root: Path) -> dict[str, str]:
+    """sha256 of params.yaml under `root` ("") and of each of its sections (canonical JSON), one read and parse;
+    {} without the file."""
     import yaml
 
+    path = root / CONFIG
+    if not path.is_file():
+        return {}
     raw = yaml.safe_load(path.read_text()) or {}
-    if section not in raw:
-        return None
-    return hashlib.sha256(json.dumps(raw[section], sort_keys=True).encode()).hexdigest()
+    sections = {
+        name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest() for name, value in raw.items()
+    }
+    return {"": _sha256(path), **sections}
 
 
 def _config_key(section: str) -> str:
@@ -108,14 +108,18 @@ def stale_sources(result: dict, root: Path = ROOT) -> list[str] | None:
     recorded = result.get("sources")
     if not recorded:
         return None
-    return sorted(key for key, sha in recorded.items() if _current_hash(root, key) != sha)
+    config = _config_hashes(root) if any(_is_config(key) for key in recorded) else {}
+
+    def now(key: str) -> str | None:  # a file's hash, or params.yaml's section's ("params.yaml:vae"); None if gone
+        if _is_config(key):
+            return config.get(key.partition(":")[2])
+        return _sha256(root / key) if (root / key).is_file() else None
+
+    return sorted(key for key, sha in recorded.items() if now(key) != sha)
 
 
-def _current_hash(root: Path, key: str) -> str | None:
-    """The hash a recorded source has now: a file's, or params.yaml's section's ("params.yaml:vae"); None if gone."""
-    if key == CONFIG or key.startswith(CONFIG + ":"):
-        return _config_hash(root, key.partition(":")[2])
-    return _sha256(root / key) if (root / key).is_file() else None
+def _is_config(key: str) -> bool:
+    return key == CONFIG or key.startswith(CONFIG + ":")
 
 
 def _git(*args: str) -> str:
@@ -178,14 +182,13 @@ def mean_std(s: dict | None, spec: str = ".2f") -> str:
     return f"{s['mean']:{spec}} ± {s['std']:{spec}} (n={s['n']})"
 
 
-# When a benchmark imports this module, at its start: the commit and the project files it is about to run.
-def _config_at_start() -> tuple[str, dict[str, str | None]]:
-    """params.yaml's contents (JSON) and the hash of the file and of each of its sections, as they are now."""
+def _config_at_start() -> tuple[str, dict[str, str]]:
+    """params.yaml's contents (JSON) and the hashes of the file and of each of its sections, as they are now."""
     import yaml
 
     path = ROOT / CONFIG
     raw = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    return json.dumps(raw), {section: _config_hash(ROOT, section) for section in ["", *raw]}
+    return json.dumps(raw), _config_hashes(ROOT)
 
 
 # When a benchmark imports this module, at its start: the commit and the project files it is about to run.
