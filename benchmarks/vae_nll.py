@@ -10,8 +10,8 @@ the seeds, beside the published anchors (pythae's VAE, k = 200: 89.78 nats; Vamp
         --jobs 3 --threads 1 --workdir .bench/vae_nll
 
 A seed's 50 epochs and its k = 1000 scoring cost about the same CPU time (about 40 CPU-minutes each); the three
-seeds take over 2 h on 2 cores. With --workdir each seed's trained model is kept, so a run stopped while scoring
-is taken up again by the same command.
+seeds take over 2 h on 2 cores. With --workdir each seed's model is kept after every epoch, so a run stopped
+while training or scoring is taken up again by the same command.
 
 Every --curve-every epochs it also scores the first --curve-images test digits (k = --curve-k), the learning curve.
 
@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,13 +47,26 @@ NOT_TRAINING = ("seeds", "out", "workdir", "jobs", "threads", "k", "test_images"
 ANCHORS = {"pythae VAE (k = 200)": 89.78, "VampPrior (Tomczak & Welling, 2018)": 85.6}
 
 
-def train(model: VAE, images: Tensor, test_images: Tensor, args, seed: int) -> tuple[float, list[dict]]:
+def train(
+    model: VAE, images: Tensor, test_images: Tensor, args, seed: int, keep: Kept | None
+) -> tuple[float, list[dict]]:
     """Adam over the training digits; the seconds it took (curve points excluded) and the learning curve: test
-    -ELBO and NLL_k (k = --curve-k, first --curve-images test digits) every --curve-every epochs."""
+    -ELBO and NLL_k (k = --curve-k, first --curve-images test digits) every --curve-every epochs. With `keep`, the
+    state after every epoch (weights, optimizer, random streams) is saved, and a run stopped part-way resumes from
+    it exactly where it stopped."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     order = torch.Generator().manual_seed(seed)
-    curve, spent = [], 0.0
-    for epoch in range(args.epochs):
+    curve, spent, first = [], 0.0, 0
+    if keep and (state := keep.load("partial")):
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        order.set_state(state["order"])
+        if "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        curve, spent, first = state["curve"], state["train_s"], state["epoch"]
+        print(f"  seed {seed}: resumed after epoch {first} from {keep.path('partial')}", flush=True)
+    for epoch in range(first, args.epochs):
         model.train()
         start = time.perf_counter()
         total = 0.0
@@ -67,29 +81,57 @@ def train(model: VAE, images: Tensor, test_images: Tensor, args, seed: int) -> t
         if args.curve_every and (epoch + 1) % args.curve_every == 0:
             point = score(model, test_images[: args.curve_images], args.curve_k, seed)
             curve.append({"epoch": epoch + 1, "neg_elbo": point["neg_elbo"], "nll": point["nll"]})
+        if keep and epoch + 1 < args.epochs:
+            rng = {"rng": torch.get_rng_state(), "order": order.get_state(), "optimizer": optimizer.state_dict()}
+            if args.device.startswith("cuda"):
+                rng["cuda_rng"] = torch.cuda.get_rng_state()
+            keep.save("partial", model, spent, curve, epoch=epoch + 1, **rng)
     return spent, curve
 
 
+@dataclass
+class Kept:
+    """A seed's model in --workdir: `seed<N>.pt` once trained, `seed<N>.partial.pt` after each epoch before that.
+    Each file records the settings and the hashes of the code that wrote it; one made with other settings or code
+    is ignored (and replaced)."""
+
+    workdir: Path
+    seed: int
+    settings: dict
+
+    def path(self, kind: str) -> Path:
+        return self.workdir / (f"seed{self.seed}.pt" if kind == "trained" else f"seed{self.seed}.{kind}.pt")
+
+    def load(self, kind: str) -> dict | None:
+        path = self.path(kind)
+        if not path.exists():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved if saved["settings"] == self.settings and not stale_sources(saved) else None
+
+    def save(self, kind: str, model: VAE, train_s: float, curve: list[dict], **extra) -> None:
+        state = {"state_dict": model.state_dict(), "train_s": train_s, "curve": curve, "settings": self.settings}
+        path = self.path(kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state | extra | {"sources": source_hashes()}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+
 def trained(cfg: VAEConfig, images: Tensor, test_images: Tensor, args, seed: int) -> tuple[VAE, float, list[dict]]:
-    """The seed's trained model, its training seconds and curve. With --workdir the model is kept there
-    (seed<N>.pt, with the settings and the hashes of the code that trained it): a run stopped while scoring takes
-    it up again; one made with other settings or code is trained again."""
+    """The seed's trained model, its training seconds and curve. With --workdir the model is kept there (`Kept`):
+    a run stopped while training or scoring takes it up again."""
     torch.manual_seed(seed)
     model = VAE(cfg, (1, 28, 28)).to(args.device)
-    kept = Path(args.workdir) / f"seed{seed}.pt" if args.workdir else None
     wanted = {"model": cfg.model_dump(), **{k: v for k, v in vars(args).items() if k not in NOT_TRAINING}}
-    if kept and kept.exists():
-        saved = torch.load(kept, map_location=args.device, weights_only=True)
-        if saved["settings"] == wanted and not stale_sources(saved):
-            print(f"  seed {seed}: trained model from {kept}", flush=True)
-            model.load_state_dict(saved["state_dict"])
-            return model, saved["train_s"], saved["curve"]
-    train_s, curve = train(model, images, test_images, args, seed)
-    if kept:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        state = {"state_dict": model.state_dict(), "train_s": train_s, "curve": curve, "settings": wanted}
-        torch.save(state | {"sources": source_hashes()}, kept.with_suffix(".tmp"))
-        kept.with_suffix(".tmp").replace(kept)
+    keep = Kept(Path(args.workdir), seed, wanted) if args.workdir else None
+    if keep and (saved := keep.load("trained")):
+        print(f"  seed {seed}: trained model from {keep.path('trained')}", flush=True)
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["train_s"], saved["curve"]
+    train_s, curve = train(model, images, test_images, args, seed, keep)
+    if keep:
+        keep.save("trained", model, train_s, curve)
+        keep.path("partial").unlink(missing_ok=True)
     return model, train_s, curve
 
 
@@ -149,7 +191,7 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", help="e.g. cuda on a GPU machine")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once, each in its own process")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--workdir", default=None, help="keep each seed's trained model here (a rerun scores it)")
+    ap.add_argument("--workdir", default=None, help="keep each seed's model here after every epoch (a rerun resumes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -234,3 +234,34 @@ def test_the_vq_table_shows_the_codes_used_after_each_epoch(run_all):
     section = "\n".join(run_all.vq_curves(rows, ["simvq", "ema-restart"]))
     assert "Codes used after each epoch, K = 8,192:" in section
     assert "| 2 | 87.0 ± 1.4 (n=2) | 60.0 ± 0.0 (n=1) |" in section
+
+
+def test_a_vae_nll_seed_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_path: Path):
+    """--workdir keeps each epoch's state (weights, optimizer, random streams): a resumed seed ends exactly where an
+    uninterrupted one does, and a file from other settings is not taken up."""
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_vae_nll", ROOT / "benchmarks/vae_nll.py")
+    vae_nll = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = vae_nll  # its dataclass looks its module up there
+    spec.loader.exec_module(vae_nll)
+    images = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    args = argparse.Namespace(epochs=3, batch_size=32, lr=1e-3, curve_every=0, device="cpu")
+    cfg = vae_nll.VAEConfig()
+
+    def run(keep):
+        torch.manual_seed(0)
+        model = vae_nll.VAE(cfg, (1, 28, 28))
+        return model, vae_nll.train(model, images, images, args, 0, keep)
+
+    straight, _ = run(None)
+    keep = vae_nll.Kept(tmp_path, 0, {"epochs": 3})
+    run(keep)  # leaves the state after epoch 2 (the last epoch's is the trained model's, saved by `trained`)
+    assert torch.load(keep.path("partial"), weights_only=True)["epoch"] == 2
+    resumed, _ = run(keep)  # trains epoch 3 only
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert vae_nll.Kept(tmp_path, 0, {"epochs": 4}).load("partial") is None
