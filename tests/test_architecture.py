@@ -1,6 +1,7 @@
 """The dependency direction of the packages: each layer imports only from the layers below it (or its own), and
 project modules are imported at the top of a module, never inside a function (heavy third-party packages such as
-ray, mlflow and optuna may be imported where they are used)."""
+ray, mlflow and optuna may be imported where they are used); and no module imports more than a dozen project
+modules."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def project_imports(tree: ast.Module) -> list[tuple[str, bool]]:
 
 
 MODULES = sorted(SRC.rglob("*.py"))
+MAX_PROJECT_IMPORTS = 12  # a module that needs more of the project than this does more than one thing
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
@@ -72,3 +74,9 @@ def test_the_check_sees_an_upward_import():
     tree = ast.parse("from latentzoo.training.loop import run_loop\ndef f():\n    import latentzoo.config\n")
     assert project_imports(tree) == [("latentzoo.training.loop", False), ("latentzoo.config", True)]
     assert layer("latentzoo.training.loop") > layer("latentzoo.evaluation.evaluate")
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_module_imports_more_than_a_dozen_project_modules(path: Path):
+    imported = {name for name, _ in project_imports(ast.parse(path.read_text()))}
+    assert len(imported) <= MAX_PROJECT_IMPORTS, f"{path.relative_to(SRC)} imports {len(imported)}: {sorted(imported)}"

@@ -282,7 +282,7 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
 
 
 def _vae_job(shards: Path, tiny_params, epochs: int):
-    from latentzoo.training.trainer import training_data
+    from latentzoo.training.job import training_data
 
     params = tiny_params(**{"train.epochs": epochs, "train.num_workers": 1})
     return training_data(params, "vae", shards).job(params, "vae")  # what the train stage ships to its workers

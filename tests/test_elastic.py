@@ -21,8 +21,8 @@ from test_cluster import worker_node
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import ConfigError
 from latentzoo.local_cluster import local_head
+from latentzoo.training.job import training_data
 from latentzoo.training.loop import Session, rank_batch, run_loop
-from latentzoo.training.trainer import training_data
 
 # The elastic run's final val −ELBO against a fixed-size run of the same global batch: the shards each rank reads
 # differ between sizes (so does the order of the images), the optimisation does not.

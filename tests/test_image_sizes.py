@@ -27,7 +27,7 @@ from latentzoo.stages.evaluate import evaluate_stage
 from latentzoo.stages.prepare import prepare_stage
 from latentzoo.stages.report import report_stage
 from latentzoo.stages.shard import shard_stage
-from latentzoo.training.trainer import training_data
+from latentzoo.training.job import training_data
 
 FAMILIES = ("vae", "vqvae", "simvq", "resvae_gan", "stacked_ae")
 LEVELS = {32: 2, 64: 3}  # f = 4 and 8: an 8x8 latent map at both sizes

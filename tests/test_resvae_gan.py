@@ -181,7 +181,7 @@ def fake_session(rank: int, world: int, saved: list, resume=None):
 
 
 def gan_job(shards: Path, **overrides):
-    from latentzoo.training.trainer import training_data
+    from latentzoo.training.job import training_data
 
     params = make_params(**{**TINY_GAN, **overrides})
     return training_data(params, "resvae_gan", shards).job(params, "resvae_gan")  # as the train stage builds it

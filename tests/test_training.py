@@ -18,8 +18,9 @@ from latentzoo.data.cache import bases
 from latentzoo.errors import ShardError
 from latentzoo.models import build_model
 from latentzoo.models.vae import VAEConfig
+from latentzoo.training.job import training_data
 from latentzoo.training.loop import seed_stream
-from latentzoo.training.trainer import TrainOutputs, run_name, train_model, training_data
+from latentzoo.training.trainer import TrainOutputs, run_name, train_model
 
 pytestmark = pytest.mark.ray
 
@@ -186,7 +187,8 @@ def test_mlflow_failure_during_training_is_reported_not_fatal(tmp_path, capsys):
     from latentzoo.config import TrainConfig
     from latentzoo.models.vae import VAEConfig
     from latentzoo.tracking.runs import TrackedRun
-    from latentzoo.training.loop import EpochLogger, TrainJob, log_epoch
+    from latentzoo.training.job import TrainJob
+    from latentzoo.training.loop import EpochLogger, log_epoch
 
     job = TrainJob(
         model_name="vae",

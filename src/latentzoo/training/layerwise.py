@@ -26,8 +26,9 @@ from latentzoo.errors import ConfigError
 from latentzoo.evaluation.classify import accuracy, layer_errors, test_urls
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import RUN_FILE, TrackedRun
+from latentzoo.training.job import Phase
 from latentzoo.training.outputs import TrainOutputs, history_csv
-from latentzoo.training.trainer import Phase, run_name, train_model
+from latentzoo.training.trainer import run_name, train_model
 
 MODEL = "stacked_ae"
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ import torch.distributed as dist
 from torch import nn
 
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state, save_state
-from latentzoo.config import TrainConfig
 from latentzoo.data.cache import NodeCache
 from latentzoo.data.loader import eval_batches, steps_per_epoch, train_batches
 from latentzoo.ddp import is_distributed
@@ -40,41 +39,9 @@ from latentzoo.errors import LatentzooError, quiet_signal_exits
 from latentzoo.faults import fail_if_planned
 from latentzoo.models import Adversarial, Coded, build_model, frozen
 from latentzoo.models.quantizer import CodeCounter
-from latentzoo.schema import Section
 from latentzoo.storage import readable_checkpoints
 from latentzoo.tracking.runs import TrackedRun
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Everything a worker needs and nothing else (it travels to Ray actors as `train_loop_config`): the train
-    section, the model's own section and the seed, already validated, and where the data is."""
-
-    model_name: str
-    seed: int
-    train: TrainConfig
-    model_config: Section  # the family's params section, e.g. params.vae
-    train_urls: list[str]
-    val_urls: list[str]
-    num_train: int
-    image_shape: tuple[int, int, int]
-    cache: NodeCache | None = None  # the splits fit train.cache_mb: decoded once per node, shared by its workers
-    run: TrackedRun | None = None  # the MLflow run of this training (system metrics, per-epoch rows)
-    log_epochs: bool = True  # rank 0 logs each epoch's row to `run`; off where Ray Train's controller does
-    phase: dict | None = None  # model.set_phase(**phase): one phase of a multi-phase family (stacked_ae)
-    phase_name: str = ""  # e.g. "layer-2": names the phase in progress lines and MLflow
-    init_weights: str | None = None  # a weights file the run starts from (when it has no checkpoint yet)
-    label_fraction: float = 1.0  # train on the samples in the label budget only (num_train counts those)
-    fail_at_epoch: int | None = None  # tests only (latentzoo.faults): raise at this epoch unless resumed
-
-    def to_config(self) -> dict:
-        """The fields as they are (not `asdict`, which would turn the TrackedRun into a plain dict)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def tag(self) -> str:
-        """How progress lines name the run: 'vae', 'stacked_ae layer-2'."""
-        return f"{self.model_name} {self.phase_name}".strip()
+from latentzoo.training.job import TrainJob
 
 
 @dataclass(frozen=True)

@@ -15,40 +15,21 @@ import json
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from latentzoo.checkpoint import CHECKPOINT_FILE, load_state
 from latentzoo.config import Params
-from latentzoo.data.cache import NodeCache
-from latentzoo.data.loader import count_labelled, decoded_bytes
-from latentzoo.data.shards import checked_shards, sha256_file
-from latentzoo.errors import ConfigError, ShardError, TrainingError, disk_full
+from latentzoo.errors import TrainingError, disk_full
 from latentzoo.faults import planned
-from latentzoo.models import build_model
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun, log_shards
 from latentzoo.training.cluster import check_ray_address, check_resources, clear_node_caches, connect_ray
-from latentzoo.training.loop import EpochLogger, TrainJob, say, train_loop_per_worker
+from latentzoo.training.job import Phase, TrainJob, phase_job, training_data
+from latentzoo.training.loop import EpochLogger, say, train_loop_per_worker
 from latentzoo.training.outputs import TrainOutputs, finish_mlflow_run, write_outputs
 
 DONE_MARKER = "latentzoo_complete"
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One run of a multi-run recipe, e.g. layer k of greedy pretraining, or a fine-tune from given weights."""
-
-    name: str  # "layer-2", "finetune-pretrained": part of the Ray run name, the MLflow run name
-    model_args: dict = field(default_factory=dict)  # model.set_phase(**model_args)
-    init_weights: Path | None = None  # a weights file the run starts from
-    label_fraction: float = 1.0  # train on this fraction of the labelled training images
-    parent: TrackedRun | None = None  # MLflow: the run is nested under this one
-
-    def identity(self) -> dict:
-        """What makes two phases the same run (the weights by content, not by path)."""
-        weights = sha256_file(self.init_weights) if self.init_weights else None
-        return {"name": self.name, "args": self.model_args, "init": weights, "labels": self.label_fraction}
 
 
 def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "", phase: Phase | None = None) -> str:
@@ -70,67 +51,6 @@ def run_name(model_name: str, params: Params, manifest_sha: str, prefix: str = "
         defining["phase"] = phase.identity()
     digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
     return f"{prefix}{model_name}-{phase.name + '-' if phase else ''}{digest}"
-
-
-def node_cache(manifest: dict, manifest_sha: str, urls: dict[str, list[str]], cache_mb: int) -> NodeCache | None:
-    """The node cache of the decoded train and val splits (`urls`), if they fit the per-node budget
-    `train.cache_mb`."""
-    shards = [
-        (url, entry["count"])
-        for split in ("train", "val")
-        for url, entry in zip(urls[split], manifest["splits"][split]["shards"])
-    ]
-    size = decoded_bytes(sum(count for _, count in shards), manifest["image_shape"])
-    return NodeCache.of(manifest_sha, shards, size) if size <= cache_mb * 2**20 else None
-
-
-@dataclass(frozen=True)
-class TrainingData:
-    """The checked train and val shards of one dataset, as the workers need them."""
-
-    train_urls: list[str]
-    val_urls: list[str]
-    num_train: int
-    image_shape: tuple[int, int, int]
-    manifest_sha: str
-    cache: NodeCache | None
-
-    def job(self, params: Params, model_name: str, run: TrackedRun | None = None) -> TrainJob:
-        return TrainJob(
-            model_name=model_name,
-            seed=params.seed,
-            train=params.train,
-            model_config=params.model_config_for(model_name),
-            train_urls=self.train_urls,
-            val_urls=self.val_urls,
-            num_train=self.num_train,
-            image_shape=self.image_shape,
-            cache=self.cache,
-            run=run,
-        )
-
-
-def training_data(params: Params, model_name: str, shard_dir: Path) -> TrainingData:
-    """Verify the shards (sha256) and that the workers and the model fit them, before Ray starts."""
-    shard_dir = Path(shard_dir).resolve()
-    manifest, urls = checked_shards(shard_dir, ("train", "val"))  # before any worker starts
-    train_urls, val_urls = urls["train"], urls["val"]
-    if params.train.max_workers > len(train_urls):
-        raise ShardError(
-            f"{shard_dir}/manifest.json: the train split has {len(train_urls)} shard(s) but train.num_workers is "
-            f"{params.train.num_workers}; lower shard.maxcount so every worker gets a shard"
-        )
-    image_shape = tuple(manifest["image_shape"])
-    build_model(model_name, params.model_config_for(model_name), image_shape)  # config errors before Ray starts
-    manifest_sha = sha256_file(shard_dir / "manifest.json")
-    return TrainingData(
-        train_urls,
-        val_urls,
-        manifest["splits"]["train"]["count"],
-        image_shape,
-        manifest_sha,
-        node_cache(manifest, manifest_sha, urls, params.train.cache_mb),
-    )
 
 
 def train_model(
@@ -248,27 +168,6 @@ def finished_state(folder: RunFolder, epochs: int) -> dict | None:
     """The final-epoch checkpoint state of a finished run (Ray's checkpoint_* folders), if kept."""
     state = folder.newest_checkpoint_state(CHECKPOINT_FILE)  # read once per stage start: only the newest
     return state if state is not None and state["epoch"] + 1 == epochs else None
-
-
-def phase_job(job: TrainJob, phase: Phase, seed: int) -> TrainJob:
-    """The job of one phase: its model arguments, initial weights and label budget (num_train counts the budget)."""
-    num_train = job.num_train
-    if phase.label_fraction < 1:
-        num_train = count_labelled("train", job.num_train, phase.label_fraction, seed)
-        if num_train == 0:
-            raise ConfigError(
-                f"finetune.label_fraction {phase.label_fraction} keeps none of the "
-                f"{job.num_train} training images; raise it"
-            )
-    weights = str(Path(phase.init_weights).resolve()) if phase.init_weights else None
-    return replace(
-        job,
-        phase=dict(phase.model_args),
-        phase_name=phase.name,
-        init_weights=weights,
-        label_fraction=phase.label_fraction,
-        num_train=num_train,
-    )
 
 
 def make_trainer(params: Params, job: TrainJob, name: str, storage: str, callbacks=()):

@@ -36,8 +36,9 @@ from latentzoo.faults import fail_if_planned, planned
 from latentzoo.storage import RunFolder, project_root, storage_location
 from latentzoo.tracking.runs import TrackedRun, logging_failed
 from latentzoo.training.cluster import check_ray_address, clear_node_caches, connect_ray
-from latentzoo.training.loop import TrainJob, run_loop, say, tune_session
-from latentzoo.training.trainer import DONE_MARKER, run_name, training_data
+from latentzoo.training.job import TrainJob, training_data
+from latentzoo.training.loop import run_loop, say, tune_session
+from latentzoo.training.trainer import DONE_MARKER, run_name
 from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"
