@@ -178,6 +178,8 @@ def source_line(name: str, result: dict, settings: tuple[str, ...] = ()) -> str:
         parts.append("settings: " + ", ".join(recorded))
     if not result.get("command") and not date:
         parts.append("(command and date not recorded)")
+    for earlier in result.get("earlier_runs", []):  # rows an earlier run measured with the same code (--append)
+        parts.append(f"with rows from `{earlier['command']}`, {earlier['date']}, commit {earlier['commit'][:12]}")
     line = "Source: " + "; ".join(parts) + "."
     stale = stale_sources(result)
     if stale is None:

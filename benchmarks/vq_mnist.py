@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from mnist_data import load_mnist  # noqa: E402
-from results_io import differs, summary, write_result  # noqa: E402
+from results_io import differs, stale_sources, summary, write_result  # noqa: E402
 
 from latentzoo.evaluation.metrics import psnr  # noqa: E402
 from latentzoo.models.quantizer import CodeCounter, VectorQuantizer  # noqa: E402
@@ -265,7 +265,8 @@ def main() -> int:
     ap.add_argument(
         "--append",
         action="store_true",
-        help="keep the rows already in --out (other sizes or budgets), replacing those rerun",
+        help="keep the rows already in --out (other sizes, budgets or seeds; an earlier session's), replacing those "
+        "rerun; rows measured with other code or settings are dropped",
     )
     args = ap.parse_args()
     if args.threads:
@@ -274,7 +275,7 @@ def main() -> int:
     data = Path(args.data)
     train_images, test_images = load_mnist(data, "train", args.train_images), load_mnist(data, "test", args.test_images)
     out = Path(args.out)
-    rows = json.loads(out.read_text())["rows"] if args.append and out.exists() else []
+    rows = kept_rows(out, args) if args.append else []
     for size in args.sizes:
         for variant in args.variants:
             if variant in THEIRS and args.their_sizes is not None and size not in args.their_sizes:
@@ -288,16 +289,36 @@ def main() -> int:
     return 0
 
 
+def settings_of(args) -> dict:
+    """The options every row of one result shares (each row records its own size, variant, seed and budget)."""
+    per_row = ("out", "data", "append", "sizes", "variants", "their_sizes", "train_images", "epochs", "seeds")
+    per_row += ("earlier_runs",)
+    return {k: v for k, v in vars(args).items() if k not in per_row}
+
+
+def kept_rows(out: Path, args) -> list[dict]:
+    """The rows of an earlier run in `out` that this run may extend: none if that run's code (the files it
+    imported, as `results_io` recorded them) or its shared settings differ from this one's."""
+    if not out.exists():
+        return []
+    earlier = json.loads(out.read_text())
+    changed = stale_sources(earlier)
+    shared = {k: v for k, v in earlier.get("settings", {}).items() if k != "seeds"}  # older files recorded them
+    if changed or shared != settings_of(args):
+        why = f"{', '.join(changed[:3])} changed" if changed else "other settings"
+        print(f"--append: dropping the {len(earlier['rows'])} rows of {out} ({why})", flush=True)
+        return []
+    args.earlier_runs = [*earlier.get("earlier_runs", []), {k: earlier.get(k) for k in ("command", "date", "commit")}]
+    return earlier["rows"]
+
+
 def save(out: Path, rows: list[dict], args) -> None:
     cpu = f"cpu, {torch.get_num_threads()} threads"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
-    settings = {
-        k: v
-        for k, v in vars(args).items()
-        if k not in ("out", "data", "append", "sizes", "variants", "their_sizes", "train_images", "epochs")
-    }
+    settings = settings_of(args)
     rows = sorted(rows, key=lambda r: (r["codebook_size"], [*OURS, *THEIRS].index(r["variant"]), r.get("seed", 0)))
     result = {
+        "earlier_runs": getattr(args, "earlier_runs", []),  # the runs whose rows --append kept
         "settings": settings,
         "device": device,
         "rows": rows,

@@ -265,3 +265,24 @@ def test_a_vae_nll_seed_stopped_after_an_epoch_resumes_to_the_same_weights(tmp_p
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert vae_nll.Kept(tmp_path, 0, {"epochs": 4}).load("partial") is None
+
+
+def test_vq_mnist_appends_only_to_rows_measured_with_the_same_code_and_settings(tmp_path: Path):
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_vq_mnist", ROOT / "benchmarks/vq_mnist.py")
+    vq_mnist = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vq_mnist)
+    import results_io
+
+    args = argparse.Namespace(lr=2e-3, dim=32, seeds=[1], out="x")
+    earlier = {**results_io.provenance(), "settings": {"lr": 2e-3, "dim": 32, "seeds": [0]}, "rows": [{"seed": 0}]}
+    out = tmp_path / "vq_mnist.json"
+    out.write_text(json.dumps(earlier))
+    assert vq_mnist.kept_rows(out, args) == [{"seed": 0}]  # other seeds, same code and settings: kept
+    assert args.earlier_runs[0]["command"] == earlier["command"]  # and the report names the run they came from
+    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=1e-3, dim=32, seeds=[1], out="x")) == []
+    changed = {**earlier, "sources": {**earlier["sources"], "benchmarks/vq_mnist.py": "0" * 64}}
+    out.write_text(json.dumps(changed))
+    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=2e-3, dim=32, seeds=[1], out="x")) == []
