@@ -308,7 +308,7 @@ def main() -> int:
     from latentzoo.data.shards import load_manifest, sha256_file, shard_urls
     from latentzoo.stages.prepare import prepare_stage
     from latentzoo.stages.shard import shard_stage
-    from latentzoo.training.trainer import node_cache
+    from latentzoo.training.job import node_cache
 
     torch.set_num_threads(args.threads)
     params = params_for(args)

@@ -112,7 +112,7 @@ def node_cache(digits_shards, tmp_path, monkeypatch):
     maps dropped after."""
     from latentzoo.data import cache
     from latentzoo.data.shards import load_manifest, shard_urls
-    from latentzoo.training.trainer import node_cache
+    from latentzoo.training.job import node_cache
 
     monkeypatch.setattr(cache, "bases", lambda: [tmp_path / "node"])
     manifest = load_manifest(digits_shards)
