@@ -108,6 +108,39 @@ def test_input_corruption_masks_pixels_only_while_fine_tuning(stack):
     assert torch.equal(seen.pop(), x.flatten(1))  # so does the linear probe
 
 
+def test_translate_moves_each_image_by_its_own_offset_within_the_bound():
+    from latentzoo.models.stacked_ae import translate
+
+    x = torch.zeros(64, 2, 8, 8)
+    x[:, :, 3:5, 3:5] = torch.rand(64, 2, 2, 2) + 0.1  # content inside a 3-pixel border: no shift loses any of it
+    moved = translate(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    offsets = set()
+    for i in range(len(x)):
+        crops = {(a, b): padded[i, :, a : a + 8, b : b + 8] for a in range(5) for b in range(5)}
+        found = [offset for offset, crop in crops.items() if torch.equal(crop, moved[i])]
+        assert found, f"image {i} is not a translate of its input by at most 2 pixels"
+        offsets.add(found[0])
+    assert len(offsets) > 10  # offsets differ between images (25 possible)
+    assert torch.equal(translate(x, 0), x)
+
+
+def test_max_shift_translates_only_while_fine_tuning(stack):
+    x = torch.zeros(32, 1, 8, 8)
+    x[:, :, 2:6, 2:6] = 1.0
+    seen = []
+    stack.encoders[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    stack.set_phase("finetune", max_shift=1).train()
+    stack(x, torch.Generator().manual_seed(0))
+    assert not torch.equal(seen.pop(), x.flatten(1))
+    stack.eval()
+    stack(x)
+    assert torch.equal(seen.pop(), x.flatten(1))  # evaluation sees the image where it is
+    stack.set_phase("probe", max_shift=1).train()
+    stack(x)
+    assert torch.equal(seen.pop(), x.flatten(1))  # so does the linear probe
+
+
 def test_a_phase_needs_a_valid_layer(stack):
     with pytest.raises(ValueError, match="pretrain needs a layer in 1..3, got 4"):
         stack.set_phase("pretrain", layer=4)

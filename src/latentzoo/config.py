@@ -133,6 +133,7 @@ class FinetuneConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = Field(default=0.1, ge=0, lt=1)  # on every hidden layer's output h_1..h_L
     input_corruption: float = Field(default=0.0, ge=0, lt=1)  # fraction of pixels masked to 0 (no rescaling)
+    max_shift: int = Field(default=0, ge=0, le=8)  # each image moved by a random offset of up to this many pixels
     label_fraction: float = Field(default=1.0, gt=0, le=1)  # of the training images whose labels are used
     baseline: bool = True  # also fine-tune the same network from random initialisation
     probe: bool = True  # also train a linear classifier on the frozen pretrained features

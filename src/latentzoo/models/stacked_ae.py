@@ -10,7 +10,8 @@ f the activation, g_1 a sigmoid (pixels lie in [0, 1]) and g_k the identity abov
 
     pretrain k:  minimise mean (ĥ_{k-1} - h_{k-1})² over W_k, W'_k; layers 1..k-1 frozen (their outputs are the data)
     finetune:    minimise cross-entropy of softmax(V h_L(x̃)) over W_1..W_L and the head V (decoders frozen), with
-                 dropout on every h_k and x̃ = x with a fraction of its pixels masked to 0 (`input_corruption`)
+                 dropout on every h_k and x̃ = x moved by a random whole-pixel offset in [−s, s]² (`max_shift`),
+                 then with a fraction of its pixels masked to 0 (`input_corruption`)
     probe:       the same loss over the head V alone (a linear probe of the frozen features h_L)
 
 `set_phase` selects one; only that phase's parameters keep requires_grad, so the optimiser and DDP see exactly
@@ -70,6 +71,7 @@ class StackedAutoencoder(LatentModel):
         self.head = nn.Linear(dims[-1], cfg.num_classes)
         self.dropout = nn.Dropout(0.0)
         self.input_corruption = 0.0  # ν_0: masking noise on the pixels while fine-tuning
+        self.max_shift = 0  # s: random translations of the images while fine-tuning
         self.mode: Mode = "finetune"
         self.layer = len(cfg.layers)
         self.set_phase("finetune")
@@ -83,10 +85,16 @@ class StackedAutoencoder(LatentModel):
         return self.cfg.num_classes
 
     def set_phase(
-        self, mode: Mode = "finetune", layer: int | None = None, dropout: float = 0.0, input_corruption: float = 0.0
+        self,
+        mode: Mode = "finetune",
+        layer: int | None = None,
+        dropout: float = 0.0,
+        input_corruption: float = 0.0,
+        max_shift: int = 0,
     ) -> StackedAutoencoder:
         """Train layer `layer` (1-based) as an autoencoder, fine-tune the stack with its head, or probe the head;
-        `dropout` and `input_corruption` (masking noise on x) act while fine-tuning only."""
+        `dropout`, `input_corruption` (masking noise on x) and `max_shift` (random translations of x) act while
+        fine-tuning only."""
         if mode not in ("pretrain", "finetune", "probe"):
             raise ValueError(f"unknown phase {mode!r}: pretrain, finetune or probe")
         if mode == "pretrain" and not (layer and 1 <= layer <= self.num_layers):
@@ -94,6 +102,7 @@ class StackedAutoencoder(LatentModel):
         self.mode, self.layer = mode, layer if mode == "pretrain" else self.num_layers
         self.dropout.p = dropout if mode == "finetune" else 0.0
         self.input_corruption = input_corruption if mode == "finetune" else 0.0
+        self.max_shift = max_shift if mode == "finetune" else 0
         trained = {
             "pretrain": [self.encoders[self.layer - 1], self.decoders[self.layer - 1]] if mode == "pretrain" else [],
             "finetune": [self.encoders, self.head],
@@ -151,6 +160,8 @@ class StackedAutoencoder(LatentModel):
         (finetune, probe; without labels, only the logits). `step`: the common interface, unused."""
         if self.mode == "pretrain":
             return self._pretrain_step(x, generator)
+        if self.training:
+            x = translate(x, self.max_shift, generator)
         return self._classify(self.corrupt(x, generator, nu=self.input_corruption), labels)
 
     def _pretrain_step(self, x: Tensor, generator: torch.Generator | None) -> ModelOutput:
@@ -176,3 +187,17 @@ class StackedAutoencoder(LatentModel):
         ce = F.cross_entropy(logits, labels)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
         return ModelOutput(recon=recon, losses={"ce": ce}, metrics={"accuracy": accuracy.detach()}, logits=logits)
+
+
+def translate(x: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Each image of x (B, C, H, W) moved by its own random whole-pixel offset (dy, dx) ∈ [−s, s]², s = `max_shift`,
+    with zeros shifted in: x̃[c, i, j] = x[c, i + dy, j + dx] (0 outside the image)."""
+    if max_shift == 0:
+        return x
+    n, c, h, w = x.shape
+    s = max_shift
+    padded = F.pad(x, (s, s, s, s))
+    dy, dx = torch.randint(0, 2 * s + 1, (2, n, 1), device=x.device, generator=generator)
+    rows = (dy + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * s)
+    cols = (dx + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)

@@ -97,7 +97,7 @@ def finetune_stack(
     result, curves, fit = {"label_fraction": ft.label_fraction, "epochs": ft.epochs}, {}, 0.0
     with atomic_dir(out_dir) as tmp:
         for name, mode, init in variants:
-            noise = {"dropout": ft.dropout, "input_corruption": ft.input_corruption} if mode == "finetune" else {}
+            noise = ft.model_dump(include={"dropout", "input_corruption", "max_shift"}) if mode == "finetune" else {}
             args = {"mode": mode, **noise}
             phase = Phase(f"finetune-{name}", args, init, ft.label_fraction, parent)
             out = phase_outputs(tmp, name)
