@@ -769,6 +769,7 @@ QUALITY = [
             "finetune_epochs",
             "dropout",
             "input_corruption",
+            "max_shift",
             "weight_decay",
             "workers",
             "cpus",
