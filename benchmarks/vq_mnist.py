@@ -275,7 +275,7 @@ def main() -> int:
     data = Path(args.data)
     train_images, test_images = load_mnist(data, "train", args.train_images), load_mnist(data, "test", args.test_images)
     out = Path(args.out)
-    rows = kept_rows(out, args) if args.append else []
+    rows, earlier_runs = kept_rows(out, args) if args.append else ([], [])
     for size in args.sizes:
         for variant in args.variants:
             if variant in THEIRS and args.their_sizes is not None and size not in args.their_sizes:
@@ -284,7 +284,7 @@ def main() -> int:
                 row = run(variant, size, train_images, test_images, args, seed)
                 same = (variant, size, seed)
                 rows = [r for r in rows if (r["variant"], r["codebook_size"], r.get("seed", 0)) != same] + [row]
-                save(out, rows, args)  # after every run: a long benchmark interrupted keeps what it measured
+                save(out, rows, earlier_runs, args)  # after every run: an interrupted run keeps its rows
     print("\n".join(check_targets(rows)))
     return 0
 
@@ -292,33 +292,33 @@ def main() -> int:
 def settings_of(args) -> dict:
     """The options every row of one result shares (each row records its own size, variant, seed and budget)."""
     per_row = ("out", "data", "append", "sizes", "variants", "their_sizes", "train_images", "epochs", "seeds")
-    per_row += ("earlier_runs",)
     return {k: v for k, v in vars(args).items() if k not in per_row}
 
 
-def kept_rows(out: Path, args) -> list[dict]:
-    """The rows of an earlier run in `out` that this run may extend: none if that run's code (the files it
-    imported, as `results_io` recorded them) or its shared settings differ from this one's."""
+def kept_rows(out: Path, args) -> tuple[list[dict], list[dict]]:
+    """The rows of an earlier run in `out` that this run may extend, and the runs they were measured in (command,
+    date, commit): none if that run's code (the files it imported, as `results_io` recorded them) or its shared
+    settings differ from this one's."""
     if not out.exists():
-        return []
+        return [], []
     earlier = json.loads(out.read_text())
     changed = stale_sources(earlier)
     shared = {k: v for k, v in earlier.get("settings", {}).items() if k != "seeds"}  # older files recorded them
     if changed or shared != settings_of(args):
         why = f"{', '.join(changed[:3])} changed" if changed else "other settings"
         print(f"--append: dropping the {len(earlier['rows'])} rows of {out} ({why})", flush=True)
-        return []
-    args.earlier_runs = [*earlier.get("earlier_runs", []), {k: earlier.get(k) for k in ("command", "date", "commit")}]
-    return earlier["rows"]
+        return [], []
+    runs = [*earlier.get("earlier_runs", []), {k: earlier.get(k) for k in ("command", "date", "commit")}]
+    return earlier["rows"], runs
 
 
-def save(out: Path, rows: list[dict], args) -> None:
+def save(out: Path, rows: list[dict], earlier_runs: list[dict], args) -> None:
     cpu = f"cpu, {torch.get_num_threads()} threads"
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     settings = settings_of(args)
     rows = sorted(rows, key=lambda r: (r["codebook_size"], [*OURS, *THEIRS].index(r["variant"]), r.get("seed", 0)))
     result = {
-        "earlier_runs": getattr(args, "earlier_runs", []),  # the runs whose rows --append kept
+        "earlier_runs": earlier_runs,  # the runs whose rows --append kept
         "settings": settings,
         "device": device,
         "rows": rows,

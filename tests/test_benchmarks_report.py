@@ -280,9 +280,10 @@ def test_vq_mnist_appends_only_to_rows_measured_with_the_same_code_and_settings(
     earlier = {**results_io.provenance(), "settings": {"lr": 2e-3, "dim": 32, "seeds": [0]}, "rows": [{"seed": 0}]}
     out = tmp_path / "vq_mnist.json"
     out.write_text(json.dumps(earlier))
-    assert vq_mnist.kept_rows(out, args) == [{"seed": 0}]  # other seeds, same code and settings: kept
-    assert args.earlier_runs[0]["command"] == earlier["command"]  # and the report names the run they came from
-    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=1e-3, dim=32, seeds=[1], out="x")) == []
+    rows, runs = vq_mnist.kept_rows(out, args)
+    assert rows == [{"seed": 0}]  # other seeds, same code and settings: kept
+    assert runs[0]["command"] == earlier["command"]  # and the report names the run they came from
+    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=1e-3, dim=32, seeds=[1], out="x")) == ([], [])
     changed = {**earlier, "sources": {**earlier["sources"], "benchmarks/vq_mnist.py": "0" * 64}}
     out.write_text(json.dumps(changed))
-    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=2e-3, dim=32, seeds=[1], out="x")) == []
+    assert vq_mnist.kept_rows(out, argparse.Namespace(lr=2e-3, dim=32, seeds=[1], out="x")) == ([], [])
