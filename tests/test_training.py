@@ -108,8 +108,9 @@ def test_two_workers_keep_one_codebook(ray_cluster, digits_shards, tiny_params, 
     assert 0 < test["test_utilisation"] <= 1 and test["test_perplexity"] >= 1 and test["test_psnr"] > 5
     assert (tmp_path / "plots/vqvae/codebook_usage.png").exists()
     run_id = json.loads((out.model_dir / "mlflow_run.json").read_text())["run_id"]
-    assert "val_utilisation" in MlflowClient().get_run(run_id).data.metrics
-    assert "evaluation/codebook_usage.png" in {a.path for a in MlflowClient().list_artifacts(run_id, "evaluation")}
+    client = MlflowClient(mlflow_uri)
+    assert "val_utilisation" in client.get_run(run_id).data.metrics
+    assert "evaluation/codebook_usage.png" in {a.path for a in client.list_artifacts(run_id, "evaluation")}
 
 
 def test_failure_mid_training_resumes_from_checkpoint(
