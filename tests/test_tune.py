@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from latentzoo import faults
-from latentzoo.tuning.search import tune_model
+from latentzoo.tuning.search import TUNE_SIGINT_ENV, stop_on_signals, tune_model
 
 pytestmark = pytest.mark.ray
 
@@ -59,8 +59,38 @@ def test_no_search_space_means_params_yaml_weights(digits_shards, tiny_params, t
     assert best == {"model": "vae", "searched": False, "reason": "tune.enabled is false", "weights": {}}
 
 
+def test_ctrl_c_and_sigterm_are_passed_on_to_tune_and_remembered():
+    """Inside `stop_on_signals`, with a stand-in for Tune's SIGUSR1 handler: each signal reaches it and is recorded,
+    Tune's own Ctrl-C handler is switched off, a second Ctrl-C gets the handler from before, and every handler and
+    the environment are as before afterwards."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    to_tune = []
+    with stop_on_signals() as received:
+        assert os.environ[TUNE_SIGINT_ENV] == "1"
+        signal.signal(signal.SIGUSR1, lambda signum, frame: to_tune.append(signum))  # as Tune.fit installs it
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)
+        assert received == {signal.SIGINT, signal.SIGTERM} and to_tune == [signal.SIGUSR1, signal.SIGUSR1]
+        assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]  # a second Ctrl-C acts at once
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert TUNE_SIGINT_ENV not in os.environ
+
+
+def test_a_signal_before_tune_is_running_stops_at_once():
+    with pytest.raises(KeyboardInterrupt), stop_on_signals() as received:
+        signal.raise_signal(signal.SIGINT)
+    assert received == {signal.SIGINT}
+
+
 def finished_trials(experiment: Path, epochs: int) -> int:
     return sum(len(p.read_text().splitlines()) >= epochs for p in experiment.glob("run_trial_*/result.json"))
+
+
+def signal_masks(pid: int) -> str:
+    """The process's blocked, ignored and caught signals (/proc/<pid>/status), or '' where /proc has none."""
+    status = Path(f"/proc/{pid}/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return " ".join(line.replace("\t", "") for line in lines if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def trial_ids(experiment: Path) -> set[str]:
@@ -79,9 +109,15 @@ def test_an_interrupted_search_is_not_finished_and_resumes_its_trials(
     from conftest import ROOT, TINY, with_overrides
     from mlflow.tracking import MlflowClient
 
+    # Four epochs a trial and no early stopping: after the first trial ends, the other two still have their whole
+    # runs to go, headroom for the poll below on a loaded machine (with 2 epochs and ASHA, two test processes on 2
+    # cores once saw all three end before the signal).
+    epochs = 4
     overrides = {
         **TINY,
         **SEARCH,
+        "tune.epochs": epochs,
+        "tune.grace_period": epochs,
         "tune.searcher": "random",
         "tune.max_concurrent_trials": 1,
         "ray.storage_path": str(tmp_path / "ray"),
@@ -97,20 +133,21 @@ def test_an_interrupted_search_is_not_finished_and_resumes_its_trials(
     deadline = time.monotonic() + 600
     experiments = []
     while time.monotonic() < deadline and driver.poll() is None:
-        experiments = list((tmp_path / "ray").glob("tune-vae-*/experiment_state-*.json"))
-        if experiments and finished_trials(experiments[0].parent, 2) >= 1:
+        experiments = [p for p in (tmp_path / "ray").glob("tune-vae-*") if p.is_dir()]
+        if experiments and finished_trials(experiments[0], epochs) >= 1:
             break
-        time.sleep(1)
+        time.sleep(0.5)
     assert driver.poll() is None, "the search ended before it could be interrupted"
+    masks = signal_masks(driver.pid)  # for the message below: a blocked or ignored signal shows here
     driver.send_signal(sig)  # to the stage alone, as `kill` or a Ctrl-C to dvc (which passes it on) would
     _, err = driver.communicate(timeout=300)
-    assert driver.returncode == status, err[-3000:]
+    assert driver.returncode == status, f"{masks}\n{err[-3000:]}"
     assert not out.exists()
-    experiment = experiments[0].parent
+    experiment = experiments[0]
     record = json.loads((experiment / "latentzoo_mlflow.json").read_text())
     assert MlflowClient(mlflow_uri).get_run(record["run_id"]).info.status == "KILLED"
     done_before = {
-        p.parent.name for p in experiment.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= 2
+        p.parent.name for p in experiment.glob("run_trial_*/result.json") if len(p.read_text().splitlines()) >= epochs
     }
     first_ids = trial_ids(experiment)
 
@@ -120,6 +157,6 @@ def test_an_interrupted_search_is_not_finished_and_resumes_its_trials(
     assert best["trials"]["total"] == 3 and best["experiment"] == str(experiment)
     assert first_ids <= trial_ids(experiment) and len(trial_ids(experiment)) == 3  # the same search, continued
     for name in done_before:  # a trial finished before the interruption is not run again
-        assert len((experiment / name / "result.json").read_text().splitlines()) == 2
+        assert len((experiment / name / "result.json").read_text().splitlines()) == epochs
     assert json.loads((experiment / "latentzoo_mlflow.json").read_text())["run_id"] == record["run_id"]
     assert MlflowClient(mlflow_uri).get_run(record["run_id"]).info.status == "FINISHED"

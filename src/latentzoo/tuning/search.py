@@ -9,8 +9,8 @@ reconstruction MSE for the VQ families), so trials with different loss weights a
 MLflow: one parent run per search, one nested run per trial (params, per-epoch curves), the best trial tagged.
 An interrupted search resumes with `Tuner.restore`: the experiment path is a hash of everything that defines
 the search, so running the stage again finds it; an errored trial is recorded and the search goes on. Ctrl-C or
-SIGTERM stops the search as Tune does (state saved) and the stage as an interrupted one: exit 130 / 143, no
-best weights written, the parent run KILLED until the next attempt resumes it.
+SIGTERM stops the search as Tune stops it on Ctrl-C (state saved) and the stage as an interrupted one: exit 130 /
+143, no best weights written, the parent run KILLED until the next attempt resumes it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from latentzoo.training.trainer import DONE_MARKER, run_name
 from latentzoo.tuning.tuned import section_with_weights, with_weights
 
 MODE = "min"
+TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"  # read by Tune when a search starts: 1 leaves SIGINT to us
 T = TypeVar("T")
 
 
@@ -185,16 +186,17 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
         "experiment": experiment,
         "fail_trial": planned("tune.trial"),
     }
-    with stop_on_sigterm() as terminated:
+    with stop_on_signals() as received:
         try:
             results = make_tuner(params, space, metric, ctx, folder).fit()
         finally:
             clear_node_caches(data.cache)
-    if terminated.is_set() or unfinished(results, params.tune.num_samples):
-        # Tune caught Ctrl-C (or the SIGTERM passed on to it), saved the search and returned: the stage is not done.
+    if received or unfinished(results, params.tune.num_samples):
+        # Ctrl-C or SIGTERM came (Tune stopped the search, saved it and returned), or the search stopped short: the
+        # stage is not done, even if every trial had ended by the time Tune looked.
         if parent:
             tracked(lambda: parent.finish("KILLED"), f"[{model_name}] search")
-        raise Terminated() if terminated.is_set() else KeyboardInterrupt()
+        raise Terminated() if signal.SIGTERM in received else KeyboardInterrupt()
 
     best_record = summarise(results, model_name, metric, params)
     if parent:
@@ -204,31 +206,41 @@ def tune_model(params: Params, model_name: str, shard_dir: Path, out_file: Path,
 
 
 @contextmanager
-def stop_on_sigterm() -> Iterator[threading.Event]:
-    """While Tune runs, SIGTERM (what `kill`, a stopped job and Kubernetes send) is passed on to Tune as SIGUSR1,
-    which Tune handles as it does Ctrl-C: it stops the trials, saves the search for `Tuner.restore` and returns.
-    The event says a SIGTERM came. Before Tune has its handler in place, SIGTERM ends the stage as usual; after
-    the search, SIGINT and SIGUSR1 have their handlers from before it again (Tune leaves its own in place, which
-    would swallow a Ctrl-C while the stage writes its results)."""
-    terminated = threading.Event()
+def stop_on_signals() -> Iterator[set[int]]:
+    """While Tune runs, Ctrl-C (SIGINT) and SIGTERM (what `kill`, a stopped job and Kubernetes send) are passed on
+    to Tune as SIGUSR1, on which Tune stops the trials, saves the search for `Tuner.restore` and returns; the set
+    says which came. Tune's own Ctrl-C handler is off (TUNE_DISABLE_SIGINT_HANDLER): ours records the signal, so
+    a Ctrl-C that lands as the last trial ends still stops the stage. A second Ctrl-C acts at once (the handler
+    from before the search is back after the first), as in Tune. Before Tune has its SIGUSR1 handler in place, the
+    signal ends the stage as usual; after the search, SIGINT, SIGTERM and SIGUSR1 have their handlers from before
+    it again (Tune leaves its own in place, which would swallow a Ctrl-C while the stage writes its results)."""
+    received: set[int] = set()
     if threading.current_thread() is not threading.main_thread():
-        yield terminated
+        yield received
         return
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
 
     def pass_on(signum, frame):
-        terminated.set()
+        received.add(signum)
+        if signum == signal.SIGINT:
+            signal.signal(signum, kept[signum])
         if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):  # Tune is not running (yet)
-            raise Terminated()
+            raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         signal.raise_signal(signal.SIGUSR1)
 
-    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)}  # Tune replaces, never restores
-    previous = signal.signal(signal.SIGTERM, pass_on)
+    tune_sigint = os.environ.get(TUNE_SIGINT_ENV)
+    os.environ[TUNE_SIGINT_ENV] = "1"
+    signal.signal(signal.SIGINT, pass_on)
+    signal.signal(signal.SIGTERM, pass_on)
     try:
-        yield terminated
+        yield received
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        for sig, handler in kept.items():  # Ctrl-C after the search (writing its results) interrupts the stage
+        for sig, handler in kept.items():
             signal.signal(sig, handler)
+        if tune_sigint is None:
+            os.environ.pop(TUNE_SIGINT_ENV, None)
+        else:
+            os.environ[TUNE_SIGINT_ENV] = tune_sigint
 
 
 def unfinished(results, num_samples: int) -> bool:
