@@ -222,3 +222,25 @@ def wait_until_up(url: str, process, timeout_s: float = 120.0, log: Path | None 
             assert process.poll() is None, (log.read_text() if log else process.stderr.read().decode())[-2000:]
             assert time.monotonic() < deadline, f"{url} did not answer within {timeout_s:.0f} s"
             time.sleep(1)
+
+
+# The slowest files, slowest first (CI's --durations): `make test` runs the suite in two processes, each taking a
+# whole file at a time (pytest-xdist, --dist loadfile), and starting the long ones first keeps one process from
+# being left with a long file at the end while the other idles.
+SLOWEST_FIRST = (
+    "test_pipeline.py",
+    "test_interrupt_dag.py",
+    "test_elastic.py",
+    "test_layerwise.py",
+    "test_interrupt_stages.py",
+    "test_cluster.py",
+    "test_tune.py",
+    "test_mlflow_outage.py",
+    "test_training.py",
+    "test_submit.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FIRST)))  # stable: files keep their order
