@@ -31,14 +31,17 @@ JOBS ?= 1
 queue: $(STAMP)
 	$(BIN)/python -m latentzoo.local_cluster -- $(BIN)/dvc exp run --run-all -j $(JOBS)
 
-# The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`), in TEST_WORKERS
-# processes (pytest-xdist), each taking a whole test file at a time, in the order tests/conftest.py gives (the
-# slowest first); TEST_WORKERS=0 runs it in this process.
+# The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`): first in
+# TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a time, in the order tests/conftest.py
+# gives (the slowest first); then the multi-node tests (marked `cluster`) on their own, one at a time, as their
+# nodes' timing wants a machine that is not also running the rest. TEST_WORKERS=0: all in this process.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q --timeout=600
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --timeout=600 --durations=15 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) --durations=15 -m "not cluster" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) --durations=5 -m cluster
 
 # Browse runs: http://127.0.0.1:5000/#/experiments (MLFLOW_PORT=... for another port)
 MLFLOW_PORT ?= 5000
