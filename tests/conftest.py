@@ -224,20 +224,17 @@ def wait_until_up(url: str, process, timeout_s: float = 120.0, log: Path | None 
             time.sleep(1)
 
 
-# The slowest files, slowest first (CI's --durations): `make test` runs the suite in two processes, each taking a
-# whole file at a time (pytest-xdist, --dist loadfile), and starting the long ones first keeps one process from
-# being left with a long file at the end while the other idles.
+# The slowest files, slowest first (CI's --durations; the `cluster` tests run apart): `make test` runs the suite
+# in two processes, each taking a whole file at a time (pytest-xdist, --dist loadfile), and starting the long ones
+# first keeps one process from being left with a long file at the end while the other idles.
 SLOWEST_FIRST = (
     "test_pipeline.py",
     "test_interrupt_dag.py",
-    "test_elastic.py",
     "test_layerwise.py",
     "test_interrupt_stages.py",
-    "test_cluster.py",
     "test_tune.py",
     "test_mlflow_outage.py",
     "test_training.py",
-    "test_submit.py",
 )
 
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
+from unittest.mock import patch
 
 import yaml
 
@@ -228,19 +229,14 @@ def stop_on_signals() -> Iterator[set[int]]:
             raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
         signal.raise_signal(signal.SIGUSR1)
 
-    tune_sigint = os.environ.get(TUNE_SIGINT_ENV)
-    os.environ[TUNE_SIGINT_ENV] = "1"
     signal.signal(signal.SIGINT, pass_on)
     signal.signal(signal.SIGTERM, pass_on)
     try:
-        yield received
+        with patch.dict(os.environ, {TUNE_SIGINT_ENV: "1"}):
+            yield received
     finally:
         for sig, handler in kept.items():
             signal.signal(sig, handler)
-        if tune_sigint is None:
-            os.environ.pop(TUNE_SIGINT_ENV, None)
-        else:
-            os.environ[TUNE_SIGINT_ENV] = tune_sigint
 
 
 def unfinished(results, num_samples: int) -> bool:
