@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,7 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-def test_a_planted_pickle_in_a_logged_model_never_runs(registry, tmp_path, capsys):
+def test_a_planted_pickle_in_a_logged_model_never_runs(registry, tmp_path, monkeypatch):
     """Someone with write access to the artifact store swaps a registered model's files for pickles whose loading
     runs code. latentzoo reads the weights file alone, with weights_only: the payload does not run (MLflow's own
     pyfunc loader, by contrast, does run it: the plant is real)."""
@@ -215,7 +216,11 @@ def test_a_planted_pickle_in_a_logged_model_never_runs(registry, tmp_path, capsy
 
     _, _, model_dir = registry
     run = TrackedRun.load(model_dir / "mlflow_run.json")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    default = mlflow.get_tracking_uri()
     version = log_trained_model(run, model_dir / "model.pt", "vae")  # a version of its own to tamper with
+    assert mlflow.get_tracking_uri() == default and "MLFLOW_TRACKING_URI" not in os.environ  # the process's own
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", run.uri)
     location = mlflow.MlflowClient().get_model_version_download_uri("latentzoo-vae", version)
     stored = Path(urllib.parse.urlparse(location).path)  # the local store's copy of the logged model
     marker = tmp_path / "payload-ran"

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,11 +63,10 @@ def log_trained_model(run: TrackedRun, weights: Path, family: str) -> str | None
     example = torch.rand(2, *meta["image_shape"])
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model.reconstruct(example).numpy())
-    mlflow.set_tracking_uri(run.uri)
     # MLflow warns that a Python object as python_model is cloudpickled: ours is pickled by reference (a class of
     # the shipped package, no state), and latentzoo never unpickles it (`load`).
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=run.run_id):
+    with fluent_tracking_uri(run.uri), mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(
             name=ARTIFACT,
             python_model=ReconstructionModel(),
@@ -76,6 +78,23 @@ def log_trained_model(run: TrackedRun, weights: Path, family: str) -> str | None
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
         )
     return str(info.registered_model_version) if info.registered_model_version else None
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API pointed at `uri` for the block (`pyfunc.log_model` has no client form); afterwards the
+    process's tracking URI and MLFLOW_TRACKING_URI are what they were (`mlflow.set_tracking_uri` sets both)."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # where set_tracking_uri keeps the URI (None: unset)
+
+    before, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the variable as well
+        if variable is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
 
 
 def tag_version(uri: str, name: str, version: str, metrics: dict) -> None:
