@@ -59,7 +59,10 @@ def test_pretraining_trains_one_layer_per_run_and_freezes_the_ones_below(pretrai
 
 
 def test_fine_tuning_beats_chance_beside_baseline_and_probe(pretrained, digits_shards, tmp_path, monkeypatch):
+    """The three fine-tunings in Ray Train's local mode, in this process (a frozen layer under DDP: the pretraining
+    above, on 2 workers; the finetune stage on 2 workers: tests/test_pipeline.py)."""
     work, params, _ = pretrained
+    params = params.updated(**{"train.num_workers": 0})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     done = finetune_stack(params, work / "pretrained", digits_shards, tmp_path / "finetuned", root=tmp_path)
     metrics = done["metrics"]

@@ -21,12 +21,13 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def trained(ray_cluster, digits_shards, tmp_path_factory):
-    """A tiny VAE trained by the train stage with tracking on: logged and registered as latentzoo-vae."""
+    """A tiny VAE trained by the train stage with tracking on, in Ray Train's local mode (on Ray's workers, against
+    a tracking server: test_models_are_registered_on_an_mlflow_server): logged and registered as latentzoo-vae."""
     from conftest import TINY, make_params
 
     work = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    params = make_params(**{**TINY, "train.num_workers": 1, "train.epochs": 1, "ray.storage_path": str(work / "ray")})
+    params = make_params(**{**TINY, "train.num_workers": 0, "train.epochs": 1, "ray.storage_path": str(work / "ray")})
     out = TrainOutputs(work / "models/vae", work / "train.json", work / "train.csv")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
