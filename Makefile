@@ -40,8 +40,8 @@ PYTEST := $(BIN)/python -m pytest -q --timeout=600
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(PYTEST) --durations=15 -m "not cluster" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-	$(PYTEST) --durations=5 -m cluster
+	$(PYTEST) --durations=15 -m "not alone" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) --durations=5 -m alone
 
 # Browse runs: http://127.0.0.1:5000/#/experiments (MLFLOW_PORT=... for another port)
 MLFLOW_PORT ?= 5000

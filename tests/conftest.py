@@ -224,7 +224,7 @@ def wait_until_up(url: str, process, timeout_s: float = 120.0, log: Path | None 
             time.sleep(1)
 
 
-# The slowest files, slowest first (CI's --durations; the `cluster` tests run apart): `make test` runs the suite
+# The slowest files, slowest first (CI's --durations; the test marked `alone` runs apart): `make test` runs the suite
 # in two processes, each taking a whole file at a time (pytest-xdist, --dist loadfile), and starting the long ones
 # first keeps one process from being left with a long file at the end while the other idles.
 SLOWEST_FIRST = (
@@ -235,6 +235,8 @@ SLOWEST_FIRST = (
     "test_tune.py",
     "test_mlflow_outage.py",
     "test_training.py",
+    "test_cluster.py",
+    "test_submit.py",
 )
 
 

@@ -137,7 +137,7 @@ def test_train_and_evaluate_stopped_midway_finish_on_the_next_run(workspace):
     rows = (cwd / "plots/vae.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, EPOCHS + 1))  # none lost, none repeated
     run_id = json.loads((cwd / "models/vae/mlflow_run.json").read_text())["run_id"]
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # not the process's: an earlier test's log_model sets that
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])  # the stage's store
     assert client.get_run(run_id).info.status == "FINISHED"  # the interrupted attempt's run, resumed
     assert sorted(m.step for m in client.get_metric_history(run_id, "val_loss")) == list(range(1, EPOCHS + 1))
 
