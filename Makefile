@@ -33,14 +33,14 @@ queue: $(STAMP)
 
 # The test suite (.ci/run runs it under a fresh HOME, then `make repro` and a no-op `dvc repro`): first in
 # TEST_WORKERS processes (pytest-xdist), each taking a whole test file at a time, in the order tests/conftest.py
-# gives (the slowest first); then the multi-node tests (marked `cluster`) on their own, one at a time, as their
-# nodes' timing wants a machine that is not also running the rest. TEST_WORKERS=0: all in this process.
+# gives (the slowest first); then the elastic-training test (marked `alone`) on its own, as its node's join and
+# drain deadlines want a machine that is not also running the rest. TEST_WORKERS=0: all in this process.
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -q --timeout=600
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(PYTEST) --durations=15 -m "not alone" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(PYTEST) --durations=30 -m "not alone" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 	$(PYTEST) --durations=5 -m alone
 
 # Browse runs: http://127.0.0.1:5000/#/experiments (MLFLOW_PORT=... for another port)

@@ -7,7 +7,7 @@ its first write). DVC runs each command with `/bin/sh -c` here, dash on Debian, 
 stage (bash would exec it: tests/test_bad_input.py covers both). Each time nothing is left under the stage's
 outputs, no temporary sibling either, and the next `dvc repro` of the stage completes. The project runs untracked
 (`tracking.enabled: false`): the whole DAG without MLflow, its training in Ray Train's local mode
-(`train.num_workers: 0`).
+(`train.num_workers: 0`, as `test_pipeline.copy_pipeline` sets it).
 
 "While it writes" is made exact with the tests-only hook LATENTZOO_PAUSE_WRITING: the stage's first atomic output
 pauses once its temporary sibling exists (`faults.pause_writing`). The train and tune stages are also stopped
@@ -85,9 +85,6 @@ def test_every_stage_stopped_while_writing_leaves_nothing_and_completes_next_tim
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["tracking"]["enabled"] = False
     params["tune"]["num_samples"] = 1
-    # Ray Train's local mode: the training runs in the stage's process, as it would on Ray's workers, without the
-    # ~15 s of starting a worker group per run (what a stop does to a run on Ray's workers: test_interrupt_stages)
-    params["train"]["num_workers"] = 0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
         **os.environ,

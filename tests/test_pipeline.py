@@ -47,7 +47,10 @@ def copy_pipeline(dest: Path, families: tuple[str, ...] = FAMILIES) -> Path:
         shutil.copy(ROOT / ".dvc" / name, dest / ".dvc" / name)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"] = list(families)  # vqvae and simvq through train and evaluate: test_training, test_evaluate
-    params["train"].update(epochs=2, batch_size=32)
+    # Ray Train's local mode: each training runs in its stage's process, without the ~15 s of starting a worker
+    # group per run. The train stage on Ray's workers: tests/test_interrupt_stages.py, with DDP across two nodes
+    # test_cluster.py; the whole DAG on the default 2 workers: CI's `make repro`.
+    params["train"].update(epochs=2, batch_size=32, num_workers=0)
     params["vae"].update(latent_dim=4, hidden_channels=8, fc_hidden=32)
     params["resvae_gan"].update(width=8, blocks=0, latent_channels=2, disc_width=8, disc_start=10)
     params["classifier"].update(epochs=2, width=8, feature_dim=16, num_samples=200)
