@@ -617,6 +617,30 @@ def verdict(a: dict | None, b: dict | None, lower_is_better: bool = True) -> str
     return "better" if (a["mean"] < b["mean"]) == lower_is_better else "worse"
 
 
+SIMVQ_CODE_FIGURES = [  # (figure, label, scale, format)
+    ("used", "codes used (%)", 100, ".1f"),
+    ("w_rank", "effective rank of W", 1, ".1f"),
+    ("latent_rank", "effective rank of the test latents", 1, ".1f"),
+    ("radius_used", "‖e − z̄‖ of used codes (latent spreads)", 1, ".2f"),
+    ("radius_unused", "‖e − z̄‖ of unused codes (latent spreads)", 1, ".2f"),
+    ("gap_used", "used code to its nearest latent (latent spreads)", 1, ".3f"),
+    ("gap_unused", "unused code to its nearest latent (latent spreads)", 1, ".3f"),
+]
+
+
+def simvq_codes_section(name: str, r: dict) -> list[str]:
+    """Per K: the figures of benchmarks/simvq_codes.py (mean ± std over the seeds), then the codes unused in each
+    tenth of the codebook sorted by distance from the latents' mean."""
+    lines = []
+    for s in r["summary"]:
+        rows = [[label, mean_std(scaled(s[f], scale), spec)] for f, label, scale, spec in SIMVQ_CODE_FIGURES]
+        tenths = [mean_std(scaled(t, 100), ".0f") for t in s["unused_by_radius"]]
+        lines += [f"K = {s['codebook_size']:,}, test split:", "", *table(["figure", "mean ± std"], rows), ""]
+        lines += ["Codes unused (%) in each tenth of the codebook, nearest the latents' mean first:", ""]
+        lines += [*table([str(i) for i in range(1, 11)], [tenths]), ""]
+    return lines[:-1]
+
+
 def tune_section(name: str, r: dict) -> list[str]:
     """Per model, over seeds (an older file is one run): test objective with default and tuned weights, each seed's
     tuned weights, the search's throughput."""
@@ -754,6 +778,7 @@ QUALITY = [
     ("vae_nll", "VAE likelihood on dynamically binarised MNIST", vae_nll_section, ("epochs", "k", "seeds")),
     ("vae_mnist", "VAE on MNIST", vae_quality_section, ("epochs", "workers", "global_batch_size")),
     ("vq_mnist", "VQ codebook utilisation on MNIST", vq_mnist_section, ("device", "torch")),
+    ("simvq_codes", "Which SimVQ codes go unused", simvq_codes_section, ("epochs", "train_images")),
     (
         "tune_mnist",
         "Tuned vs default loss weights",
