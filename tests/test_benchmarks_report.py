@@ -287,3 +287,37 @@ def test_vq_mnist_appends_only_to_rows_measured_with_the_same_code_and_settings(
     changed = {**earlier, "sources": {**earlier["sources"], "benchmarks/vq_mnist.py": "0" * 64}}
     out.write_text(json.dumps(changed))
     assert vq_mnist.kept_rows(out, argparse.Namespace(lr=2e-3, dim=32, seeds=[1], out="x")) == ([], [])
+
+
+def test_simvq_codes_measures_ranks_and_where_the_unused_codes_lie(run_all, tmp_path: Path):
+    import argparse
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmarks_simvq_codes", ROOT / "benchmarks/simvq_codes.py")
+    codes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(codes)
+
+    assert codes.effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert codes.effective_rank(torch.outer(torch.arange(1.0, 4.0), torch.ones(6))) == pytest.approx(1.0)
+
+    args = argparse.Namespace(dim=4, chunk_size=16, device="cpu", lr=2e-3, batch_size=8, epochs=1)
+    model = codes.build("simvq", 64, args, seed=0)
+    images = torch.rand(24, 1, 28, 28)
+    codes.train(model, images, images[:8], args, seed=0)
+    found = codes.code_figures(model, images, chunk_size=16)
+    assert 0 < found["used"] <= 1 and 1 <= found["w_rank"] <= 4 and 1 <= found["latent_rank"] <= 4
+    assert len(found["unused_by_radius"]) == 10 and all(0 <= t <= 1 for t in found["unused_by_radius"])
+    if found["used"] < 1:  # with 24 x 49 latents for 64 codes, some stay unused: they lie farther from the latents
+        assert found["gap_unused"] > found["gap_used"]
+
+    import results_io
+
+    summaries = [
+        {"codebook_size": 64, **{f: results_io.summary([found[f]]) for f in codes.FIGURES}}
+        | {"unused_by_radius": [results_io.summary([t]) for t in found["unused_by_radius"]]}
+    ]
+    section = "\n".join(run_all.simvq_codes_section("simvq_codes", {"summary": summaries}))
+    assert "K = 64, test split:" in section and "| effective rank of W |" in section
+    assert section.count(" (n=1) |") >= 17  # 7 figures and 10 tenths
